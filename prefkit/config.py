@@ -1,0 +1,172 @@
+"""PrefConfig: every option of a prefkit run, named like TrainingArguments / TRL's DPOConfig.
+
+PrefConfig *is* a ``transformers.TrainingArguments`` (as TRL's DPOConfig is), so every trainer option
+(learning_rate, per_device_train_batch_size, gradient_accumulation_steps, save_steps, bf16, …) keeps its
+transformers name and meaning. The fields below add the model, data, objective and dynamics options.
+Cross-option checks live in :func:`validate_config`, run at start-up so that a bad combination never
+fails mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from prefkit.errors import ConfigError
+
+
+@dataclass
+class PrefConfig(TrainingArguments):
+    # ---- model -------------------------------------------------------------------------------------
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local HF dir, or .gguf file. Default: the embedded SmolLM2-135M-Instruct."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Reference model if it is not the starting policy (e.g. an SFT model)."},
+    )
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto | float32 | bfloat16 | float16. auto: bf16 only where matmul in bf16 is fast."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickled (.bin) weights."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules (peft names)."}
+    )
+
+    # ---- data --------------------------------------------------------------------------------------
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "JSONL/JSON/Parquet/CSV file (.gz ok), datasets.save_to_disk dir, or hub dataset."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Held-out pairs (same formats)."})
+    eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name."})
+    eval_split_size: float = field(
+        default=0.0,
+        metadata={"help": "Held-out share (<1) or count (>=1) split off the training data when no eval set."},
+    )
+    max_length: int | None = field(default=1024, metadata={"help": "Max tokens of prompt + response."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Max prompt tokens (None: no cap)."})
+    truncation_mode: str = field(
+        default="keep_end",
+        metadata={"help": "Prompt truncation: keep_end (drop the oldest tokens) or keep_start."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
+
+    # ---- objective ---------------------------------------------------------------------------------
+    beta: float = field(default=0.1, metadata={"help": "Temperature of the implicit reward (DPO β)."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"], metadata={"help": "Link loss(es); see docs/objectives.md."}
+    )
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of several loss_type."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust DPO / EXO / AOT ε."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO / CPO-SimPO target reward margin γ."})
+    cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the chosen NLL term in CPO."})
+    rpo_alpha: float | None = field(default=None, metadata={"help": "Add rpo_alpha x chosen NLL (RPO)."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP temperature τ."})
+    granularity: str = field(
+        default="response",
+        metadata={"help": "ADPO feedback units: response (DPO) | static (window k) | adaptive (m pieces) | token."},
+    )
+    window_size: int = field(default=4, metadata={"help": "Static granularity window k (tokens)."})
+    num_segments: int = field(default=256, metadata={"help": "Adaptive granularity pieces m per response."})
+    unit_reduction: str = field(
+        default="sum", metadata={"help": "Reduce per-unit losses by sum (ADPO paper) or mean."}
+    )
+    static_padding: str = field(
+        default="zero",
+        metadata={"help": "Static windows: pad the shorter response with log-ratio 0 (zero) or scored EOS (eos)."},
+    )
+    poet: bool = field(default=False, metadata={"help": "POET: truncate chosen/rejected to the shorter length."})
+    use_token_weights: bool = field(
+        default=False,
+        metadata={"help": "cADPO: weight tokens by dataset fields chosen_token_weights/rejected_token_weights."},
+    )
+
+    # ---- dynamics ----------------------------------------------------------------------------------
+    dynamics_steps: int = field(default=0, metadata={"help": "Log incentive/score/band diagnostics every N steps."})
+    dynamics_params: str = field(
+        default="auto",
+        metadata={"help": "Parameters for score norms: auto | lm_head | last_block | lora | trainable."},
+    )
+    dynamics_probe_size: int = field(default=8, metadata={"help": "Pairs in the fixed probe batch."})
+    displacement_patience: int = field(
+        default=3, metadata={"help": "Warn after this many logs in a row with falling chosen log-prob."}
+    )
+    reward_calibration: bool = field(default=False, metadata={"help": "RC: rescale d_w/d_l into the band."})
+    rc_ema: float = field(default=0.98, metadata={"help": "EMA decay of RC statistics."})
+
+    # ---- run ---------------------------------------------------------------------------------------
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs once and cache them on disk."}
+    )
+    ref_cache_dir: str | None = field(default=None, metadata={"help": "Where cached reference log-probs go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    nan_policy: str = field(default="stop", metadata={"help": "On NaN/inf loss: stop (after saving) or skip."})
+    debug_traceback: bool = field(default=False, metadata={"help": "Show Python tracebacks on errors."})
+
+    # ---- TrainingArguments defaults that differ for preference training -----------------------------
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate (DPOConfig default)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    save_safetensors_only: bool = field(default=True, metadata={"help": "Write weights as safetensors."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [s.strip() for s in self.loss_type.split(",") if s.strip()]
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [s.strip() for s in self.lora_target_modules.split(",") if s.strip()]
+        if self.output_dir is None:
+            self.output_dir = "outputs/prefkit"
+        super().__post_init__()
+
+    @property
+    def needs_reference(self) -> bool:
+        from prefkit.objectives.registry import needs_reference
+
+        return needs_reference(self.loss_type)
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(PrefConfig) if f.init]
+
+
+def validate_config(cfg: PrefConfig) -> None:
+    """Reject invalid values and combinations at start-up, naming the option to change."""
+    from prefkit.objectives.registry import validate_objective_config
+
+    def bad(option: str, msg: str) -> None:
+        raise ConfigError(f"--{option}: {msg}")
+
+    if cfg.max_length is not None and cfg.max_length < 2:
+        bad("max_length", f"must be at least 2, got {cfg.max_length}")
+    if cfg.max_prompt_length is not None and cfg.max_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        bad("max_prompt_length", f"({cfg.max_prompt_length}) must be smaller than --max_length ({cfg.max_length})")
+    if cfg.truncation_mode not in ("keep_end", "keep_start"):
+        bad("truncation_mode", f"must be keep_end or keep_start, got {cfg.truncation_mode!r}")
+    if cfg.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad("model_dtype", f"must be auto, float32, bfloat16 or float16, got {cfg.model_dtype!r}")
+    if cfg.eval_split_size < 0:
+        bad("eval_split_size", f"must be >= 0, got {cfg.eval_split_size}")
+    if cfg.dynamics_steps < 0:
+        bad("dynamics_steps", f"must be >= 0, got {cfg.dynamics_steps}")
+    if cfg.dynamics_params not in ("auto", "lm_head", "last_block", "lora", "trainable"):
+        bad("dynamics_params", f"must be auto, lm_head, last_block, lora or trainable, got {cfg.dynamics_params!r}")
+    if not 0.0 <= cfg.rc_ema < 1.0:
+        bad("rc_ema", f"must be in [0, 1), got {cfg.rc_ema}")
+    if cfg.nan_policy not in ("stop", "skip"):
+        bad("nan_policy", f"must be stop or skip, got {cfg.nan_policy!r}")
+    if cfg.lora_r <= 0:
+        bad("lora_r", f"must be positive, got {cfg.lora_r}")
+    validate_objective_config(cfg)

@@ -1,0 +1,76 @@
+"""Typed values passed between the log-prob stage, the objective pieces and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PairLogps:
+    """Per-token log-probs of a batch of B pairs, *response-aligned*: column 0 is the first response token.
+
+    ``chosen``/``rejected`` are (B, T) policy log-probs (T = the longer response in the batch), 0 where the
+    mask is False. ``ref_*`` are the reference model's, same layout (None for reference-free objectives).
+    ``*_weights`` are optional per-token weights (cADPO critical-token weights), 1 where absent.
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_mask: Tensor
+    rejected_mask: Tensor
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+    chosen_weights: Tensor | None = None
+    rejected_weights: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.chosen.shape[0]
+
+    def replace(self, **changes: Tensor | None) -> PairLogps:
+        return replace(self, **changes)
+
+
+@dataclass
+class LossStats:
+    """Detached per-pair statistics of one objective evaluation (shape (B,) unless noted)."""
+
+    rewards_chosen: Tensor
+    rewards_rejected: Tensor
+    logps_chosen: Tensor
+    logps_rejected: Tensor
+    num_units: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Batch means under TRL's metric names."""
+        margins = self.rewards_chosen - self.rewards_rejected
+        out = {
+            "rewards/chosen": self.rewards_chosen.float().mean().item(),
+            "rewards/rejected": self.rewards_rejected.float().mean().item(),
+            "rewards/margins": margins.float().mean().item(),
+            "rewards/accuracies": (margins > 0).float().mean().item(),
+            "logps/chosen": self.logps_chosen.float().mean().item(),
+            "logps/rejected": self.logps_rejected.float().mean().item(),
+            "objective/num_units": self.num_units.float().mean().item(),
+        }
+        out.update({k: v.float().mean().item() for k, v in self.extra.items()})
+        return out
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss (with grad) and its detached statistics."""
+
+    loss: Tensor
+    stats: LossStats
+
+
+def detach_all(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.detach() for t in tensors)
+
+
+__all__ = ["PairLogps", "LossStats", "LossOutput", "detach_all", "torch"]
