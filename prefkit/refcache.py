@@ -1,0 +1,89 @@
+"""Reference log-probs computed once and cached on disk (``--precompute_ref_log_probs true``).
+
+Per-token (not summed) reference log-probs are stored, so every granularity, POET and token weighting works
+on them. The cache key covers the reference model, the tokenized pairs and the collation settings, so a
+second run with the same inputs skips the reference pass entirely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+from torch import nn
+from tqdm.auto import tqdm
+
+from prefkit.config import PrefConfig
+from prefkit.data import PairCollator
+from prefkit.logprobs import compute_pair_logps
+from prefkit.models import cache_root, is_peft_model
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _model_identity(model_path: str) -> str:
+    p = Path(model_path)
+    if p.is_dir():
+        files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
+        return json.dumps([str(p.resolve()), files])
+    return model_path
+
+
+def cache_key(ds: Dataset, model_path: str, static_eos_padding: bool) -> str:
+    h = hashlib.sha256()
+    h.update(_model_identity(model_path).encode())
+    h.update(f"eos_pad={static_eos_padding}".encode())
+    for row in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter(batch_size=1024):
+        h.update(json.dumps(row).encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollator, batch_size: int) -> dict:
+    """Per-token reference log-probs of every pair (adapters disabled for a peft policy)."""
+    out: dict[str, list[list[float]]] = {c: [] for c in COLUMNS}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ctx = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    try:
+        with ctx:
+            for start in tqdm(range(0, len(ds), batch_size), desc="reference log-probs", leave=False):
+                batch = collator([ds[i] for i in range(start, min(start + batch_size, len(ds)))]).to(device)
+                lp = compute_pair_logps(model, batch)
+                for tok, mask, col in ((lp.chosen, lp.chosen_mask, COLUMNS[0]), (lp.rejected, lp.rejected_mask, COLUMNS[1])):
+                    out[col].extend(t[m].tolist() for t, m in zip(tok.cpu(), mask.cpu()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def attach_reference_logps(
+    ds: Dataset, ref_model: nn.Module, collator: PairCollator, cfg: PrefConfig, *, model_path: str
+) -> Dataset:
+    """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the cache when the key matches."""
+    collator = PairCollator(
+        pad_token_id=collator.pad_token_id,
+        eos_token_id=collator.eos_token_id,
+        static_eos_padding=cfg.granularity == "static" and cfg.static_padding == "eos",
+    )
+    key = cache_key(ds, model_path, collator.static_eos_padding)
+    path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"
+    path = path / key
+    if (path / "dataset_info.json").is_file():
+        logger.info("reference log-probs: cache hit %s", path)
+        cached = load_from_disk(str(path))
+    else:
+        logger.info("reference log-probs: computing (cache %s)", path)
+        cached = Dataset.from_dict(compute_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size))
+        cached.save_to_disk(str(path))
+    return ds.remove_columns([c for c in COLUMNS if c in ds.column_names]).add_column(
+        COLUMNS[0], cached[COLUMNS[0]]
+    ).add_column(COLUMNS[1], cached[COLUMNS[1]])

@@ -1,0 +1,266 @@
+"""The `prefkit train` and `prefkit eval` jobs: load everything, check it all up front, train, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers.trainer_utils import get_last_checkpoint
+
+from prefkit.config import PrefConfig, validate_config
+from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
+from prefkit.data.types import SkipReport
+from prefkit.errors import ConfigError, DataError, ModelError
+from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
+from prefkit.models import (
+    apply_lora,
+    choose_dtype,
+    is_peft_model,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
+from prefkit.refcache import attach_reference_logps
+
+logger = logging.getLogger("prefkit")
+
+CONFIG_FILE = "prefkit_config.yaml"
+
+
+@dataclass
+class LoadedData:
+    train: object
+    eval: object | None
+    reports: dict[str, SkipReport]
+
+
+def resolved_config_dict(cfg: PrefConfig) -> dict:
+    """The options that define a run (the prefkit fields plus the TrainingArguments a user sets)."""
+    d = cfg.to_dict()
+    return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("push_to_hub_token", "hub_token")}
+
+
+def check_output_dir(cfg: PrefConfig) -> None:
+    out = Path(cfg.output_dir)
+    if out.is_file():
+        raise ConfigError(f"--output_dir: {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        raise ConfigError(
+            f"--output_dir: {out} is not empty; pass --overwrite_output_dir true, "
+            "--resume_from_checkpoint latest, or choose another directory"
+        )
+
+
+def resolve_checkpoint(cfg: PrefConfig) -> str | None:
+    ckpt = cfg.resume_from_checkpoint
+    if not ckpt:
+        return None
+    if ckpt in ("latest", "last", "true", "True"):
+        last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* directory in {cfg.output_dir}")
+        return last
+    if not Path(ckpt).is_dir():
+        raise ConfigError(f"--resume_from_checkpoint: {ckpt} is not a directory")
+    return ckpt
+
+
+def load_model_and_tokenizer(cfg: PrefConfig):
+    path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    dtype = choose_dtype(cfg.model_dtype)
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.use_peft:
+        model = apply_lora(
+            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+        )
+    return path, model, tokenizer
+
+
+def load_data(cfg: PrefConfig, tokenizer) -> LoadedData:
+    name = cfg.dataset_name or bundled_sample_path()
+    reports: dict[str, SkipReport] = {}
+    rows = load_rows(name, cfg.dataset_split, trust_remote_code=cfg.trust_remote_code)
+    train, reports["train"] = prepare_dataset(rows, tokenizer, cfg, source=name, max_samples=cfg.max_train_samples)
+    evald = None
+    if cfg.eval_dataset_name:
+        erows = load_rows(cfg.eval_dataset_name, cfg.eval_split, trust_remote_code=cfg.trust_remote_code)
+        evald, reports["eval"] = prepare_dataset(
+            erows, tokenizer, cfg, source=cfg.eval_dataset_name, max_samples=cfg.max_eval_samples
+        )
+    elif cfg.eval_split_size > 0:
+        train, evald = split_train_eval(train, cfg.eval_split_size, cfg.seed)
+        if evald is not None and cfg.max_eval_samples is not None:
+            evald = evald.select(range(min(cfg.max_eval_samples, len(evald))))
+    if len(train) == 0:
+        raise DataError("no training pairs left after the held-out split", source=name)
+    return LoadedData(train, evald, reports)
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.4f}"
+
+
+def report_table(before: EvalResult | None, after: EvalResult | None) -> str:
+    rows = [
+        ("ranking accuracy (mean token log-prob)", "ranking_accuracy", True),
+        ("mean log-prob / token, chosen", "logps_chosen_mean", False),
+        ("mean log-prob / token, rejected", "logps_rejected_mean", False),
+        ("implicit-reward accuracy", "implicit_reward_accuracy", True),
+        ("implicit-reward margin", "reward_margin", False),
+    ]
+    n = (after or before).num_pairs if (after or before) else 0
+    lines = [f"held-out pairs: {n}", f"{'metric':<40} {'before':>10} {'after':>10}"]
+    for label, key, pct in rows:
+        b = getattr(before, key) if before else None
+        a = getattr(after, key) if after else None
+        lines.append(f"{label:<40} {_fmt(b, pct):>10} {_fmt(a, pct):>10}")
+    return "\n".join(lines)
+
+
+def train_main(cfg: PrefConfig) -> dict:
+    """Run a whole training job; everything that can be checked is checked before training starts."""
+    from prefkit.plot import plot_runs
+    from prefkit.trainer import PrefTrainer, peak_memory_mb
+
+    validate_config(cfg)
+    check_output_dir(cfg)
+    checkpoint = resolve_checkpoint(cfg)
+    t0 = time.time()
+    model_path, model, tokenizer = load_model_and_tokenizer(cfg)
+    data = load_data(cfg, tokenizer)
+    for name, rep in data.reports.items():
+        logger.info("%s data: %s", name, rep.summary())
+    ref_model = None
+    if cfg.ref_model_name_or_path:
+        ref_path = resolve_model_path(cfg.ref_model_name_or_path)
+        ref_model = load_causal_lm(
+            ref_path, dtype=choose_dtype(cfg.model_dtype), trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.allow_pickle,
+        )
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = torch.device(cfg.device)
+    model.to(device)
+
+    # Before training the policy *is* the reference (unless a separate one is given): one scoring pass on
+    # the held-out pairs serves as "before" metrics and as reference scores for "after".
+    before = ref_scores = None
+    eval_bs = cfg.per_device_eval_batch_size
+    if data.eval is not None and len(data.eval) > 0:
+        start_scores = score_pairs(model, data.eval, collator, batch_size=eval_bs, desc="held-out, before")
+        before = summarize(start_scores, None, cfg.beta)
+        ref_scores = start_scores
+        if ref_model is not None:
+            ref_scores = score_pairs(ref_model.to(device), data.eval, collator, batch_size=eval_bs, desc="reference")
+        print("\n" + report_table(before, None) + "\n", flush=True)
+
+    train_ds = data.train
+    if cfg.precompute_ref_log_probs:
+        ref_for_cache = ref_model if ref_model is not None else model
+        train_ds = attach_reference_logps(
+            train_ds, ref_for_cache, collator, cfg, model_path=cfg.ref_model_name_or_path or model_path
+        )
+    trainer = PrefTrainer(
+        model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model
+    )
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(cfg.output_dir)
+    metrics = dict(result.metrics)
+    metrics["peak_memory_mb"] = peak_memory_mb()
+    metrics["total_runtime"] = time.time() - t0
+    metrics["skipped_pairs"] = {k: dict(r.skipped) for k, r in data.reports.items()}
+    (Path(cfg.output_dir) / "train_results.json").write_text(json.dumps(metrics, indent=2))
+
+    after = None
+    if data.eval is not None and len(data.eval) > 0:
+        end_scores = score_pairs(model, data.eval, collator, batch_size=eval_bs, desc="held-out, after")
+        after = summarize(end_scores, ref_scores, cfg.beta)
+        (Path(cfg.output_dir) / "eval_results.json").write_text(
+            json.dumps({"before": before.to_dict() if before else None, "after": after.to_dict()}, indent=2)
+        )
+    plots = plot_runs([cfg.output_dir], str(Path(cfg.output_dir) / "plots"))
+    print("\n" + report_table(before, after), flush=True)
+    for name, rep in data.reports.items():
+        print(f"{name} data: {rep.summary()}")
+    print(f"\nmodel:   {cfg.output_dir}  ({'LoRA adapter' if is_peft_model(model) else 'full model'})")
+    print(f"metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+    print(f"results: {Path(cfg.output_dir) / 'train_results.json'}")
+    for p in plots:
+        print(f"plot:    {p}")
+    return {"train": metrics, "before": before, "after": after}
+
+
+def eval_main(cfg: PrefConfig, output_file: str | None = None) -> dict:
+    """`prefkit eval`: metrics of a trained model (or adapter) on a preference dataset, as JSON."""
+    path = cfg.model_name_or_path
+    if path is None:
+        raise ConfigError("--model_name_or_path: required for eval (a trained output dir or a model)")
+    saved = Path(path) / CONFIG_FILE
+    if saved.is_file():
+        cfg.beta = yaml.safe_load(saved.read_text()).get("beta", cfg.beta)
+    model, tokenizer, reference = load_for_eval(cfg)
+    rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
+    ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name or "bundled sample",
+                                 max_samples=cfg.max_eval_samples)
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    bs = cfg.per_device_eval_batch_size
+    policy = score_pairs(model, ds, collator, batch_size=bs, desc="policy")
+    ref_scores: PairScores | None = None
+    if reference == "adapter":
+        with model.disable_adapter():
+            ref_scores = score_pairs(model, ds, collator, batch_size=bs, desc="reference")
+    elif reference is not None:
+        ref_scores = score_pairs(reference, ds, collator, batch_size=bs, desc="reference")
+    result = summarize(policy, ref_scores, cfg.beta).to_dict()
+    result["skipped"] = dict(report.skipped)
+    out = Path(output_file) if output_file else (Path(path) / "eval_results.json" if Path(path).is_dir() else None)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def load_for_eval(cfg: PrefConfig):
+    """(model, tokenizer, reference) where reference is 'adapter', a model, or None."""
+    path = Path(cfg.model_name_or_path)
+    dtype = choose_dtype(cfg.model_dtype)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except Exception as e:
+            raise ModelError(f"{path}: cannot load the adapter and its base model ({e})") from e
+        tokenizer = load_tokenizer(str(path))
+        reference: object = "adapter"
+    else:
+        resolved = resolve_model_path(str(path))
+        model = load_causal_lm(resolved, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                               allow_pickle=cfg.allow_pickle)
+        tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
+        ref_name = cfg.ref_model_name_or_path
+        saved = path / CONFIG_FILE
+        if ref_name is None and saved.is_file():
+            ref_name = yaml.safe_load(saved.read_text()).get("model_name_or_path")
+        reference = (
+            load_causal_lm(resolve_model_path(ref_name), dtype=dtype, allow_pickle=cfg.allow_pickle)
+            if ref_name
+            else None
+        )
+    model.to(cfg.device)
+    if reference is not None and reference != "adapter":
+        reference.to(cfg.device)
+    return model, tokenizer, reference
+
+
+__all__ = ["train_main", "eval_main", "is_peft_model"]

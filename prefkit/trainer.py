@@ -1,0 +1,210 @@
+"""PrefTrainer: a ``transformers.Trainer`` that optimises any prefkit objective.
+
+It knows nothing of loss details: per batch it gets policy (and reference) per-token log-probs, lets the
+dynamics monitor calibrate them, calls the objective, and logs the objective's detached statistics.
+Checkpointing, schedulers, gradient accumulation, mixed precision and distributed launch are transformers'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import resource
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+
+from prefkit.config import PrefConfig, validate_config
+from prefkit.data import PairCollator, prepare_dataset
+from prefkit.data.types import PairBatch, SkipReport
+from prefkit.dynamics import DynamicsMonitor
+from prefkit.errors import TrainingFault
+from prefkit.logprobs import compute_pair_logps
+from prefkit.models import is_peft_model
+from prefkit.objectives import build_objective
+from prefkit.objectives.types import PairLogps
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "prefkit_state.pt"
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log to ``output_dir/metrics.jsonl``; on resume drops lines past the checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state.global_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class PrefTrainer(Trainer):
+    """Preference-optimisation trainer, used like TRL's DPOTrainer.
+
+    ``model`` is a loaded causal LM (optionally a peft model). ``ref_model`` defaults to the starting policy:
+    the same model with adapters disabled for peft, a frozen copy otherwise, or nothing when reference
+    log-probs were precomputed (dataset columns ``ref_chosen_logps``/``ref_rejected_logps``).
+    Datasets may be raw preference rows (prompt/chosen/rejected…) or already prepared by
+    :func:`prefkit.data.prepare_dataset`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module,
+        args: PrefConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        ref_model: nn.Module | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        validate_config(args)
+        self.objective = build_objective(args)
+        self.skip_reports: dict[str, SkipReport] = {}
+        train_dataset = self._prepared(train_dataset, processing_class, args, "train")
+        eval_dataset = self._prepared(eval_dataset, processing_class, args, "eval")
+        collator = PairCollator(
+            pad_token_id=processing_class.pad_token_id,
+            eos_token_id=processing_class.eos_token_id,
+            static_eos_padding=args.granularity == "static" and args.static_padding == "eos",
+        )
+        precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
+        if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+        self.ref_model = ref_model
+        metrics_cb = MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl")
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=[metrics_cb, *(callbacks or [])],
+        )
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+        probe = collator([train_dataset[i] for i in range(min(args.dynamics_probe_size, len(train_dataset)))]) if (
+            train_dataset is not None and args.dynamics_steps > 0
+        ) else None
+        self.monitor = DynamicsMonitor(args, self.objective, model, probe, self._probe_logps)
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def _prepared(self, dataset, tokenizer, args: PrefConfig, name: str):
+        if dataset is None or "prompt_ids" in dataset.column_names:
+            return dataset
+        if "__row__" not in dataset.column_names:
+            dataset = dataset.add_column("__row__", list(range(len(dataset))))
+        prepared, self.skip_reports[name] = prepare_dataset(dataset, tokenizer, args, source=f"{name} dataset")
+        return prepared
+
+    # -------------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs: PairBatch) -> PairBatch:  # type: ignore[override]
+        return inputs.to(self.args.device)
+
+    def _probe_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
+        return compute_pair_logps(model, batch.to(self.args.device))
+
+    @contextlib.contextmanager
+    def _reference(self, model: nn.Module):
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            unwrapped = self.accelerator.unwrap_model(model)
+            with unwrapped.disable_adapter():
+                yield model
+
+    def reference_logps(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.ref_chosen is not None and batch.ref_rejected is not None:
+            return batch.ref_chosen, batch.ref_rejected
+        with torch.no_grad(), self._reference(model) as ref:
+            out = compute_pair_logps(ref, batch)
+        return out.chosen, out.rejected
+
+    def pair_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
+        """Policy log-probs with graph plus reference log-probs when the objective needs them."""
+        logps = compute_pair_logps(model, batch)
+        if self.objective.needs_reference:
+            ref_chosen, ref_rejected = self.reference_logps(model, batch)
+            logps = logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        return logps
+
+    def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
+        logps = self.pair_logps(model, inputs)
+        out = self.objective(self.monitor.calibrate(logps))
+        if not torch.isfinite(out.loss):
+            self._numerical_fault(inputs)
+            out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+        mode = "train" if model.training else "eval"
+        for k, v in out.stats.metrics().items():
+            self._stats[f"{mode}:{k}"].append(v)
+        if model.training:
+            for k, v in self.monitor.observe(self.state.global_step, model, logps, out).items():
+                self._stats[f"{mode}:{k}"].append(v)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def _numerical_fault(self, batch: PairBatch) -> None:
+        rows = batch.row_ids.tolist()
+        where = f"step {self.state.global_step}, dataset rows {rows}"
+        if self.args.nan_policy == "skip":
+            logger.warning("non-finite loss at %s; skipping this batch (--nan_policy skip)", where)
+            return
+        self._save_checkpoint(self.model, trial=None)
+        raise TrainingFault(
+            f"non-finite loss at {where}; checkpoint saved in {self.args.output_dir}. "
+            "Lower --learning_rate, check those rows, or pass --nan_policy skip"
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in list(self._stats.items()):
+            m, name = key.split(":", 1)
+            if m == mode and values:
+                logs[prefix + name] = sum(values) / len(values)
+                del self._stats[key]
+        if mode == "train":
+            logs["peak_memory_mb"] = peak_memory_mb()
+        super().log(logs, start_time)
+
+    # ---- checkpoint state of the dynamics monitor (RC EMAs) ---------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if ckpt.is_dir() and self.args.should_save:
+            torch.save(self.monitor.state_dict(), ckpt / STATE_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = Path(resume_from_checkpoint) / STATE_FILE
+        if state.is_file():
+            self.monitor.load_state_dict(torch.load(state, weights_only=True))
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory if on CUDA, else peak resident set size of this process."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
