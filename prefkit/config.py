@@ -119,8 +119,6 @@ class PrefConfig(TrainingArguments):
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate (DPOConfig default)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
-    save_safetensors_only: bool = field(default=True, metadata={"help": "Write weights as safetensors."})
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):

@@ -135,5 +135,7 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
 
 
 def _is_distributed_wrapper(model: nn.Module) -> bool:
-    # DDP syncs gradients only through its own forward, so it must be called as a whole.
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+    # DDP syncs gradients, and FSDP/DeepSpeed gather sharded parameters, only through the root module's own
+    # forward, so under any multi-process engine the model is called as a whole.
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

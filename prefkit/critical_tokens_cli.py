@@ -1,0 +1,63 @@
+"""`prefkit critical-tokens`: write cADPO token weights as dataset fields.
+
+Scores every response token with a positive and a negative model (fine-tuned on correct resp. incorrect
+solutions) and writes the input rows plus ``chosen_token_weights`` / ``rejected_token_weights``, one weight
+per response token of the *policy tokenizer* under the same truncation options as training, so training
+with ``--use_token_weights true`` and the same tokenizer/max_length options reads them back aligned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from prefkit.critical_tokens import critical_token_weights, pair_weights
+from prefkit.data import PairCollator, load_rows, prepare_dataset
+from prefkit.errors import ConfigError
+from prefkit.models import choose_dtype, load_causal_lm, load_tokenizer, resolve_model_path
+
+
+def critical_tokens_main(argv: list[str]) -> int:
+    from prefkit.cli import parse_config
+
+    p = argparse.ArgumentParser(prog="prefkit critical-tokens", description=__doc__.splitlines()[0])
+    p.add_argument("--positive_model", required=True, help="model fine-tuned on correct solutions")
+    p.add_argument("--negative_model", required=True, help="model fine-tuned on incorrect solutions")
+    p.add_argument("--output_file", required=True, help="JSONL to write")
+    p.add_argument("--tokenizer", default=None, help="policy tokenizer (default: the positive model's)")
+    p.add_argument("--batch_size", type=int, default=8)
+    own, rest = p.parse_known_args(argv)
+    cfg = parse_config(rest + ["--output_dir", str(Path(own.output_file).parent)])
+    if cfg.dataset_name is None:
+        raise ConfigError("--dataset_name: required for critical-tokens")
+    tokenizer = load_tokenizer(resolve_model_path(own.tokenizer or own.positive_model))
+    dtype = choose_dtype(cfg.model_dtype)
+    device = torch.device(cfg.device)
+    pos = load_causal_lm(resolve_model_path(own.positive_model), dtype=dtype).to(device).eval()
+    neg = load_causal_lm(resolve_model_path(own.negative_model), dtype=dtype).to(device).eval()
+    rows = load_rows(cfg.dataset_name, cfg.dataset_split)
+    cfg.use_token_weights = False  # the input does not have weights yet
+    ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name)
+    by_row = {r["__row__"]: {k: v for k, v in r.items() if k != "__row__"} for r in rows}
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = Path(own.output_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f, torch.no_grad():
+        for start in tqdm(range(0, len(ds), own.batch_size), desc="critical tokens"):
+            feats = [ds[i] for i in range(start, min(start + own.batch_size, len(ds)))]
+            batch = collator(feats).to(device)
+            scores = critical_token_weights(
+                pos, neg, batch.input_ids, batch.attention_mask, batch.response_start, batch.response_len
+            )
+            chosen_w, rejected_w = pair_weights(scores, batch.num_pairs)
+            for i, feat in enumerate(feats):
+                row = dict(by_row[feat["row_id"]])
+                row["chosen_token_weights"] = chosen_w[i, : len(feat["chosen_ids"])].tolist()
+                row["rejected_token_weights"] = rejected_w[i, : len(feat["rejected_ids"])].tolist()
+                f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(ds)} rows with token weights to {out}; {report.summary()}")
+    return 0

@@ -1,0 +1,65 @@
+"""Collate tokenized pairs into a :class:`PairBatch`: chosen rows then rejected rows, right-padded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefkit.data.types import PairBatch
+
+
+def _response_matrix(values: list[list[float]], width: int, fill: float) -> torch.Tensor:
+    out = torch.full((len(values), width), fill, dtype=torch.float32)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.tensor(v[:width], dtype=torch.float32)
+    return out
+
+
+@dataclass
+class PairCollator:
+    """Builds the one-forward layout for B pairs (rows 0..B-1 prompt+chosen, B..2B-1 prompt+rejected).
+
+    ``static_eos_padding``: extend the shorter response of each pair with real EOS tokens to the longer one's
+    length — the ADPO paper's padding for static windows (those EOS tokens are scored).
+    """
+
+    pad_token_id: int
+    eos_token_id: int | None = None
+    static_eos_padding: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> PairBatch:
+        prompts = [f["prompt_ids"] for f in features]
+        chosen = [list(f["chosen_ids"]) for f in features]
+        rejected = [list(f["rejected_ids"]) for f in features]
+        if self.static_eos_padding and self.eos_token_id is not None:
+            for c, r in zip(chosen, rejected):
+                n = max(len(c), len(r))
+                c.extend([self.eos_token_id] * (n - len(c)))
+                r.extend([self.eos_token_id] * (n - len(r)))
+        seqs = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
+        width = max(len(s) for s in seqs)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, : len(s)] = 1
+        resp_len = [len(c) for c in chosen] + [len(r) for r in rejected]
+        t = max(resp_len)
+        batch = PairBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_start=torch.tensor([len(p) for p in prompts] * 2, dtype=torch.long),
+            response_len=torch.tensor(resp_len, dtype=torch.long),
+            row_ids=torch.tensor([f["row_id"] for f in features], dtype=torch.long),
+        )
+        if "rejected_token_weights" in features[0]:
+            batch.chosen_weights = _response_matrix([f["chosen_token_weights"] for f in features], t, 1.0)
+            batch.rejected_weights = _response_matrix([f["rejected_token_weights"] for f in features], t, 1.0)
+        if "ref_chosen_logps" in features[0]:
+            batch.ref_chosen = _response_matrix([f["ref_chosen_logps"] for f in features], t, 0.0)
+            batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
+        return batch

@@ -1,0 +1,154 @@
+"""Validate, format and tokenize preference rows into ``prompt_ids``/``chosen_ids``/``rejected_ids``.
+
+Rules (docs/data.md):
+- prompt and responses are tokenized separately and concatenated, so the boundary is token-exact;
+- the tokenizer's BOS is put in front of the prompt iff the tokenizer adds one by itself and the prompt does
+  not already start with it (never doubled);
+- every response ends with EOS (a response that already contains EOS, as chat templates render it, is cut
+  right after it);
+- with ``max_prompt_length`` the prompt is truncated first (``keep_end`` keeps its end, ``keep_start`` its
+  start); then responses are cut to ``max_length − len(prompt)`` keeping their start (they lose their EOS);
+  without it, a prompt that alone fills ``max_length`` is skipped.
+Content problems skip the row and are counted by reason; schema problems raise ``DataError``.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from prefkit.data.formats import PairText, check_columns, conversational_pair, row_kind, text_pair
+from prefkit.data.load import ROW
+from prefkit.data.types import SkipReport
+from prefkit.errors import DataError
+
+WEIGHT_FIELDS = ("chosen_token_weights", "rejected_token_weights")
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+def _end_with_eos(ids: list[int], eos: int | None) -> list[int]:
+    if eos is None:
+        return ids
+    if eos in ids:
+        return ids[: ids.index(eos) + 1]
+    return ids + [eos]
+
+
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], cfg) -> tuple | None:
+    if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
+        keep = cfg.max_prompt_length
+        prompt = prompt[-keep:] if cfg.truncation_mode == "keep_end" else prompt[:keep]
+    if cfg.max_length is None:
+        return prompt, chosen, rejected
+    room = cfg.max_length - len(prompt)
+    if room < 1:
+        return None
+    return prompt, chosen[:room], rejected[:room]
+
+
+def _format(rows, tokenizer, source: str, report: SkipReport, implicit: bool) -> list[tuple[int, PairText, dict]]:
+    out = []
+    first_kind: tuple[str, bool, int] | None = None
+    for row in rows:
+        row_no = row.get(ROW, -1)
+        kind = row_kind(row)
+        if first_kind is None:
+            first_kind = (kind, implicit, row_no)
+        elif (kind, implicit) != first_kind[:2]:
+            raise DataError(
+                f"mixed formats: this row is {_name(kind, implicit)} but row {first_kind[2]} is "
+                f"{_name(*first_kind[:2])}; use one format per file",
+                source=source, row=row_no, field="chosen",
+            )
+        if kind == "conversational":
+            pair = conversational_pair(row, tokenizer, source, row_no, implicit)
+        else:
+            pair = text_pair(row, source, row_no, implicit)
+        where = f"row {row_no}"
+        if not pair.prompt.strip():
+            report.add("empty prompt", where)
+        elif not pair.chosen.strip():
+            report.add("empty chosen", where)
+        elif not pair.rejected.strip():
+            report.add("empty rejected", where)
+        elif pair.chosen == pair.rejected:
+            report.add("chosen identical to rejected", where)
+        else:
+            out.append((row_no, pair, row))
+    return out
+
+
+def _name(kind: str, implicit: bool) -> str:
+    return f"{kind} ({'implicit prompt' if implicit else 'explicit prompt'})"
+
+
+def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | None = None) -> tuple[Dataset, SkipReport]:
+    """Tokenized pairs (columns prompt_ids, chosen_ids, rejected_ids, row_id[, token weights]) + skip report."""
+    columns = list(getattr(rows, "column_names", []))
+    check_columns(columns, source)
+    if len(rows) == 0:
+        raise DataError("the dataset is empty", source=source)
+    if cfg.use_token_weights and "rejected_token_weights" not in columns:
+        raise DataError("--use_token_weights needs a 'rejected_token_weights' field (prefkit critical-tokens "
+                        f"writes it); columns found: {columns}", source=source, field="rejected_token_weights")
+    report = SkipReport()
+    n = len(rows) if max_samples is None else min(max_samples, len(rows))
+    formatted = _format((rows[i] for i in range(n)), tokenizer, source, report, implicit="prompt" not in columns)
+    report.total = len(formatted) + sum(report.skipped.values())
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = _adds_bos(tokenizer)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    prompts = encode([p.prompt for _, p, _ in formatted])
+    chosens = encode([p.chosen for _, p, _ in formatted])
+    rejecteds = encode([p.rejected for _, p, _ in formatted])
+    result: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": []}
+    if cfg.use_token_weights:
+        result.update({f: [] for f in WEIGHT_FIELDS})
+    for (row_no, _, row), p, c, r in zip(formatted, prompts, chosens, rejecteds):
+        if add_bos and (not p or p[0] != bos):
+            p = [bos, *p]
+        c, r = _end_with_eos(c, eos), _end_with_eos(r, eos)
+        full_lengths = (len(c), len(r))
+        cut = _truncate(p, c, r, cfg)
+        if cut is None:
+            report.add("prompt longer than max_length", f"row {row_no}")
+            continue
+        p, c, r = cut
+        result["prompt_ids"].append(p)
+        result["chosen_ids"].append(c)
+        result["rejected_ids"].append(r)
+        result["row_id"].append(row_no)
+        if cfg.use_token_weights:
+            for field, ids, full in zip(WEIGHT_FIELDS, (c, r), full_lengths):
+                w = row.get(field)
+                if w is None and field == "chosen_token_weights":
+                    w = [1.0] * full
+                if not isinstance(w, list) or len(w) != full:
+                    raise DataError(
+                        f"expected {full} weights (one per response token incl. EOS under this tokenizer), "
+                        f"got {len(w) if isinstance(w, list) else type(w).__name__}",
+                        source=source, row=row_no, field=field,
+                    )
+                result[field].append([float(x) for x in w[: len(ids)]])
+    if not result["row_id"]:
+        raise DataError(f"every pair was skipped: {report.summary()}", source=source)
+    return Dataset.from_dict(result), report
+
+
+def split_train_eval(ds: Dataset, eval_split_size: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Deterministic held-out split: a share if < 1, a count if >= 1."""
+    if eval_split_size <= 0:
+        return ds, None
+    n_eval = int(round(eval_split_size * len(ds))) if eval_split_size < 1 else int(eval_split_size)
+    n_eval = min(max(n_eval, 1), len(ds) - 1)
+    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

@@ -1,0 +1,126 @@
+"""DynamicsMonitor: the trainer's single hook into preference dynamics (arXiv 2604.18239).
+
+Every step, before backward: RC (if on) updates its EMAs from this batch's incentives; every
+``dynamics_steps`` steps the diagnostics are computed and returned as metrics (names below). RC needs score
+norms too: they are refreshed every ``dynamics_steps`` steps, or every ``RC_SCORE_EVERY`` steps when
+diagnostics are off, trading freshness for the cost of two partial backward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from prefkit.data.types import PairBatch
+from prefkit.dynamics.band import band_edges, fraction_in_band
+from prefkit.dynamics.calibration import RewardCalibrator
+from prefkit.dynamics.incentives import compute_incentives
+from prefkit.dynamics.scores import ScoreStats, score_stats, select_params
+from prefkit.objectives.types import LossOutput, PairLogps
+
+logger = logging.getLogger("prefkit")
+
+RC_SCORE_EVERY = 10
+
+
+class DynamicsMonitor:
+    def __init__(
+        self,
+        cfg,
+        objective,
+        model: nn.Module,
+        probe_batch: PairBatch | None,
+        logps_fn: Callable[[nn.Module, PairBatch], PairLogps],
+        reduce_mean: Callable[[Tensor], Tensor] | None = None,
+    ):
+        self.objective = objective
+        self.every = cfg.dynamics_steps
+        self.rc = RewardCalibrator(cfg.rc_ema, reduce_mean) if cfg.reward_calibration else None
+        self.score_every = self.every or RC_SCORE_EVERY
+        self.params = select_params(model, cfg.dynamics_params) if (self.every or self.rc) else []
+        self.probe = probe_batch
+        self.logps_fn = logps_fn
+        self.patience = cfg.displacement_patience
+        self.probe_start: tuple[float, float] | None = None
+        self.last_probe_chosen: float | None = None
+        self.falling = 0
+        self.warned = False
+
+    def calibrate(self, logps: PairLogps) -> PairLogps:
+        return self.rc.apply(logps) if self.rc is not None else logps
+
+    def observe(self, step: int, model: nn.Module, logps: PairLogps, loss_out: LossOutput) -> dict[str, float]:
+        log_now = bool(self.every) and step % self.every == 0
+        if not log_now and self.rc is None:
+            return {}
+        inc = compute_incentives(self.objective, logps)
+        stats: ScoreStats | None = None
+        if log_now or step % self.score_every == 0:
+            stats = score_stats(logps, self.params, self.objective.kept_masks(logps), self.objective.score_reduction)
+        metrics: dict[str, float] = {}
+        if self.rc is not None:
+            self.rc.update_incentives(inc)
+            if stats is not None:
+                self.rc.update_scores(stats)
+            metrics["rc/alpha"] = self.rc.alpha()
+        if log_now and stats is not None:
+            ratio = inc.ratio()
+            lower, upper = band_edges(stats.norm_chosen, stats.norm_rejected, stats.cos)
+            metrics.update({
+                "incentive/d_w": inc.d_w.mean().item(),
+                "incentive/d_l": inc.d_l.mean().item(),
+                "incentive/ratio": (inc.d_w.mean() / inc.d_l.mean().clamp(min=1e-12)).item(),
+                "score/norm_chosen": stats.norm_chosen,
+                "score/norm_rejected": stats.norm_rejected,
+                "score/cos": stats.cos,
+                "db/lower": lower,
+                "db/upper": upper,
+                "db/in_band": fraction_in_band(ratio, lower, upper),
+            })
+            metrics.update(self._probe(model, step))
+        return metrics
+
+    @torch.no_grad()
+    def _probe(self, model: nn.Module, step: int) -> dict[str, float]:
+        if self.probe is None:
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            lp = self.logps_fn(model, self.probe)
+        finally:
+            model.train(was_training)
+        chosen, rejected = lp.chosen.sum(1).mean().item(), lp.rejected.sum(1).mean().item()
+        if self.probe_start is None:
+            self.probe_start = (chosen, rejected)
+        if self.last_probe_chosen is not None and chosen < self.last_probe_chosen:
+            self.falling += 1
+        else:
+            self.falling, self.warned = 0, False
+        self.last_probe_chosen = chosen
+        if self.falling >= self.patience and not self.warned:
+            logger.warning(
+                "likelihood displacement: the chosen log-prob on the probe batch has fallen for %d logs in a row "
+                "(step %d, %+.2f since start). Consider --reward_calibration true or a smaller --learning_rate",
+                self.falling, step, chosen - self.probe_start[0],
+            )
+            self.warned = True
+        return {"logps/chosen_delta": chosen - self.probe_start[0], "logps/rejected_delta": rejected - self.probe_start[1]}
+
+    def state_dict(self) -> dict:
+        return {
+            "rc": self.rc.state_dict() if self.rc is not None else None,
+            "probe_start": self.probe_start,
+            "last_probe_chosen": self.last_probe_chosen,
+            "falling": self.falling,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.rc is not None and state.get("rc") is not None:
+            self.rc.load_state_dict(state["rc"])
+        self.probe_start = tuple(state["probe_start"]) if state.get("probe_start") else None
+        self.last_probe_chosen = state.get("last_probe_chosen")
+        self.falling = state.get("falling", 0)

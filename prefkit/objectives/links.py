@@ -1,0 +1,156 @@
+"""Link losses: the per-feedback-unit loss of each preference objective.
+
+Every link maps :class:`UnitScores` — per pair and feedback unit (ADPO granularity; one unit = classic
+response level) the summed policy and reference token log-probs and token counts — to a (B, U) loss.
+Formulas follow the cited papers and, for the names TRL has, TRL's ``DPOTrainer`` exactly (tests compare).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+
+
+@dataclass
+class UnitScores:
+    """Per pair (rows) and feedback unit (columns): sums of token log-probs over the unit's kept tokens."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    count_chosen: Tensor
+    count_rejected: Tensor
+
+    @property
+    def logratio_chosen(self) -> Tensor:
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def logratio_rejected(self) -> Tensor:
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def delta(self) -> Tensor:
+        """h = log-ratio margin (chosen − rejected): DPO's implicit reward difference / β."""
+        return self.logratio_chosen - self.logratio_rejected
+
+    def mean(self, total: Tensor, count: Tensor) -> Tensor:
+        return total / count.clamp(min=1)
+
+
+def sigmoid(u: UnitScores, p: LinkParams) -> Tensor:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): −log σ(β·h); with label smoothing ε the
+    conservative DPO of Mitchell (2023): −(1−ε)·log σ(β·h) − ε·log σ(−β·h)."""
+    z = p.beta * u.delta
+    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+def robust(u: UnitScores, p: LinkParams) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409, eq. 9): unbiased under label-flip rate ε."""
+    z = p.beta * u.delta
+    eps = p.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def hinge(u: UnitScores, p: LinkParams) -> Tensor:
+    """SLiC-HF (Zhao et al. 2023, arXiv 2305.10425, eq. 2) on log-ratios: max(0, 1 − β·h)."""
+    return torch.relu(1 - p.beta * u.delta)
+
+
+def ipo(u: UnitScores, p: LinkParams) -> Tensor:
+    """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h̄ − 1/(2β))², h̄ the margin of *mean* token
+    log-ratios (TRL's normalisation, confirmed by the IPO authors)."""
+    h = u.mean(u.logratio_chosen, u.count_chosen) - u.mean(u.logratio_rejected, u.count_rejected)
+    return (h - 1 / (2 * p.beta)) ** 2
+
+
+def exo_pair(u: UnitScores, p: LinkParams) -> Tensor:
+    """EXO (Ji et al. 2024, arXiv 2402.00856, eq. 16): KL(p_θ ‖ p_ε) over {chosen, rejected}, ε = label_smoothing
+    (TRL's default 1e-3 when 0 is given, since log ε must be finite)."""
+    eps = p.label_smoothing or 1e-3
+    z = p.beta * u.delta
+    qw, ql = torch.sigmoid(z), torch.sigmoid(-z)
+    return qw * (F.logsigmoid(z) - math.log1p(-eps)) + ql * (F.logsigmoid(-z) - math.log(eps))
+
+
+def nca_pair(u: UnitScores, p: LinkParams) -> Tensor:
+    """NCA (Chen et al. 2024, arXiv 2402.05369, eq. 12): −log σ(r_w) − ½log σ(−r_w) − ½log σ(−r_l), r = β·log-ratio."""
+    rw, rl = p.beta * u.logratio_chosen, p.beta * u.logratio_rejected
+    return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+
+
+def bco_pair(u: UnitScores, p: LinkParams) -> Tensor:
+    """BCO on pairs (Jung et al. 2024, arXiv 2404.04656, eq. 3 without the running shift δ, as TRL):
+    −log σ(r_w) − log σ(−r_l)."""
+    return -F.logsigmoid(p.beta * u.logratio_chosen) - F.logsigmoid(-p.beta * u.logratio_rejected)
+
+
+def sppo_hard(u: UnitScores, p: LinkParams) -> Tensor:
+    """SPPO with hard win probabilities (Wu et al. 2024, arXiv 2405.00675, eq. 4.7, P=1 for the winner):
+    (log-ratio_w − 1/(2β))² + (log-ratio_l + 1/(2β))²."""
+    return (u.logratio_chosen - 0.5 / p.beta) ** 2 + (u.logratio_rejected + 0.5 / p.beta) ** 2
+
+
+def aot(u: UnitScores, p: LinkParams) -> Tensor:
+    """AOT (Melnyk et al. 2024, arXiv 2406.05882, eq. 9): DPO on the batch-sorted policy and reference margins,
+    i.e. first-order stochastic dominance over the batch (so a pair's loss depends on its batch mates)."""
+    pol = torch.sort(u.policy_chosen - u.policy_rejected, dim=0).values
+    ref = torch.sort(u.ref_chosen - u.ref_rejected, dim=0).values
+    z = p.beta * (pol - ref)
+    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+def apo_zero(u: UnitScores, p: LinkParams) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7): raise chosen, lower rejected likelihood:
+    1 − σ(r_w) + σ(r_l)."""
+    return 1 - torch.sigmoid(p.beta * u.logratio_chosen) + torch.sigmoid(p.beta * u.logratio_rejected)
+
+
+def apo_down(u: UnitScores, p: LinkParams) -> Tensor:
+    """APO-down (arXiv 2408.06266, eq. 8): lower both, rejected more: σ(r_w) + 1 − σ(β·h)."""
+    return torch.sigmoid(p.beta * u.logratio_chosen) + 1 - torch.sigmoid(p.beta * u.delta)
+
+
+def discopop(u: UnitScores, p: LinkParams) -> Tensor:
+    """DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, arXiv 2406.08414, eq. 5):
+    blend of logistic and exponential losses, mixed by σ(β·h/τ)."""
+    z = p.beta * u.delta
+    mix = torch.sigmoid(z / p.discopop_tau)
+    return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+
+
+def simpo(u: UnitScores, p: LinkParams) -> Tensor:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): −log σ(β·(z̄_w − z̄_l) − γ), z̄ the *mean* token log-prob
+    of the policy (no reference); per unit under ADPO granularity. Label smoothing as in TRL's CPOTrainer."""
+    z = p.beta * (u.mean(u.policy_chosen, u.count_chosen) - u.mean(u.policy_rejected, u.count_rejected)) - p.simpo_gamma
+    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+def cpo(u: UnitScores, p: LinkParams) -> Tensor:
+    """CPO (Xu et al. 2024, arXiv 2401.08417, eq. 3): −log σ(β·(z_w − z_l)) on summed policy log-probs, no
+    reference; the behaviour-cloning NLL on chosen (weight cpo_alpha) is added by the objective."""
+    z = p.beta * (u.policy_chosen - u.policy_rejected)
+    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+def orpo(u: UnitScores, p: LinkParams) -> Tensor:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, eq. 6-7): −β·log σ(log odds(ȳ_w) − log odds(ȳ_l)) with
+    odds = p/(1−p) of the mean token log-prob; the NLL on chosen (weight 1) is added by the objective."""
+    mw = u.mean(u.policy_chosen, u.count_chosen)
+    ml = u.mean(u.policy_rejected, u.count_rejected)
+    # log(1 − e^m) for m < 0, stable near 0
+    log_odds = (mw - ml) - (torch.log(-torch.expm1(mw)) - torch.log(-torch.expm1(ml)))
+    return -p.beta * F.logsigmoid(log_odds)

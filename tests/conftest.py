@@ -1,0 +1,69 @@
+"""Shared fixtures: an offline word-level tokenizer and tiny random causal LMs built from configs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+WORDS = (
+    "the a cat dog sat ran on under mat log red blue big small quickly slowly home park what is it yes no "
+    "good bad answer question Human Assistant : , . ? ! 1 2 3 4 5 6 7 8 9 0 + = hello world"
+).split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tokenizer(chat_template: bool = True, bos: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        bos_token="<s>" if bos else None,
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def _small(vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture
+def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**_small(len(tiny_tokenizer))))
+
+
+@pytest.fixture
+def tiny_qwen2(tiny_tokenizer) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**_small(len(tiny_tokenizer))))
+
+
+@pytest.fixture
+def tmp_jsonl(tmp_path: Path) -> Callable[[list, str], Path]:
+    def write(rows: list, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        with path.open("w") as f:
+            for r in rows:
+                f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+        return path
+
+    return write
