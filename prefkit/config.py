@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from prefkit.errors import ConfigError
@@ -127,6 +128,8 @@ class PrefConfig(TrainingArguments):
             self.lora_target_modules = [s.strip() for s in self.lora_target_modules.split(",") if s.strip()]
         if self.output_dir is None:
             self.output_dir = "outputs/prefkit"
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
         super().__post_init__()
 
     @property

@@ -30,6 +30,8 @@ def critical_tokens_main(argv: list[str]) -> int:
     p.add_argument("--output_file", required=True, help="JSONL to write")
     p.add_argument("--tokenizer", default=None, help="policy tokenizer (default: the positive model's)")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--weight_chosen", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="also weight chosen tokens by s_t (default: chosen weights 1)")
     own, rest = p.parse_known_args(argv)
     cfg = parse_config(rest + ["--output_dir", str(Path(own.output_file).parent)])
     if cfg.dataset_name is None:
@@ -54,6 +56,8 @@ def critical_tokens_main(argv: list[str]) -> int:
                 pos, neg, batch.input_ids, batch.attention_mask, batch.response_start, batch.response_len
             )
             chosen_w, rejected_w = pair_weights(scores, batch.num_pairs)
+            if not own.weight_chosen:
+                chosen_w = torch.ones_like(chosen_w)
             for i, feat in enumerate(feats):
                 row = dict(by_row[feat["row_id"]])
                 row["chosen_token_weights"] = chosen_w[i, : len(feat["chosen_ids"])].tolist()

@@ -1,0 +1,250 @@
+"""Objective algebra: every link against hand computations, the exact equivalences the papers imply,
+gradcheck for link x granularity, and independence of padding width and batch composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prefkit.config import PrefConfig, validate_config
+from prefkit.errors import ConfigError
+from prefkit.objectives import ObjectiveSpec, PairLogps, build_objective
+from prefkit.objectives.granularity import assign_units
+from prefkit.objectives.links import LinkParams
+from prefkit.objectives.registry import LINKS, objectives_table_markdown
+
+BETA = 0.1
+# two pairs, response-aligned; pair 0: |y_w| = 3, |y_l| = 2; pair 1: |y_w| = 2, |y_l| = 4
+PW = [[-1.0, -2.0, -3.0], [-0.5, -1.0]]
+RW = [[-1.5, -2.0, -2.0], [-1.0, -1.0]]
+PL = [[-2.0, -1.0], [-1.0, -1.0, -1.0, -1.0]]
+RL = [[-1.0, -1.0], [-1.0, -2.0, -1.0, -0.5]]
+
+
+def _pad(rows, width=4):
+    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float64)
+
+
+def _mask(rows, width=4):
+    return torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+
+
+def make_logps(pw=PW, rw=RW, pl=PL, rl=RL, width=4) -> PairLogps:
+    return PairLogps(_pad(pw, width), _pad(pl, width), _mask(pw, width), _mask(pl, width), _pad(rw, width),
+                     _pad(rl, width))
+
+
+def spec(loss="sigmoid", **kw) -> ObjectiveSpec:
+    params = LinkParams(beta=kw.pop("beta", BETA), label_smoothing=kw.pop("label_smoothing", 0.0),
+                        simpo_gamma=kw.pop("simpo_gamma", 0.5), discopop_tau=kw.pop("discopop_tau", 0.05))
+    return ObjectiveSpec(loss_type=(loss,), params=params, **kw)
+
+
+def loss_of(s: ObjectiveSpec, logps: PairLogps | None = None) -> float:
+    return build_objective(s)(logps or make_logps()).loss.item()
+
+
+def ls(x: float) -> float:  # log σ(x), by hand
+    return -math.log1p(math.exp(-x))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# per-pair hand quantities: summed log-ratios and mean policy log-probs
+LRW = [sum(p) - sum(r) for p, r in zip(PW, RW)]  # [-0.5, 0.5]
+LRL = [sum(p) - sum(r) for p, r in zip(PL, RL)]  # [-1.0, 0.5]
+H = [w - l for w, l in zip(LRW, LRL)]  # [0.5, 0.0]
+
+
+def test_hand_quantities():
+    assert LRW == [-0.5, 0.5] and LRL == [-1.0, 0.5] and H == [0.5, 0.0]
+
+
+HAND = {
+    "sigmoid": lambda i: -ls(BETA * H[i]),
+    "hinge": lambda i: max(0.0, 1 - BETA * H[i]),
+    "ipo": lambda i: (LRW[i] / len(PW[i]) - LRL[i] / len(PL[i]) - 1 / (2 * BETA)) ** 2,
+    "nca_pair": lambda i: -ls(BETA * LRW[i]) - 0.5 * ls(-BETA * LRW[i]) - 0.5 * ls(-BETA * LRL[i]),
+    "bco_pair": lambda i: -ls(BETA * LRW[i]) - ls(-BETA * LRL[i]),
+    "sppo_hard": lambda i: (LRW[i] - 0.5 / BETA) ** 2 + (LRL[i] + 0.5 / BETA) ** 2,
+    "apo_zero": lambda i: 1 - sig(BETA * LRW[i]) + sig(BETA * LRL[i]),
+    "apo_down": lambda i: sig(BETA * LRW[i]) + 1 - sig(BETA * H[i]),
+    "discopop": lambda i: -ls(BETA * H[i]) * (1 - sig(BETA * H[i] / 0.05)) + math.exp(-BETA * H[i]) * sig(BETA * H[i] / 0.05),
+    "simpo": lambda i: -ls(BETA * (sum(PW[i]) / len(PW[i]) - sum(PL[i]) / len(PL[i])) - 0.5),
+    "cpo": lambda i: -ls(BETA * (sum(PW[i]) - sum(PL[i]))) + 1.0 * (-sum(PW[i]) / len(PW[i])),
+    "exo_pair": lambda i: sig(BETA * H[i]) * (ls(BETA * H[i]) - math.log(1 - 1e-3))
+    + sig(-BETA * H[i]) * (ls(-BETA * H[i]) - math.log(1e-3)),
+}
+
+
+def _orpo(i: int) -> float:
+    mw, ml = sum(PW[i]) / len(PW[i]), sum(PL[i]) / len(PL[i])
+    lo = (mw - math.log(1 - math.exp(mw))) - (ml - math.log(1 - math.exp(ml)))
+    return -sum(PW[i]) / len(PW[i]) - BETA * ls(lo)
+
+
+HAND["orpo"] = _orpo
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_link_matches_hand_computation(name):
+    expected = (HAND[name](0) + HAND[name](1)) / 2
+    assert loss_of(spec(name)) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_label_smoothing_links_by_hand():
+    eps = 0.2
+    cdpo = sum(-(1 - eps) * ls(BETA * h) - eps * ls(-BETA * h) for h in H) / 2
+    robust = sum((-(1 - eps) * ls(BETA * h) + eps * ls(-BETA * h)) / (1 - 2 * eps) for h in H) / 2
+    assert loss_of(spec("sigmoid", label_smoothing=eps)) == pytest.approx(cdpo, rel=1e-9)
+    assert loss_of(spec("robust", label_smoothing=eps)) == pytest.approx(robust, rel=1e-9)
+
+
+def test_aot_sorts_margins_across_the_batch():
+    pol = sorted(sum(w) - sum(l) for w, l in zip(PW, PL))
+    ref = sorted(sum(w) - sum(l) for w, l in zip(RW, RL))
+    expected = sum(-ls(BETA * (p - r)) for p, r in zip(pol, ref)) / 2
+    assert loss_of(spec("aot")) == pytest.approx(expected, rel=1e-9)
+
+
+def test_adaptive_and_static_units_by_hand():
+    lrw0, lrl0 = [0.5, 0.0, -1.0], [-1.0, 0.0]  # token log-ratios of pair 0
+    # adaptive m=2, pair 0: chosen T=3 → pieces [0,1),[1,3); rejected T=2 → [0,1),[1,2)
+    s_w, s_l = [lrw0[0], lrw0[1] + lrw0[2]], [lrl0[0], lrl0[1]]
+    pair0 = sum(-ls(BETA * (w - l)) for w, l in zip(s_w, s_l))
+    # pair 1: chosen T=2, rejected T=4 → m_eff = 2; chosen [0,1),[1,2); rejected [0,2),[2,4)
+    lrw1, lrl1 = [0.5, 0.0], [0.0, 1.0, 0.0, -0.5]
+    pair1 = -ls(BETA * (lrw1[0] - (lrl1[0] + lrl1[1]))) - ls(BETA * (lrw1[1] - (lrl1[2] + lrl1[3])))
+    assert loss_of(spec(granularity="adaptive", num_segments=2)) == pytest.approx((pair0 + pair1) / 2, rel=1e-9)
+    # static k=2 with zero padding: pair 1 windows [0,2) and [2,4); chosen has no tokens in the second
+    p1 = -ls(BETA * (sum(lrw1) - (lrl1[0] + lrl1[1]))) - ls(BETA * (0.0 - (lrl1[2] + lrl1[3])))
+    p0 = -ls(BETA * ((lrw0[0] + lrw0[1]) - sum(lrl0))) - ls(BETA * (lrw0[2] - 0.0))
+    assert loss_of(spec(granularity="static", window_size=2)) == pytest.approx((p0 + p1) / 2, rel=1e-9)
+    # mean over units instead of the paper's sum
+    assert loss_of(spec(granularity="static", window_size=2, unit_reduction="mean")) == pytest.approx(
+        (p0 / 2 + p1 / 2) / 2, rel=1e-9)
+
+
+def test_adaptive_pieces_are_near_equal_contiguous_and_non_empty():
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    units = assign_units(mask, mask, "adaptive", num_segments=4)
+    assert units.chosen[0].tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]  # boundaries ⌊i·10/4⌋ = 0,2,5,7,10
+    short = torch.tensor([[True, True, False, False]])
+    assert assign_units(mask[:, :4], short, "adaptive", num_segments=256).mu_prime.tolist() == [2]
+
+
+GRANS = [dict(granularity="response"), dict(granularity="static", window_size=2),
+         dict(granularity="adaptive", num_segments=3), dict(granularity="token")]
+
+
+def test_equivalences_with_dpo():
+    dpo = loss_of(spec())
+    assert loss_of(spec(granularity="adaptive", num_segments=1)) == pytest.approx(dpo, rel=1e-12)
+    assert loss_of(spec(granularity="static", window_size=4)) == pytest.approx(dpo, rel=1e-12)
+    assert loss_of(spec(granularity="static", window_size=100)) == pytest.approx(dpo, rel=1e-12)
+
+
+def test_equal_length_token_static1_adaptiveT_and_poet_noop():
+    torch.manual_seed(0)
+    b, t = 3, 5
+    pw, pl, rw, rl = (torch.randn(b, t, dtype=torch.float64) for _ in range(4))
+    m = torch.ones(b, t, dtype=torch.bool)
+    lp = PairLogps(pw, pl, m, m, rw, rl)
+    token = loss_of(spec(granularity="token"), lp)
+    assert loss_of(spec(granularity="static", window_size=1), lp) == pytest.approx(token, rel=1e-12)
+    assert loss_of(spec(granularity="adaptive", num_segments=t), lp) == pytest.approx(token, rel=1e-12)
+    for g in GRANS:
+        for name in ("sigmoid", "simpo", "ipo"):
+            assert loss_of(spec(name, poet=True, **g), lp) == loss_of(spec(name, **g), lp)
+
+
+def test_poet_truncates_to_shorter_and_simpo_equals_simpo_on_truncated_pair():
+    k = [min(len(w), len(l)) for w, l in zip(PW, PL)]  # [2, 2]
+    trunc = make_logps([w[:n] for w, n in zip(PW, k)], [w[:n] for w, n in zip(RW, k)],
+                       [r[:n] for r, n in zip(PL, k)], [r[:n] for r, n in zip(RL, k)])
+    for name in ("simpo", "sigmoid", "ipo", "hinge"):
+        assert loss_of(spec(name, poet=True)) == pytest.approx(loss_of(spec(name), trunc), rel=1e-12)
+    for g in GRANS[1:]:
+        assert loss_of(spec(poet=True, **g)) == pytest.approx(loss_of(spec(**g), trunc), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n, s in LINKS.items() if n != "aot"])
+@pytest.mark.parametrize("gran", range(len(GRANS)))
+def test_gradcheck_link_x_granularity(name, gran):
+    g = GRANS[gran]
+    if g["granularity"] != "response" and not LINKS[name].supports_granularity:
+        pytest.skip("response-level link")
+    base = make_logps()
+    pw = base.chosen.clone().requires_grad_(True)
+    pl = base.rejected.clone().requires_grad_(True)
+    objective = build_objective(spec(name, label_smoothing=0.1 if name in ("robust", "exo_pair") else 0.0, **g))
+
+    def f(pw, pl):
+        return objective(base.replace(chosen=pw, rejected=pl)).loss
+
+    assert torch.autograd.gradcheck(f, (pw, pl))
+
+
+@pytest.mark.parametrize("gran", range(len(GRANS)))
+def test_padding_width_and_batch_composition_do_not_matter(gran):
+    s = spec(**GRANS[gran])
+    wide = make_logps(width=9)
+    assert loss_of(s, wide) == pytest.approx(loss_of(s), rel=1e-12)
+    alone = [loss_of(s, make_logps([PW[i]], [RW[i]], [PL[i]], [RL[i]])) for i in range(2)]
+    assert loss_of(s) == pytest.approx(sum(alone) / 2, rel=1e-12)
+
+
+def test_token_weights_scale_rejected_log_ratios():
+    lp = make_logps()
+    w = torch.full_like(lp.rejected, 0.5)
+    weighted = build_objective(spec())(lp.replace(rejected_weights=w)).loss.item()
+    expected = sum(-ls(BETA * (lw - 0.5 * ll)) for lw, ll in zip(LRW, LRL)) / 2
+    assert weighted == pytest.approx(expected, rel=1e-9)
+
+
+def test_rpo_and_loss_weights_combine():
+    nll = sum(-sum(p) / len(p) for p in PW) / 2
+    combo = ObjectiveSpec(loss_type=("sigmoid", "hinge"), loss_weights=(0.3, 0.7), params=LinkParams(beta=BETA),
+                          rpo_alpha=0.5)
+    expected = 0.3 * loss_of(spec()) + 0.7 * loss_of(spec("hinge")) + 0.5 * nll
+    assert loss_of(combo) == pytest.approx(expected, rel=1e-9)
+
+
+def test_stats_follow_trl_conventions():
+    out = build_objective(spec())(make_logps())
+    assert out.stats.rewards_chosen.tolist() == pytest.approx([BETA * x for x in LRW])
+    assert out.stats.logps_chosen.tolist() == pytest.approx([sum(p) for p in PW])
+    m = out.stats.metrics()
+    assert m["rewards/margins"] == pytest.approx(BETA * sum(H) / 2)
+    assert m["rewards/accuracies"] == 0.5
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("loss_type", ["sigmod"], "did you mean 'sigmoid'"),
+    ("beta", -1.0, "--beta"),
+    ("num_segments", 0, "--num_segments"),
+    ("window_size", 0, "--window_size"),
+    ("granularity", "sentence", "--granularity"),
+    ("label_smoothing", 0.5, "--label_smoothing"),
+])
+def test_invalid_options_rejected_at_startup(tmp_path, option, value, match):
+    cfg = PrefConfig(output_dir=str(tmp_path), **{option: value})
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg)
+
+
+def test_granularity_rejected_for_response_level_links(tmp_path):
+    cfg = PrefConfig(output_dir=str(tmp_path), loss_type=["orpo"], granularity="adaptive")
+    with pytest.raises(ConfigError, match="--granularity response"):
+        validate_config(cfg)
+
+
+def test_docs_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
+    assert objectives_table_markdown() in doc

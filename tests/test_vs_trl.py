@@ -1,0 +1,75 @@
+"""Side by side with TRL's DPOTrainer on the same tiny model, data and batch: loss and rewards agree (≤1e-5)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from prefkit.data import PairCollator
+from prefkit.logprobs import compute_pair_logps
+from prefkit.objectives import ObjectiveSpec, build_objective
+from prefkit.objectives.links import LinkParams
+
+trl = pytest.importorskip("trl")
+
+# completions start with a space: TRL tokenizes prompt + completion as one string
+PAIRS = [
+    ("the cat sat on the", " mat .", " log big red dog"),
+    ("what is 2 + 2 ?", " 4", " 5 5 5"),
+    ("hello", " world !", " bad answer"),
+    ("a dog ran", " home quickly", " under the blue mat slowly"),
+]
+TRL_LOSSES = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "apo_zero", "apo_down", "discopop"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():  # make log-ratios non-zero
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ds = Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS], "chosen": [c for _, c, _ in PAIRS],
+                            "rejected": [r for _, _, r in PAIRS]})
+    return tok, ref, policy, ds, tmp_path_factory.mktemp("trl")
+
+
+@pytest.mark.parametrize("loss_type", TRL_LOSSES)
+def test_loss_equals_trl(setup, loss_type):
+    tok, ref, policy, ds, out = setup
+    eps = 0.1 if loss_type in ("robust", "exo_pair", "aot") else 0.0
+    args = trl.DPOConfig(output_dir=str(out), loss_type=[loss_type], beta=0.2, label_smoothing=eps,
+                         report_to="none", per_device_train_batch_size=4, use_cpu=True, max_length=64)
+    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    feats = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    trl_batch = trainer.data_collator(feats)
+    policy.eval()
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch).item()
+    metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # policy.eval(): no dropout
+
+    batch = PairCollator(pad_token_id=tok.pad_token_id)(
+        [{"prompt_ids": f["prompt_ids"], "chosen_ids": f["chosen_ids"], "rejected_ids": f["rejected_ids"],
+          "row_id": i} for i, f in enumerate(feats)]
+    )
+    with torch.no_grad():
+        lp = compute_pair_logps(policy, batch)
+        r = compute_pair_logps(ref, batch)
+    lp = lp.replace(ref_chosen=r.chosen, ref_rejected=r.rejected)
+    objective = build_objective(ObjectiveSpec(loss_type=(loss_type,), params=LinkParams(beta=0.2, label_smoothing=eps)))
+    out_ = objective(lp)
+    assert out_.loss.item() == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    ours = out_.stats.metrics()
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert ours[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-4), key  # β x float32 sums
