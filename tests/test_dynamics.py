@@ -1,0 +1,138 @@
+"""Preference dynamics: incentives vs the paper's closed forms, band maths, score statistics, and RC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefkit.data.types import PairBatch
+from prefkit.dynamics import RewardCalibrator, band_edges, compute_incentives, score_stats, select_params
+from prefkit.dynamics.incentives import Incentives
+from prefkit.dynamics.scores import ScoreStats
+from prefkit.logprobs import compute_pair_logps
+from prefkit.objectives import ObjectiveSpec, build_objective
+from prefkit.objectives.links import LinkParams
+from tests.test_objectives import LRL, LRW, PL, PW, make_logps
+
+BETA = 0.1
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def objective(loss="sigmoid", **kw):
+    return build_objective(ObjectiveSpec(loss_type=(loss,), params=LinkParams(beta=BETA), **kw))
+
+
+def test_dpo_incentives_closed_form():
+    inc = compute_incentives(objective(), make_logps())
+    for i in range(2):
+        h = LRW[i] - LRL[i]
+        assert inc.d_w[i].item() == pytest.approx(BETA * sig(-BETA * h), rel=1e-9)
+        assert inc.d_l[i].item() == pytest.approx(BETA * sig(-BETA * h), rel=1e-9)
+
+
+def test_ipo_simpo_hinge_cpo_incentives_closed_form():
+    lp = make_logps()
+    nw, nl = [len(p) for p in PW], [len(p) for p in PL]
+    ipo = compute_incentives(objective("ipo"), lp)
+    simpo = compute_incentives(objective("simpo"), lp)
+    hinge = compute_incentives(objective("hinge"), lp)
+    cpo = compute_incentives(objective("cpo"), lp)
+    for i in range(2):
+        # IPO on mean log-ratios (score z = mean): d = −2·(h̄ − 1/(2β))
+        hbar = LRW[i] / nw[i] - LRL[i] / nl[i]
+        assert ipo.d_w[i].item() == pytest.approx(-2 * (hbar - 1 / (2 * BETA)), rel=1e-9)
+        assert ipo.d_l[i].item() == pytest.approx(-2 * (hbar - 1 / (2 * BETA)), rel=1e-9)
+        # SimPO (mean policy log-prob): d = β·σ(−(β·Δz̄ − γ))
+        dz = sum(PW[i]) / nw[i] - sum(PL[i]) / nl[i]
+        assert simpo.d_w[i].item() == pytest.approx(BETA * sig(-(BETA * dz - 0.5)), rel=1e-9)
+        # SLiC / hinge: β·1[1 − β·h > 0]
+        assert hinge.d_w[i].item() == pytest.approx(BETA * (1 - BETA * (LRW[i] - LRL[i]) > 0), rel=1e-9)
+        # CPO: sigmoid on summed policy log-probs plus the chosen NLL (mean over tokens → 1/T per token)
+        d = BETA * sig(-BETA * (sum(PW[i]) - sum(PL[i])))
+        assert cpo.d_l[i].item() == pytest.approx(d, rel=1e-9)
+        assert cpo.d_w[i].item() == pytest.approx(d + 1.0 / nw[i], rel=1e-9)
+
+
+def test_adpo_incentive_is_token_average():
+    lp = make_logps()
+    inc = compute_incentives(objective(granularity="token"), lp)
+    # token-level DPO: each chosen token t contributes β·σ(−β·(lr_w,t − lr_l,t)); d_w = their mean
+    pw, rw, pl, rl = lp.chosen[0], lp.ref_chosen[0], lp.rejected[0], lp.ref_rejected[0]
+    terms = [BETA * sig(-BETA * ((pw[t] - rw[t]) - (pl[t] - rl[t] if t < 2 else 0.0)).item()) for t in range(3)]
+    assert inc.d_w[0].item() == pytest.approx(sum(terms) / 3, rel=1e-9)
+
+
+def test_band_edges_by_hand():
+    assert band_edges(2.0, 1.0, 0.5) == pytest.approx((0.25, 1.0))
+    assert band_edges(1.0, 1.0, -0.1) == (0.0, math.inf)
+
+
+def _tiny_batch():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(3, 64, (4, 9))
+    batch = PairBatch(ids, torch.ones_like(ids), torch.tensor([3, 4, 3, 4]), torch.tensor([6, 5, 4, 5]),
+                      torch.arange(2))
+    return model, batch
+
+
+def test_score_stats_match_manual_gradients():
+    model, batch = _tiny_batch()
+    params = select_params(model, "last_block")
+    assert params and all("layers.1." in n for n, p in model.named_parameters() if any(p is q for q in params))
+    lp = compute_pair_logps(model, batch)
+    masks = (lp.chosen_mask, lp.rejected_mask)
+    st = score_stats(lp, params, masks, "sum")
+    gw = torch.autograd.grad(lp.chosen.sum(1).mean(), params, retain_graph=True)
+    gl = torch.autograd.grad(lp.rejected.sum(1).mean(), params)
+    fw, fl = torch.cat([g.flatten() for g in gw]), torch.cat([g.flatten() for g in gl])
+    assert st.norm_chosen == pytest.approx(fw.norm().item(), rel=1e-5)
+    assert st.norm_rejected == pytest.approx(fl.norm().item(), rel=1e-5)
+    assert st.cos == pytest.approx((fw @ fl / (fw.norm() * fl.norm())).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(granularity="adaptive", num_segments=2), dict(poet=True),
+                                dict(loss="simpo"), dict(loss="ipo", granularity="static", window_size=2)])
+def test_rc_keeps_loss_bit_for_bit_and_scales_gradients(kw):
+    loss = kw.pop("loss", "sigmoid")
+    obj = objective(loss, **kw)
+    rc = RewardCalibrator(ema=0.9)
+    rc.update_incentives(Incentives(torch.tensor([0.2]), torch.tensor([0.05])))
+    rc.update_scores(ScoreStats(1.0, 2.0, 0.5))
+    alpha = rc.alpha()
+    assert alpha == pytest.approx(math.sqrt(2.0 / 4.0))  # r* = 2, r = 4
+    base = make_logps()
+    pw = base.chosen.clone().requires_grad_(True)
+    pl = base.rejected.clone().requires_grad_(True)
+    raw = obj(base.replace(chosen=pw, rejected=pl)).loss
+    gw, gl = torch.autograd.grad(raw, [pw, pl])
+    cal = obj(rc.apply(base.replace(chosen=pw, rejected=pl))).loss
+    assert torch.equal(cal, raw)  # forward value bit for bit
+    cw, cl = torch.autograd.grad(cal, [pw, pl])
+    torch.testing.assert_close(cw, alpha * gw)
+    torch.testing.assert_close(cl, gl / alpha)
+
+
+def test_rc_state_round_trip_gives_identical_alpha_sequence():
+    def feed(rc, k):
+        rc.update_incentives(Incentives(torch.tensor([0.1 + 0.01 * k]), torch.tensor([0.2])))
+        rc.update_scores(ScoreStats(1.0 + 0.1 * k, 1.5, 0.9))
+        return rc.alpha()
+
+    a = RewardCalibrator(0.9)
+    for k in range(3):
+        feed(a, k)
+    b = RewardCalibrator(0.9)
+    b.load_state_dict(a.state_dict())
+    assert [feed(a, k) for k in range(3, 6)] == [feed(b, k) for k in range(3, 6)]
+
+
+def test_rc_alpha_is_one_before_statistics():
+    assert RewardCalibrator().alpha() == 1.0
