@@ -85,7 +85,9 @@ def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(backbone, lm_head) when the head can be applied separately to selected positions."""
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    # models that scale or soft-cap their logits go through their own forward
+    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    if config is None or any(getattr(config.get_text_config(), k, None) is not None for k in scaled):
         return None
     try:
         backbone, head = inner.get_decoder(), inner.get_output_embeddings()

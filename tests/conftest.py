@@ -69,3 +69,15 @@ def tmp_jsonl(tmp_path: Path) -> Callable[[list, str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_tokenizer) -> Path:
+    """A tiny random Llama and its tokenizer saved as an HF model directory."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**_small(len(tiny_tokenizer)), bos_token_id=tiny_tokenizer.bos_token_id,
+                      eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    path = tmp_path / "model"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

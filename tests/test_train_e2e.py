@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from prefkit.cli import main
 
@@ -24,19 +24,6 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
             chosen = " ".join(rng.choices(WORDS[:9], k=rng.randint(2, 10)))
             rejected = " ".join(rng.choices(WORDS[9:], k=rng.randint(2, 10)))
             f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    return path
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path, tiny_tokenizer) -> Path:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                      pad_token_id=tiny_tokenizer.pad_token_id)
-    path = tmp_path / "model"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
     return path
 
 

@@ -1,0 +1,170 @@
+"""prefkit vs TRL DPOTrainer on the same job, in the same run: pairs/s, tokens/s, peak memory, and the ratios.
+
+    python benchmarks/throughput.py                 # job a (tiny Llama), both frameworks, plus ADPO/POET/RC
+    python benchmarks/throughput.py --jobs a b c    # b, c: SmolLM2-135M full / LoRA on HH-RLHF (slow on CPU)
+
+Each (framework, job) runs in its own subprocess so peak RSS is per run. Results go to
+benchmarks/out/throughput-<time>.json and .md with the commit, config and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORDS = [f"w{i}" for i in range(1000)]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   bos_token="<s>")
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(lo, hi):
+        return " " + " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
+
+    return [{"prompt": text(5, 30).strip(), "chosen": text(10, 120), "rejected": text(10, 120)} for _ in range(n)]
+
+
+def hh_pairs(n: int) -> list[dict]:
+    from prefkit.data import bundled_sample_path
+
+    rows = [json.loads(ln) for ln in Path(bundled_sample_path()).read_text().splitlines()][:n]
+    from prefkit.data.formats import split_implicit_prompt
+
+    out = []
+    for r in rows:
+        cut = split_implicit_prompt(r["chosen"], r["rejected"])
+        out.append({"prompt": r["chosen"][:cut], "chosen": r["chosen"][cut:], "rejected": r["rejected"][cut:]})
+    return out
+
+
+def build(job: str):
+    """(model, tokenizer, pairs, batch size, lora) for a job."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if job == "a":
+        tok = word_tokenizer()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688,
+                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=512, pad_token_id=0, eos_token_id=2))
+        return model, tok, synthetic_pairs(2000), 8, False
+    from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(None)
+    return load_causal_lm(path), load_tokenizer(path), hh_pairs(400), 4, job == "c"
+
+
+def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
+    from datasets import Dataset
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok, pairs, bs, lora = build(job)
+    ds = Dataset.from_list(pairs)
+    out = f"/tmp/prefkit-bench-{framework}-{job}"
+    common = dict(output_dir=out, per_device_train_batch_size=bs, max_steps=steps, learning_rate=1e-5,
+                  logging_steps=10**6, save_strategy="no", report_to="none", max_length=256, use_cpu=True,
+                  bf16=False, gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
+    if framework == "trl":
+        from peft import LoraConfig
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=0.1)
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+    else:
+        from prefkit import PrefConfig, PrefTrainer
+        from prefkit.models import apply_lora
+
+        extra = {"poet": dict(poet=True), "adpo": dict(granularity="adaptive", num_segments=16),
+                 "rc": dict(reward_calibration=True), "dpo": {}}[variant]
+        args = PrefConfig(**common, beta=0.1, overwrite_output_dir=True, **extra)
+        if lora:
+            model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["all-linear"])
+        trainer = PrefTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    tokens = sum(len(tok(p["prompt"] + p["chosen"]).input_ids) + len(tok(p["prompt"] + p["rejected"]).input_ids)
+                 for p in pairs[: steps * bs])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    return {"framework": framework, "job": job, "variant": variant, "steps": steps, "batch_size": bs,
+            "seconds": wall, "pairs_per_s": steps * bs / wall, "tokens_per_s": tokens / wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", nargs="+", default=["a"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "JOB", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(*args.worker[:2], args.steps, args.worker[2])))
+        return
+    results = []
+    for job in args.jobs:
+        runs = [("trl", "dpo"), ("prefkit", "dpo")] + ([("prefkit", v) for v in ("adpo", "poet", "rc")] if job == "a" else [])
+        for framework, variant in runs:
+            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", framework, job,
+                                   variant], capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{framework}/{job}/{variant} failed")
+            results.append(json.loads(line[0][7:]))
+            r = results[-1]
+            print(f"{job} {framework:8s} {variant:5s} {r['pairs_per_s']:7.2f} pairs/s  {r['peak_rss_mb']:8.0f} MB",
+                  flush=True)
+    rows = ["| job | framework | variant | pairs/s | tokens/s | peak RSS MB | pairs/s vs TRL | memory vs TRL |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = next(x for x in results if x["job"] == r["job"] and x["framework"] == "trl")
+        rows.append(f"| {r['job']} | {r['framework']} | {r['variant']} | {r['pairs_per_s']:.2f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['pairs_per_s'] / base['pairs_per_s']:.2f}x | "
+                    f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |")
+    table = "\n".join(rows)
+    print("\n" + table)
+    outdir = HERE / "out"
+    outdir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    meta = {"commit": commit(), "machine": machine(), "steps": args.steps, "results": results}
+    (outdir / f"throughput-{stamp}.json").write_text(json.dumps(meta, indent=2))
+    (outdir / f"throughput-{stamp}.md").write_text(f"commit {meta['commit']}, {meta['machine']}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
