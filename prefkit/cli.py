@@ -23,7 +23,7 @@ DEMO_DEFAULTS: dict[str, object] = {
     "output_dir": "outputs/demo",
     "overwrite_output_dir": True,
     "use_peft": True,
-    "learning_rate": 5e-5,
+    "learning_rate": 3e-4,
     "lr_scheduler_type": "constant",
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 8,

@@ -61,6 +61,10 @@ class PrefConfig(TrainingArguments):
         default="keep_end",
         metadata={"help": "Prompt truncation: keep_end (drop the oldest tokens) or keep_start."},
     )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); off: 2 rows."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
 

@@ -98,30 +98,39 @@ def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
-def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """(row, position, mask) of every response token, response-aligned as (2B, T)."""
+def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row, target position, predicting position, mask) of every response token, response-aligned (2B, T)."""
     lengths = batch.response_len
+    dev = lengths.device
     width = int(lengths.max().item()) if lengths.numel() else 0
-    j = torch.arange(width, device=lengths.device)
+    j = torch.arange(width, device=dev)
     mask = j[None, :] < lengths[:, None]
     pos = (batch.response_start[:, None] + j[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
-    rows = torch.arange(lengths.shape[0], device=lengths.device)[:, None].expand_as(pos)
-    return rows, pos, mask
+    row = batch.response_row if batch.response_row is not None else torch.arange(lengths.shape[0], device=dev)
+    rows = row[:, None].expand_as(pos)
+    pred = pos - 1  # position p is predicted from the output at p - 1 ...
+    if batch.first_pred is not None:  # ... except a shared-prompt rejected response's first token
+        pred = torch.cat([batch.first_pred[:, None], pred[:, 1:]], dim=1)
+    return rows, pos, pred, mask
 
 
 def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Policy per-token log-probs of chosen and rejected (ref fields left None), one forward for both."""
-    rows, pos, mask = _response_index(batch)
+    rows, pos, pred, mask = _response_index(batch)
     targets = batch.input_ids[rows[mask], pos[mask]]
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if batch.position_ids is not None:
+        # the additive 4D mask must match the activations' dtype
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        inputs.update(position_ids=batch.position_ids, attention_mask=batch.attention_mask.to(dtype))
     parts = None if _is_distributed_wrapper(model) else _fused_parts(model)
     if parts is not None:
         backbone, head = parts
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
-        # position p is predicted from the hidden state at p - 1
-        token_lp = token_logprobs_from_hidden(hidden[rows[mask], pos[mask] - 1], head, targets)
+        hidden = backbone(**inputs)[0]
+        token_lp = token_logprobs_from_hidden(hidden[rows[mask], pred[mask]], head, targets)
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        sel = logits[rows[mask], pos[mask] - 1].float()
+        logits = model(**inputs).logits
+        sel = logits[rows[mask], pred[mask]].float()
         token_lp = sel.gather(1, targets[:, None]).squeeze(1) - sel.logsumexp(dim=1)
     per_token = torch.zeros(mask.shape, dtype=token_lp.dtype, device=token_lp.device)
     per_token = per_token.masked_scatter(mask, token_lp)

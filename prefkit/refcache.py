@@ -73,6 +73,7 @@ def attach_reference_logps(
         pad_token_id=collator.pad_token_id,
         eos_token_id=collator.eos_token_id,
         static_eos_padding=cfg.granularity == "static" and cfg.static_padding == "eos",
+        share_prompt=cfg.share_prompt,
     )
     key = cache_key(ds, model_path, collator.static_eos_padding)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"

@@ -74,3 +74,19 @@ def test_policy_gradient_matches_unfused_path():
     (sum(torch.stack(r).sum() for r in hand[:2]) - 0.5 * sum(torch.stack(r).sum() for r in hand[2:])).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_shared_prompt_layout_equals_plain_layout():
+    from prefkit.data import PairCollator
+
+    feats = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2], "row_id": 0},
+             {"prompt_ids": [11, 12], "chosen_ids": [13, 2], "rejected_ids": [14, 15, 16, 2], "row_id": 1}]
+    for kind in ("llama", "qwen2"):
+        model = _model(kind)
+        plain = compute_pair_logps(model, PairCollator(pad_token_id=0)(feats))
+        shared_batch = PairCollator(pad_token_id=0, share_prompt=True)(feats)
+        assert shared_batch.input_ids.shape[0] == 2  # one row per pair
+        shared = compute_pair_logps(model, shared_batch)
+        torch.testing.assert_close(shared.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared.rejected, plain.rejected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(shared.chosen_mask, plain.chosen_mask)

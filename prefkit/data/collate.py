@@ -22,12 +22,14 @@ class PairCollator:
 
     ``static_eos_padding``: extend the shorter response of each pair with real EOS tokens to the longer one's
     length — the ADPO paper's padding for static windows (those EOS tokens are scored).
+    ``share_prompt``: one row per pair, prompt computed once (see :class:`PairBatch`).
     """
 
     pad_token_id: int
     eos_token_id: int | None = None
     static_eos_padding: bool = False
     pad_to_multiple_of: int | None = None
+    share_prompt: bool = False
 
     def __call__(self, features: list[dict]) -> PairBatch:
         prompts = [f["prompt_ids"] for f in features]
@@ -38,7 +40,30 @@ class PairCollator:
                 n = max(len(c), len(r))
                 c.extend([self.eos_token_id] * (n - len(c)))
                 r.extend([self.eos_token_id] * (n - len(r)))
-        seqs = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
+        resp_len = [len(c) for c in chosen] + [len(r) for r in rejected]
+        t = max(resp_len)
+        row_ids = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
+        if self.share_prompt:
+            batch = self._shared(prompts, chosen, rejected, row_ids)
+        else:
+            seqs = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
+            input_ids, attention_mask = self._pad(seqs)
+            batch = PairBatch(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                response_start=torch.tensor([len(p) for p in prompts] * 2, dtype=torch.long),
+                response_len=torch.tensor(resp_len, dtype=torch.long),
+                row_ids=row_ids,
+            )
+        if "rejected_token_weights" in features[0]:
+            batch.chosen_weights = _response_matrix([f["chosen_token_weights"] for f in features], t, 1.0)
+            batch.rejected_weights = _response_matrix([f["rejected_token_weights"] for f in features], t, 1.0)
+        if "ref_chosen_logps" in features[0]:
+            batch.ref_chosen = _response_matrix([f["ref_chosen_logps"] for f in features], t, 0.0)
+            batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
+        return batch
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -47,19 +72,35 @@ class PairCollator:
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             attention_mask[i, : len(s)] = 1
-        resp_len = [len(c) for c in chosen] + [len(r) for r in rejected]
-        t = max(resp_len)
-        batch = PairBatch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            response_start=torch.tensor([len(p) for p in prompts] * 2, dtype=torch.long),
-            response_len=torch.tensor(resp_len, dtype=torch.long),
-            row_ids=torch.tensor([f["row_id"] for f in features], dtype=torch.long),
+        return input_ids, attention_mask
+
+    def _shared(self, prompts, chosen, rejected, row_ids) -> PairBatch:
+        """prompt + chosen + rejected in one row; rejected attends to the prompt and itself only."""
+        seqs = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
+        input_ids, _ = self._pad(seqs)
+        b, width = input_ids.shape
+        allowed = torch.zeros(b, width, width, dtype=torch.bool)
+        position_ids = torch.zeros(b, width, dtype=torch.long)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+            n_p, n_c, n = len(p), len(c), len(p) + len(c) + len(r)
+            allowed[i, :n, :n] = causal[:n, :n]
+            allowed[i, n_p + n_c : n, n_p : n_p + n_c] = False  # rejected never sees chosen
+            allowed[i, n:, :] = torch.eye(width, dtype=torch.bool)[n:]  # padding attends to itself (no NaN rows)
+            position_ids[i, :n_p + n_c] = torch.arange(n_p + n_c)
+            position_ids[i, n_p + n_c : n] = torch.arange(n_p, n_p + len(r))
+        mask = torch.zeros(b, 1, width, width, dtype=torch.float32).masked_fill(
+            ~allowed[:, None], torch.finfo(torch.float32).min
         )
-        if "rejected_token_weights" in features[0]:
-            batch.chosen_weights = _response_matrix([f["chosen_token_weights"] for f in features], t, 1.0)
-            batch.rejected_weights = _response_matrix([f["rejected_token_weights"] for f in features], t, 1.0)
-        if "ref_chosen_logps" in features[0]:
-            batch.ref_chosen = _response_matrix([f["ref_chosen_logps"] for f in features], t, 0.0)
-            batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
-        return batch
+        n_p = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        n_c = torch.tensor([len(c) for c in chosen], dtype=torch.long)
+        return PairBatch(
+            input_ids=input_ids,
+            attention_mask=mask,
+            response_start=torch.cat([n_p, n_p + n_c]),
+            response_len=torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.long),
+            row_ids=row_ids,
+            response_row=torch.arange(b).repeat(2),
+            first_pred=torch.cat([n_p - 1, n_p - 1]),
+            position_ids=position_ids,
+        )

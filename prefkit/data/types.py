@@ -13,10 +13,14 @@ from torch import Tensor
 class PairBatch:
     """A collated batch of B pairs laid out for one forward pass over chosen and rejected.
 
-    Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded. ``response_start[i]`` is the
-    position of row i's first response token and ``response_len[i]`` its number of response tokens (the
-    response ends with EOS unless it was truncated). Token weights and precomputed reference log-probs are
-    response-aligned (B, T) tensors, T = the longest response in the batch.
+    Responses 0..B-1 are the chosen ones, B..2B-1 the rejected ones. In the plain layout input row i holds
+    prompt+response i (2B rows, right-padded). In the shared-prompt layout (``position_ids`` set) row b holds
+    prompt, chosen and rejected of pair b once, with a 4D additive ``attention_mask`` that hides the chosen
+    tokens from the rejected ones and ``position_ids`` that restart the rejected response after the prompt,
+    so the prompt is computed once. ``response_start[i]`` is the position of response i's first token in
+    row ``response_row[i]``, ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and
+    ``first_pred[i]`` the position whose output predicts its first token (the last prompt token). Token
+    weights and precomputed reference log-probs are response-aligned (B, T), T = the longest response.
     """
 
     input_ids: Tensor
@@ -24,6 +28,9 @@ class PairBatch:
     response_start: Tensor
     response_len: Tensor
     row_ids: Tensor
+    response_row: Tensor | None = None
+    first_pred: Tensor | None = None
+    position_ids: Tensor | None = None
     chosen_weights: Tensor | None = None
     rejected_weights: Tensor | None = None
     ref_chosen: Tensor | None = None
