@@ -49,7 +49,7 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
                 if pts:
                     series.append((run, key, pts))
         if not series:
-            logger.info("plot %s skipped: no %s logged", fname, ", ".join(keys))
+            logger.debug("plot %s skipped: no %s logged", fname, ", ".join(keys))
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for run, key, pts in series:

@@ -108,7 +108,10 @@ class PrefTrainer(Trainer):
         probe = collator([train_dataset[i] for i in range(min(args.dynamics_probe_size, len(train_dataset)))]) if (
             train_dataset is not None and args.dynamics_steps > 0
         ) else None
-        self.monitor = DynamicsMonitor(args, self.objective, model, probe, self._probe_logps)
+        # RC statistics are batch means: reduce them over processes so every rank uses the same α
+        reduce = (lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu()) if (
+            self.accelerator.num_processes > 1) else None
+        self.monitor = DynamicsMonitor(args, self.objective, model, probe, self._probe_logps, reduce_mean=reduce)
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def _prepared(self, dataset, tokenizer, args: PrefConfig, name: str):

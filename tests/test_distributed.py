@@ -1,0 +1,76 @@
+"""Two CPU processes (gloo, accelerate launch) give the loss curve of one process with twice the gradient
+accumulation, for DPO, ADPO adaptive and DPO+RC; and a 2-process run resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_e2e import write_pairs
+
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp_cpu_gloo.yaml"
+
+
+def _losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def _alphas(out: Path) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["rc/alpha"] for r in recs if "rc/alpha" in r}
+
+
+def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "4", "--logging_steps", "1", "--save_steps", "2", "--learning_rate", "5e-3",
+            "--max_length", "64", "--seed", "3", "--use_cpu", "true", *extra]
+
+
+def _launch(args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "-m", "prefkit", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _single(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "prefkit", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("objective", [[], ["--granularity", "adaptive", "--num_segments", "3"],
+                                       ["--reward_calibration", "true"]], ids=["dpo", "adpo", "dpo+rc"])
+def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, objective):
+    data = write_pairs(tmp_path / "p.jsonl", 24)
+    two, one = tmp_path / "two", tmp_path / "one"
+    _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *objective))
+    _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                  *objective))
+    l2, l1 = _losses(two), _losses(one)
+    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), step
+    if objective and objective[0] == "--reward_calibration":
+        a2, a1 = _alphas(two), _alphas(one)
+        assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
+
+
+def test_two_process_resume(tmp_path, model_dir):
+    data = write_pairs(tmp_path / "p.jsonl", 24)
+    full = tmp_path / "full"
+    _launch(_args(model_dir, data, full, "--per_device_train_batch_size", "2"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    _launch(_args(model_dir, data, resumed, "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "latest"))
+    a, b = _losses(full), _losses(resumed)
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
