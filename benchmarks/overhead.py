@@ -38,6 +38,44 @@ def timed(fn, reps: int = 1) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def measure(model, batch, probe, objectives, params) -> dict[str, float]:
+    """Seconds of one DPO step and of each piece, on one batch."""
+    dpo = objectives["dpo"]
+    out: dict[str, float] = {}
+
+    def step():
+        with torch.no_grad(), model.disable_adapter():
+            ref = compute_pair_logps(model, batch)
+        lp = compute_pair_logps(model, batch).replace(ref_chosen=ref.chosen, ref_rejected=ref.rejected)
+        dpo(lp).loss.backward()
+        model.zero_grad()
+
+    out["step"] = timed(step)
+    with torch.no_grad(), model.disable_adapter():
+        ref = compute_pair_logps(model, batch)
+    lp = compute_pair_logps(model, batch).replace(ref_chosen=ref.chosen, ref_rejected=ref.rejected)
+    for name, obj in objectives.items():
+        def loss_only(obj=obj):
+            leaf = lp.replace(chosen=lp.chosen.detach().requires_grad_(True),
+                              rejected=lp.rejected.detach().requires_grad_(True))
+            torch.autograd.grad(obj(leaf).loss, [leaf.chosen, leaf.rejected])
+
+        out[f"objective: {name}"] = timed(loss_only, reps=10)
+    masks = dpo.kept_masks(lp)
+
+    def diagnostics():
+        compute_incentives(dpo, lp)
+        score_stats(lp, params, masks, "sum")
+        with torch.no_grad():
+            compute_pair_logps(model, probe)
+
+    out["diagnostics"] = timed(diagnostics)
+    t_inc = timed(lambda: compute_incentives(dpo, lp), reps=5)
+    t_scores = timed(lambda: score_stats(lp, params, masks, "sum"))
+    out["rc"] = t_inc + t_scores / 10
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
@@ -61,41 +99,11 @@ def main() -> None:
         "adpo adaptive m=16 + poet": PrefConfig(output_dir="/tmp/o", granularity="adaptive", num_segments=16, poet=True),
     }
     objectives = {k: build_objective(c) for k, c in configs.items()}
-    dpo = objectives["dpo"]
     params = select_params(model, "auto")
     rows = {k: [] for k in ["step", "diagnostics", "rc"] + [f"objective: {k}" for k in objectives]}
     for batch in batches:
-        def step():
-            with torch.no_grad(), model.disable_adapter():
-                ref = compute_pair_logps(model, batch)
-            lp = compute_pair_logps(model, batch).replace(ref_chosen=ref.chosen, ref_rejected=ref.rejected)
-            dpo(lp).loss.backward()
-            model.zero_grad()
-            return lp
-
-        rows["step"].append(timed(step))
-        with torch.no_grad(), model.disable_adapter():
-            ref = compute_pair_logps(model, batch)
-        lp = compute_pair_logps(model, batch).replace(ref_chosen=ref.chosen, ref_rejected=ref.rejected)
-        for name, obj in objectives.items():
-            def loss_only(obj=obj):
-                leaf = lp.replace(chosen=lp.chosen.detach().requires_grad_(True),
-                                  rejected=lp.rejected.detach().requires_grad_(True))
-                torch.autograd.grad(obj(leaf).loss, [leaf.chosen, leaf.rejected])
-
-            rows[f"objective: {name}"].append(timed(loss_only, reps=10))
-        masks = dpo.kept_masks(lp)
-
-        def diagnostics():
-            compute_incentives(dpo, lp)
-            score_stats(lp, params, masks, "sum")
-            with torch.no_grad():
-                compute_pair_logps(model, probe)
-
-        rows["diagnostics"].append(timed(diagnostics))
-        t_inc = timed(lambda: compute_incentives(dpo, lp), reps=5)
-        t_scores = timed(lambda: score_stats(lp, params, masks, "sum"))
-        rows["rc"].append(t_inc + t_scores / 10)
+        for k, v in measure(model, batch, probe, objectives, params).items():
+            rows[k].append(v)
     mean = {k: sum(v) / len(v) for k, v in rows.items()}
     step = mean["step"]
     lines = ["| piece | seconds | share of a DPO step |", "|---|---|---|", f"| DPO step | {step:.2f} | 100% |"]

@@ -111,7 +111,10 @@ class PrefTrainer(Trainer):
         # RC statistics are batch means: reduce them over processes so every rank uses the same α
         reduce = (lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu()) if (
             self.accelerator.num_processes > 1) else None
-        self.monitor = DynamicsMonitor(args, self.objective, model, probe, self._probe_logps, reduce_mean=reduce)
+        self.monitor = DynamicsMonitor(
+            args, self.objective, model, probe, self._probe_logps, reduce_mean=reduce,
+            unwrap=self.accelerator.unwrap_model if self.accelerator.num_processes > 1 else None,
+        )
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def _prepared(self, dataset, tokenizer, args: PrefConfig, name: str):
@@ -155,7 +158,7 @@ class PrefTrainer(Trainer):
 
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
-        out = self.objective(self.monitor.calibrate(logps))
+        out = self.objective(self.monitor.calibrate(logps, self.state.global_step) if model.training else logps)
         if not torch.isfinite(out.loss):
             self._numerical_fault(inputs)
             # --nan_policy skip: a detached zero contributes no gradient, so this batch changes nothing
@@ -164,7 +167,7 @@ class PrefTrainer(Trainer):
         for k, v in out.stats.metrics().items():
             self._stats[f"{mode}:{k}"].append(v)
         if model.training:
-            for k, v in self.monitor.observe(self.state.global_step, model, logps, out).items():
+            for k, v in self.monitor.observe(self.state.global_step, model, logps, out, inputs).items():
                 self._stats[f"{mode}:{k}"].append(v)
         return (out.loss, out) if return_outputs else out.loss
 

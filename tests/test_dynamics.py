@@ -106,6 +106,8 @@ def test_rc_keeps_loss_bit_for_bit_and_scales_gradients(kw):
     rc = RewardCalibrator(ema=0.9)
     rc.update_incentives(Incentives(torch.tensor([0.2]), torch.tensor([0.05])))
     rc.update_scores(ScoreStats(1.0, 2.0, 0.5))
+    assert rc.alpha() == 1.0  # nothing committed yet
+    rc.commit()
     alpha = rc.alpha()
     assert alpha == pytest.approx(math.sqrt(2.0 / 4.0))  # r* = 2, r = 4
     base = make_logps()
@@ -124,6 +126,7 @@ def test_rc_state_round_trip_gives_identical_alpha_sequence():
     def feed(rc, k):
         rc.update_incentives(Incentives(torch.tensor([0.1 + 0.01 * k]), torch.tensor([0.2])))
         rc.update_scores(ScoreStats(1.0 + 0.1 * k, 1.5, 0.9))
+        rc.commit()
         return rc.alpha()
 
     a = RewardCalibrator(0.9)
@@ -136,3 +139,13 @@ def test_rc_state_round_trip_gives_identical_alpha_sequence():
 
 def test_rc_alpha_is_one_before_statistics():
     assert RewardCalibrator().alpha() == 1.0
+
+
+def test_rc_commit_averages_micro_batches():
+    rc = RewardCalibrator(0.5)
+    rc.update_incentives(Incentives(torch.tensor([0.1, 0.3]), torch.tensor([0.2])))
+    rc.update_incentives(Incentives(torch.tensor([0.6]), torch.tensor([0.2])))
+    rc.update_scores(ScoreStats(1.0, 4.0, 0.9))
+    rc.commit()
+    # r = mean(0.2, 0.6) / 0.2 = 2, r* = 4 → α = sqrt(4 / 2)
+    assert rc.alpha() == pytest.approx(math.sqrt(2.0))

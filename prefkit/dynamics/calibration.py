@@ -3,7 +3,9 @@ objective without changing it.
 
 Log-domain EMAs of the batch-mean d_w, d_l give r = d_w/d_l; of ‖s_w‖, ‖s_l‖ give r* = ‖s_l‖/‖s_w‖ (the band's
 geometric centre). α = sqrt(r*/r) (no gradient) scales the chosen gradient by α and the rejected one by 1/α,
-so the effective ratio becomes r*. Applied per token as x̂ = sg(x) + α·(x − sg(x)): the forward value is
+so the effective ratio becomes r*. Statistics are gathered over an optimizer step's micro-batches and
+committed once per step (averaged over micro-batches and processes), so α is the same on every rank and a
+run with gradient accumulation matches a multi-process run with the same global batch. Applied per token as x̂ = sg(x) + α·(x − sg(x)): the forward value is
 bit-for-bit x (x − sg(x) is exactly 0), unlike α·x + (1−α)·sg(x), which rounds. The EMAs start from the first
 observed value (no bias correction needed); α = 1 until both statistics have been seen.
 """
@@ -34,6 +36,7 @@ class RewardCalibrator:
         # under distributed training every rank must use the same α: batch means are reduced across ranks
         self.reduce_mean = reduce_mean or (lambda t: t)
         self.state: dict[str, float | None] = dict.fromkeys(_KEYS)
+        self.pending: dict[str, list[float]] = {"incentives": [], "scores": []}
 
     def _push(self, key: str, value: float) -> None:
         if not math.isfinite(value):
@@ -42,18 +45,27 @@ class RewardCalibrator:
         self.state[key] = value if old is None else self.ema * old + (1 - self.ema) * value
 
     def update_incentives(self, inc: Incentives) -> None:
-        means = self.reduce_mean(torch.stack([inc.d_w.mean(), inc.d_l.mean()]).double())
-        dw, dl = means.tolist()
-        if dw > 0 and dl > 0:  # a log-domain ratio needs both incentives positive
-            self._push("log_d_w", math.log(dw))
-            self._push("log_d_l", math.log(dl))
+        """Record one micro-batch's mean incentives (committed at the end of the optimizer step)."""
+        self.pending["incentives"].append([inc.d_w.double().mean().item(), inc.d_l.double().mean().item(), 1.0])
 
     def update_scores(self, stats: ScoreStats) -> None:
-        norms = self.reduce_mean(torch.tensor([stats.norm_chosen, stats.norm_rejected], dtype=torch.float64))
-        nw, nl = norms.tolist()
-        if nw > 0 and nl > 0:
-            self._push("log_norm_w", math.log(nw))
-            self._push("log_norm_l", math.log(nl))
+        self.pending["scores"].append([stats.norm_chosen, stats.norm_rejected, 1.0])
+
+    def commit(self) -> None:
+        """Fold the step's statistics into the EMAs: averaged over micro-batches, then over processes.
+
+        Every process calls this at the same step boundaries, with the same pending kinds."""
+        for kind, keys in (("incentives", ("log_d_w", "log_d_l")), ("scores", ("log_norm_w", "log_norm_l"))):
+            rows = self.pending[kind]
+            local = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(3, dtype=torch.float64)
+            total = self.reduce_mean(local)
+            if total[2] <= 0:
+                continue
+            a, b = (total[:2] / total[2]).tolist()
+            if a > 0 and b > 0:  # a log-domain ratio needs both positive
+                self._push(keys[0], math.log(a))
+                self._push(keys[1], math.log(b))
+        self.pending = {"incentives": [], "scores": []}
 
     def alpha(self) -> float:
         s = self.state
@@ -67,8 +79,10 @@ class RewardCalibrator:
         a = self.alpha()
         return logps.replace(chosen=_scaled(logps.chosen, a), rejected=_scaled(logps.rejected, 1.0 / a))
 
-    def state_dict(self) -> dict[str, float | None]:
-        return dict(self.state)
+    def state_dict(self) -> dict:
+        return {**self.state, "pending": {k: [list(r) for r in v] for k, v in self.pending.items()}}
 
-    def load_state_dict(self, state: dict[str, float | None]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.state = {k: state.get(k) for k in _KEYS}
+        pending = state.get("pending") or {}
+        self.pending = {"incentives": list(pending.get("incentives", [])), "scores": list(pending.get("scores", []))}

@@ -35,6 +35,7 @@ class DynamicsMonitor:
         probe_batch: PairBatch | None,
         logps_fn: Callable[[nn.Module, PairBatch], PairLogps],
         reduce_mean: Callable[[Tensor], Tensor] | None = None,
+        unwrap: Callable[[nn.Module], nn.Module] | None = None,
     ):
         self.objective = objective
         self.every = cfg.dynamics_steps
@@ -48,18 +49,39 @@ class DynamicsMonitor:
         self.last_probe_chosen: float | None = None
         self.falling = 0
         self.warned = False
+        self.step: int | None = None
+        self.rc_step: int | None = None
+        # Under DDP the score gradients come from a separate forward of the unwrapped module: autograd.grad
+        # through DDP's own forward would interfere with its gradient synchronisation.
+        self.unwrap = unwrap
 
-    def calibrate(self, logps: PairLogps) -> PairLogps:
-        return self.rc.apply(logps) if self.rc is not None else logps
+    def calibrate(self, logps: PairLogps, step: int) -> PairLogps:
+        """RC's α applied to the policy log-probs (identity without RC); called before the loss, every
+        micro-batch. A new optimizer step first folds the previous step's statistics into the EMAs, so all
+        micro-batches (and all processes) of a step use the same α."""
+        if self.rc is None:
+            return logps
+        if self.rc_step is not None and step != self.rc_step:
+            self.rc.commit()
+        self.rc_step = step
+        return self.rc.apply(logps)
 
-    def observe(self, step: int, model: nn.Module, logps: PairLogps, loss_out: LossOutput) -> dict[str, float]:
+    def observe(
+        self, step: int, model: nn.Module, logps: PairLogps, loss_out: LossOutput, batch: PairBatch | None = None
+    ) -> dict[str, float]:
+        new_step = step != self.step
+        self.step = step
         log_now = bool(self.every) and step % self.every == 0
         if not log_now and self.rc is None:
             return {}
         inc = compute_incentives(self.objective, logps)
         stats: ScoreStats | None = None
         if log_now or step % self.score_every == 0:
-            stats = score_stats(logps, self.params, self.objective.kept_masks(logps), self.objective.score_reduction)
+            source = logps
+            if self.unwrap is not None and batch is not None:
+                with torch.enable_grad():
+                    source = self.logps_fn(self.unwrap(model), batch)
+            stats = score_stats(source, self.params, self.objective.kept_masks(source), self.objective.score_reduction)
         metrics: dict[str, float] = {}
         if self.rc is not None:
             self.rc.update_incentives(inc)
@@ -80,7 +102,8 @@ class DynamicsMonitor:
                 "db/upper": upper,
                 "db/in_band": fraction_in_band(ratio, lower, upper),
             })
-            metrics.update(self._probe(model, step))
+            if new_step:  # the probe batch is the same for every micro-batch: once per step
+                metrics.update(self._probe(model, step))
         return metrics
 
     @torch.no_grad()
@@ -116,6 +139,8 @@ class DynamicsMonitor:
             "probe_start": self.probe_start,
             "last_probe_chosen": self.last_probe_chosen,
             "falling": self.falling,
+            "step": self.step,
+            "rc_step": self.rc_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -124,3 +149,5 @@ class DynamicsMonitor:
         self.probe_start = tuple(state["probe_start"]) if state.get("probe_start") else None
         self.last_probe_chosen = state.get("last_probe_chosen")
         self.falling = state.get("falling", 0)
+        self.step = state.get("step")
+        self.rc_step = state.get("rc_step")
