@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prefkit-installed
 
-.PHONY: demo test lint bench throughput clean
+.PHONY: demo test throughput overhead clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,11 +23,11 @@ test: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/prefkit bench benchmarks/verifiable.yaml
-
 throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+overhead: $(STAMP)
+	cd benchmarks && ../$(BIN)/python overhead.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,4 +1,4 @@
-"""Command line: `prefkit train | eval | plot | critical-tokens | bench`.
+"""Command line: `prefkit train | eval | plot | critical-tokens`.
 
 Options are PrefConfig fields (TrainingArguments / DPOConfig names); ``--config run.yaml`` supplies a base
 and command-line options override it. Errors print one line and exit non-zero; ``--debug`` shows tracebacks.
@@ -141,12 +141,6 @@ def _cmd_critical_tokens(argv: list[str]) -> int:
     return critical_tokens_main(argv)
 
 
-def _cmd_bench(argv: list[str]) -> int:
-    from prefkit.bench import bench_main
-
-    return bench_main(argv)
-
-
 def _pop_option(argv: list[str], name: str) -> str | None:
     flag = f"--{name}"
     if flag in argv:
@@ -162,7 +156,6 @@ COMMANDS = {
     "eval": (_cmd_eval, "preference metrics of a trained model on a dataset, as JSON"),
     "plot": (_cmd_plot, "plot metrics.jsonl of one or more runs"),
     "critical-tokens": (_cmd_critical_tokens, "cADPO token weights from a positive and a negative model"),
-    "bench": (_cmd_bench, "train a grid of objectives and compare them"),
 }
 
 

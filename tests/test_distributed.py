@@ -74,3 +74,13 @@ def test_two_process_resume(tmp_path, model_dir):
     a, b = _losses(full), _losses(resumed)
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_cpu_gloo", "fsdp2", "zero2", "zero3", "multinode_ddp"])
+def test_accelerate_configs_are_accepted(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(CONFIG.parent / f"{name}.yaml"))
+    assert cfg.num_processes >= 2
+    if name == "multinode_ddp":
+        assert cfg.num_machines == 2 and cfg.main_process_ip and cfg.main_process_port
