@@ -136,12 +136,6 @@ class PrefConfig(TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
         super().__post_init__()
 
-    @property
-    def needs_reference(self) -> bool:
-        from prefkit.objectives.registry import needs_reference
-
-        return needs_reference(self.loss_type)
-
 
 def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(PrefConfig) if f.init]

@@ -269,5 +269,3 @@ def load_for_eval(cfg: PrefConfig):
         reference.to(cfg.device)
     return model, tokenizer, reference
 
-
-__all__ = ["train_main", "eval_main", "is_peft_model"]

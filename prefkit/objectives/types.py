@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import Tensor
 
 
@@ -68,9 +67,3 @@ class LossOutput:
     loss: Tensor
     stats: LossStats
 
-
-def detach_all(*tensors: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.detach() for t in tensors)
-
-
-__all__ = ["PairLogps", "LossStats", "LossOutput", "detach_all", "torch"]
