@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -84,7 +86,12 @@ def attach_reference_logps(
     else:
         logger.info("reference log-probs: computing (cache %s)", path)
         cached = Dataset.from_dict(compute_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size))
-        cached.save_to_disk(str(path))
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        cached.save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return ds.remove_columns([c for c in COLUMNS if c in ds.column_names]).add_column(
         COLUMNS[0], cached[COLUMNS[0]]
     ).add_column(COLUMNS[1], cached[COLUMNS[1]])
