@@ -76,11 +76,14 @@ def test_truncation_rules(tmp_jsonl, tmp_path):
     rows = [{"prompt": "1 2 3 4 5 6", "chosen": "a b c d e f", "rejected": "red"}]
     ds, _ = prep(tmp_jsonl, tmp_path, rows, tok, max_length=8, max_prompt_length=4)
     row = ds[0]
-    assert decode(tok, row["prompt_ids"]) == "3 4 5 6"  # keep_end: the last 4 of BOS 1 2 3 4 5 6
+    assert decode(tok, row["prompt_ids"]) == "<s> 4 5 6"  # keep_end: BOS + the last 3 of BOS 1 2 3 4 5 6
     assert len(row["prompt_ids"]) == 4 and len(row["chosen_ids"]) == 4  # response keeps its start, loses EOS
     assert tok.eos_token_id not in row["chosen_ids"]
     ds2, _ = prep(tmp_jsonl, tmp_path, rows, tok, max_length=8, max_prompt_length=4, truncation_mode="keep_start")
-    assert ds2[0]["prompt_ids"][0] == tok.bos_token_id
+    assert decode(tok, ds2[0]["prompt_ids"]) == "<s> 1 2 3"
+    no_bos = make_tokenizer(bos=False)
+    ds4, _ = prep(tmp_jsonl, tmp_path, rows, no_bos, max_length=8, max_prompt_length=4)
+    assert decode(no_bos, ds4[0]["prompt_ids"]) == "3 4 5 6"
     ds3, rep = prep(tmp_jsonl, tmp_path, rows + [{"prompt": "a", "chosen": "b", "rejected": "c"}], tok, max_length=6)
     assert len(ds3) == 1 and rep.skipped["prompt longer than max_length"] == 1
 

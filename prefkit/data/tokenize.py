@@ -6,8 +6,8 @@ Rules (docs/data.md):
   not already start with it (never doubled);
 - every response ends with EOS (a response that already contains EOS, as chat templates render it, is cut
   right after it);
-- with ``max_prompt_length`` the prompt is truncated first (``keep_end`` keeps its end, ``keep_start`` its
-  start); then responses are cut to ``max_length − len(prompt)`` keeping their start (they lose their EOS);
+- with ``max_prompt_length`` the prompt is truncated first (``keep_end`` keeps its end, and its BOS when the
+  tokenizer adds one, ``keep_start`` its start); then responses are cut to ``max_length − len(prompt)`` keeping their start (they lose their EOS);
   without it, a prompt that alone fills ``max_length`` is skipped.
 Content problems skip the row and are counted by reason; schema problems raise ``DataError``.
 """
@@ -40,10 +40,15 @@ def _end_with_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids + [eos]
 
 
-def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], cfg) -> tuple | None:
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], cfg, bos: int | None) -> tuple | None:
     if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
         keep = cfg.max_prompt_length
-        prompt = prompt[-keep:] if cfg.truncation_mode == "keep_end" else prompt[:keep]
+        if cfg.truncation_mode == "keep_start":
+            prompt = prompt[:keep]
+        elif bos is not None and prompt[0] == bos and keep > 1:  # the model was trained with BOS first: keep it
+            prompt = [bos, *prompt[len(prompt) - keep + 1 :]]
+        else:
+            prompt = prompt[-keep:]
     if cfg.max_length is None:
         return prompt, chosen, rejected
     room = cfg.max_length - len(prompt)
@@ -118,7 +123,7 @@ def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | Non
             p = [bos, *p]
         c, r = _end_with_eos(c, eos), _end_with_eos(r, eos)
         full_lengths = (len(c), len(r))
-        cut = _truncate(p, c, r, cfg)
+        cut = _truncate(p, c, r, cfg, bos if add_bos else None)
         if cut is None:
             report.add("prompt longer than max_length", f"row {row_no}")
             continue
