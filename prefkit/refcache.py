@@ -3,6 +3,10 @@
 Per-token (not summed) reference log-probs are stored, so every granularity, POET and token weighting works
 on them. The cache key covers the reference model, the tokenized pairs and the collation settings, so a
 second run with the same inputs skips the reference pass entirely.
+
+Under a multi-process launch the pass is sharded: every rank computes a contiguous 1/N of the pairs, the
+shards are gathered in rank order (no shared filesystem needed), and the main process writes the cache.
+The cache is used only when every rank finds it, so nodes without a shared disk never wait on each other.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets import Dataset, load_from_disk
 from torch import nn
 from tqdm.auto import tqdm
@@ -67,6 +73,17 @@ def compute_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollato
     return out
 
 
+def _sharded_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollator, batch_size: int) -> dict:
+    """This rank's contiguous shard of the pairs, then all shards gathered in order onto every rank."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return compute_reference_logps(ds, model, collator, batch_size)
+    shard = ds.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    logger.info("reference log-probs: rank %d computes %d of %d pairs", state.process_index, len(shard), len(ds))
+    parts = gather_object([compute_reference_logps(shard, model, collator, batch_size)])
+    return {c: [row for part in parts for row in part[c]] for c in COLUMNS}
+
+
 def attach_reference_logps(
     ds: Dataset, ref_model: nn.Module, collator: PairCollator, cfg: PrefConfig, *, model_path: str
 ) -> Dataset:
@@ -80,18 +97,23 @@ def attach_reference_logps(
     key = cache_key(ds, model_path, collator.static_eos_padding)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"
     path = path / key
-    if (path / "dataset_info.json").is_file():
+    state = PartialState()
+    hit = (path / "dataset_info.json").is_file()
+    if state.num_processes > 1:
+        hit = all(gather_object([hit]))
+    if hit:
         logger.info("reference log-probs: cache hit %s", path)
         cached = load_from_disk(str(path))
     else:
-        logger.info("reference log-probs: computing (cache %s)", path)
-        cached = Dataset.from_dict(compute_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size))
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        cached.save_to_disk(str(tmp))
-        try:
-            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        cached = Dataset.from_dict(_sharded_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size))
+        if state.is_main_process:
+            logger.info("reference log-probs: writing cache %s", path)
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            cached.save_to_disk(str(tmp))
+            try:
+                os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
     return ds.remove_columns([c for c in COLUMNS if c in ds.column_names]).add_column(
         COLUMNS[0], cached[COLUMNS[0]]
     ).add_column(COLUMNS[1], cached[COLUMNS[1]])

@@ -170,15 +170,11 @@ def train_main(cfg: PrefConfig) -> dict:
         print("\n" + report_table(before, None) + "\n", flush=True)
 
     train_ds = data.train
-    if cfg.precompute_ref_log_probs:
-        from accelerate import PartialState
-
-        ref_for_cache = ref_model if ref_model is not None else model
-        # the main process computes and caches; the others then read the cache
-        with PartialState().main_process_first():
-            train_ds = attach_reference_logps(
-                train_ds, ref_for_cache, collator, cfg, model_path=cfg.ref_model_name_or_path or model_path
-            )
+    if cfg.precompute_ref_log_probs:  # sharded across processes under a distributed launch
+        train_ds = attach_reference_logps(
+            train_ds, ref_model if ref_model is not None else model, collator, cfg,
+            model_path=cfg.ref_model_name_or_path or model_path,
+        )
     trainer = PrefTrainer(
         model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model
     )

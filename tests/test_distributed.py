@@ -33,11 +33,12 @@ def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--max_length", "64", "--seed", "3", "--use_cpu", "true", *extra]
 
 
-def _launch(args: list[str]) -> None:
+def _launch(args: list[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "-m", "prefkit", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
 
 
 def _single(args: list[str]) -> None:
@@ -47,11 +48,17 @@ def _single(args: list[str]) -> None:
 
 
 @pytest.mark.parametrize("objective", [[], ["--granularity", "adaptive", "--num_segments", "3"],
-                                       ["--reward_calibration", "true"]], ids=["dpo", "adpo", "dpo+rc"])
+                                       ["--reward_calibration", "true"], ["--precompute_ref_log_probs", "true"]],
+                         ids=["dpo", "adpo", "dpo+rc", "dpo+precomputed-ref"])
 def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, objective):
+    if "--precompute_ref_log_probs" in objective:  # separate caches: each run computes its own
+        objective = [*objective, "--ref_cache_dir", str(tmp_path / "cache")]
     data = write_pairs(tmp_path / "p.jsonl", 24)
     two, one = tmp_path / "two", tmp_path / "one"
-    _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *objective))
+    log = _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *objective))
+    if "--precompute_ref_log_probs" in objective:
+        assert "rank 0 computes 12 of 24 pairs" in log and "rank 1 computes 12 of 24 pairs" in log
+        objective[-1] = str(tmp_path / "cache1")
     _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                   *objective))
     l2, l1 = _losses(two), _losses(one)
