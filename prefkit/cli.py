@@ -1,4 +1,4 @@
-"""Command line: `prefkit train | eval | plot | critical-tokens`.
+"""Command line: `prefkit train | eval | plot | critical-tokens | bench`.
 
 Options are PrefConfig fields (TrainingArguments / DPOConfig names); ``--config run.yaml`` supplies a base
 and command-line options override it. Errors print one line and exit non-zero; ``--debug`` shows tracebacks.
@@ -43,16 +43,8 @@ def _option_token(tok: str) -> str | None:
     return None
 
 
-def _yaml_to_argv(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of option: value")
+def options_to_argv(data: dict) -> list[str]:
+    """``{option: value}`` → ``["--option", "value", …]`` (lists become several values, None is dropped)."""
     argv: list[str] = []
     for key, value in data.items():
         if value is None:
@@ -65,6 +57,19 @@ def _yaml_to_argv(path: str) -> list[str]:
         else:
             argv.append(str(value))
     return argv
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option: value")
+    return options_to_argv(data)
 
 
 def _check_known(argv: list[str], known: list[str], where: str) -> None:
@@ -151,11 +156,18 @@ def _pop_option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _cmd_bench(argv: list[str]) -> int:
+    from prefkit.bench.cli import bench_main
+
+    return bench_main(argv)
+
+
 COMMANDS = {
     "train": (_cmd_train, "train a model on preference pairs (no arguments: the embedded demo)"),
     "eval": (_cmd_eval, "preference metrics of a trained model on a dataset, as JSON"),
     "plot": (_cmd_plot, "plot metrics.jsonl of one or more runs"),
     "critical-tokens": (_cmd_critical_tokens, "cADPO token weights from a positive and a negative model"),
+    "bench": (_cmd_bench, "train a grid of methods x seeds on one task and write a comparison report"),
 }
 
 

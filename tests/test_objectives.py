@@ -248,3 +248,26 @@ def test_docs_table_is_generated_from_the_registry():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
     assert objectives_table_markdown() in doc
+
+
+@pytest.mark.parametrize("gran", range(len(GRANS)))
+def test_at_policy_equal_reference_adpo_gradient_equals_dpo(gran):
+    """Where π = π_ref every unit's margin is 0 and σ(0) = 1/2, so ADPO (sum over units, sigmoid link) has
+    DPO's gradient −β/2·∇(log π_w − log π_l) per pair for any granularity; they part only as margins grow
+    (the consequence shows in benchmarks/RESULTS.md, section A)."""
+
+    def grads(s, logps):
+        pw = logps.chosen.clone().requires_grad_(True)
+        pl = logps.rejected.clone().requires_grad_(True)
+        build_objective(s)(logps.replace(chosen=pw, rejected=pl)).loss.backward()
+        return pw.grad, pl.grad
+
+    base = make_logps()
+    at_ref = base.replace(ref_chosen=base.chosen.clone(), ref_rejected=base.rejected.clone())
+    dw, dl = grads(spec(), at_ref)
+    assert torch.allclose(dw, -BETA / 2 / 2 * base.chosen_mask.double())  # mean over the 2 pairs
+    assert torch.allclose(dl, BETA / 2 / 2 * base.rejected_mask.double())
+    gw, gl = grads(spec(**GRANS[gran]), at_ref)
+    assert torch.allclose(gw, dw) and torch.allclose(gl, dl)
+    if GRANS[gran]["granularity"] != "response":  # away from π_ref the gradients differ
+        assert not torch.allclose(grads(spec(**GRANS[gran]), base)[0], grads(spec(), base)[0])

@@ -1,0 +1,91 @@
+"""`prefkit bench` configs: one YAML file per comparison (see benchmarks/*.yaml and docs/bench.md).
+
+    name: arithmetic              # results go to benchmarks/results/<name>/ (runs to benchmarks/out/bench/<name>/)
+    title: "A. Verifiable arithmetic task"
+    task: arithmetic              # arithmetic | preference (held-out pairs) | gsm8k (exact-match answers)
+    task_options: {...}           # task-specific sizes (documented per task in docs/bench.md)
+    seeds: [0, 1, 2]
+    train: {...}                  # prefkit train options shared by all methods
+    methods:                      # name: option overrides (ordered; every method is run and reported)
+      SFT only: {sft_only: true}
+      DPO: {loss_type: sigmoid}
+      cADPO: {critical_tokens: true, granularity: adaptive, num_segments: 256}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from prefkit.errors import ConfigError
+
+TASKS = ("arithmetic", "preference", "gsm8k")
+# method keys that are not prefkit train options
+BENCH_KEYS = ("sft_only", "critical_tokens")
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    title: str
+    task: str
+    seeds: list[int]
+    train: dict
+    methods: dict[str, dict]
+    task_options: dict = field(default_factory=dict)
+    claims: list[dict] = field(default_factory=list)
+    trajectory_methods: list[str] = field(default_factory=list)
+    metric_note: str = ""
+    source: str = ""
+
+    def uses_critical_tokens(self) -> bool:
+        return any(m.get("critical_tokens") for m in self.methods.values())
+
+
+def load_bench_config(path: str) -> BenchConfig:
+    """Parse and check a bench YAML, naming the file and key of any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"bench config {path} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping")
+    allowed = {"name", "title", "task", "task_options", "seeds", "train", "methods", "claims",
+               "trajectory_methods", "metric_note"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    for key in ("name", "task", "methods"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    if raw["task"] not in TASKS:
+        raise ConfigError(f"{path}: task: must be one of {', '.join(TASKS)}, got {raw['task']!r}")
+    methods = raw["methods"]
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"{path}: methods: must be a non-empty mapping of name: {{options}}")
+    for name, opts in methods.items():
+        if opts is not None and not isinstance(opts, dict):
+            raise ConfigError(f"{path}: methods.{name}: must be a mapping of options")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")
+    claims = raw.get("claims") or []
+    for i, c in enumerate(claims):
+        missing = [k for k in ("text", "method", "baseline", "metric") if not isinstance(c, dict) or k not in c]
+        if missing:
+            raise ConfigError(f"{path}: claims[{i}]: missing {missing}")
+        for k in ("method", "baseline"):
+            if c[k] not in methods:
+                raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not one of the methods")
+    return BenchConfig(
+        name=str(raw["name"]), title=str(raw.get("title", raw["name"])), task=raw["task"], seeds=seeds,
+        train=dict(raw.get("train") or {}), methods={k: dict(v or {}) for k, v in methods.items()},
+        task_options=dict(raw.get("task_options") or {}), claims=claims,
+        trajectory_methods=list(raw.get("trajectory_methods") or []), metric_note=str(raw.get("metric_note", "")),
+        source=str(p),
+    )

@@ -1,0 +1,157 @@
+"""`prefkit bench CONFIG`: train every method × seed from the same start on the same pairs, measure, report.
+
+Each run goes through the public training path (:func:`prefkit.run.train_main` with options built from the
+config), so the bench measures exactly what users run. Held-out metrics per run:
+
+- answer accuracy (greedy decoding, exact checker) and mean generation length on held-out questions;
+- KL(π‖π_ref) on held-out prompts (:func:`prefkit.bench.generate.sequence_kl`);
+- Δ log π of held-out chosen / rejected responses (summed over tokens, after − before training), implicit-
+  reward accuracy and margin (:mod:`prefkit.evaluate`);
+- in-band fraction: mean of ``db/in_band`` over the run's dynamics logs (docs/dynamics.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from prefkit.bench.config import BENCH_KEYS, BenchConfig
+from prefkit.bench.tasks import PREPARE, Setup
+
+logger = logging.getLogger("prefkit")
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    accuracy: float | None = None
+    kl: float | None = None
+    gen_length: float | None = None
+    d_logp_chosen: float | None = None
+    d_logp_rejected: float | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    ranking_accuracy: float | None = None
+    in_band: float | None = None
+    train_seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _answer_metrics(model, tokenizer, setup: Setup, reference) -> dict:
+    from prefkit.bench.generate import generate, sequence_kl
+
+    if not setup.questions:
+        return {}
+    gens = generate(model, tokenizer, setup.questions, max_new_tokens=setup.max_new_tokens, batch_size=64)
+    correct = [setup.extract(t) == a for t, a in zip(gens.texts, setup.answers)]
+    out = {"accuracy": sum(correct) / len(correct), "gen_length": sum(gens.num_tokens) / len(gens.num_tokens)}
+    if reference is not False:
+        torch.manual_seed(0)  # the same sampling noise for every method
+        out["kl"] = sequence_kl(model, reference, tokenizer, setup.questions, max_new_tokens=setup.max_new_tokens,
+                                batch_size=64)
+    return out
+
+
+def _dynamics_summary(run_dir: Path) -> tuple[float | None, list[tuple[int, float]]]:
+    from prefkit.plot import read_metrics
+
+    logs = read_metrics(str(run_dir))
+    band = [r["db/in_band"] for r in logs if "db/in_band" in r]
+    traj = [(int(r["step"]), float(r["logps/chosen_delta"])) for r in logs if "logps/chosen_delta" in r]
+    return (sum(band) / len(band) if band else None), traj
+
+
+def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_dir: Path) -> dict:
+    options = {**bench.train, **{k: v for k, v in opts.items() if k not in BENCH_KEYS}}
+    options.update(
+        model_name_or_path=setup.model_path,
+        dataset_name=setup.weighted_train_file if opts.get("critical_tokens") else setup.train_file,
+        eval_dataset_name=setup.weighted_eval_file if opts.get("critical_tokens") else setup.eval_file,
+        eval_split="train", output_dir=str(run_dir), seed=seed,
+        overwrite_output_dir=True, save_strategy="no", disable_tqdm=True,
+    )
+    if opts.get("critical_tokens"):
+        options["use_token_weights"] = True
+    return options
+
+
+def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path) -> RunResult:
+    from prefkit.cli import options_to_argv, parse_config
+    from prefkit.run import load_for_eval, train_main
+
+    opts = bench.methods[method]
+    result = RunResult(method=method, seed=seed)
+    if opts.get("sft_only"):
+        cfg = parse_config(options_to_argv({**bench.train, "model_name_or_path": setup.model_path,
+                                            "output_dir": str(run_dir)}))
+        from prefkit.run import load_model_and_tokenizer
+
+        cfg.use_peft = False
+        _, model, tokenizer = load_model_and_tokenizer(cfg)
+        result.__dict__.update(_answer_metrics(model, tokenizer, setup, reference=False))
+        if setup.questions:
+            result.kl = 0.0
+        result.d_logp_chosen = result.d_logp_rejected = 0.0
+        return result
+    cfg = parse_config(options_to_argv(_train_options(bench, setup, opts, seed, run_dir)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
+        out = train_main(cfg)
+    result.train_seconds = time.time() - t0
+    after = out["after"]
+    if after is not None and after.rewards_chosen is not None:
+        result.d_logp_chosen = after.rewards_chosen / cfg.beta
+        result.d_logp_rejected = after.rewards_rejected / cfg.beta
+        result.reward_accuracy = after.implicit_reward_accuracy
+        result.reward_margin = after.reward_margin
+        result.ranking_accuracy = after.ranking_accuracy
+    result.in_band, traj = _dynamics_summary(run_dir)
+    (run_dir / "chosen_trajectory.json").write_text(json.dumps(traj))
+    if setup.questions:
+        eval_cfg = parse_config(options_to_argv({"model_name_or_path": str(run_dir), "output_dir": str(run_dir)}))
+        model, tokenizer, reference = load_for_eval(eval_cfg)
+        result.__dict__.update(_answer_metrics(model, tokenizer, setup, None if reference == "adapter" else reference))
+    for weights in run_dir.glob("*.safetensors"):  # the measured numbers are kept; the weights are not needed
+        weights.unlink()
+    return result
+
+
+def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: list[str] | None = None) -> list[RunResult]:
+    """Prepare once, then every method × seed; results.jsonl is appended run by run so a crash loses little."""
+    from prefkit.bench.report import write_report
+
+    t_start = time.time()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[bench {bench.name}] preparing ({bench.task})", flush=True)
+    setup = PREPARE[bench.task](bench, work_dir / "setup")
+    for line in setup.notes:
+        print(f"  {line}", flush=True)
+    results: list[RunResult] = []
+    for method, opts in bench.methods.items():
+        if only and method not in only:
+            continue
+        seeds = bench.seeds[:1] if opts.get("sft_only") else bench.seeds
+        for seed in seeds:
+            t0 = time.time()
+            r = run_one(bench, setup, method, seed, work_dir / "runs" / _slug(method) / f"seed{seed}")
+            results.append(r)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
+                              if isinstance(v, float) and k != "train_seconds")
+            print(f"[bench {bench.name}] {method} seed {seed}: {shown} ({time.time() - t0:.0f} s)", flush=True)
+    write_report(bench, setup, results, work_dir, results_dir, wall_seconds=time.time() - t_start)
+    return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()

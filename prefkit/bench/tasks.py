@@ -1,0 +1,275 @@
+"""What each bench task prepares once for all methods: the starting model, train/held-out pairs, and the
+held-out questions whose answers are checked after training.
+
+- arithmetic: tiny Llama → SFT until it solves ``sft_target_accuracy`` of validation problems → K samples
+  per training problem at temperature 1, labelled by the exact checker → (correct, incorrect) pairs
+  (on-policy, as in the ADPO paper's math setting). Held-out pairs come from validation problems; answer
+  accuracy and KL are measured on test problems no stage has seen.
+- preference: a JSONL(.gz) of pairs split into disjoint train and held-out files (HH-RLHF).
+- gsm8k: pairs from ``example_model_solutions.jsonl`` (a correct solution, or the reference when no model
+  solution is correct, vs an incorrect one) on questions outside the held-out set; the held-out questions'
+  answers are exact-matched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefkit.bench.config import BenchConfig
+from prefkit.errors import ConfigError, DataError
+
+
+@dataclass
+class Setup:
+    model_path: str | None  # None: prefkit's embedded default model
+    train_file: str
+    eval_file: str
+    questions: list[str] = field(default_factory=list)  # held-out prompts for answer accuracy / KL
+    answers: list = field(default_factory=list)
+    extract: Callable[[str], object] | None = None
+    max_new_tokens: int = 0
+    weighted_train_file: str | None = None  # cADPO: the same pairs with token weights
+    weighted_eval_file: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _opt(bench: BenchConfig, key: str, default):
+    return bench.task_options.get(key, default)
+
+
+def _data_path(bench: BenchConfig, key: str) -> Path:
+    raw = bench.task_options.get(key)
+    if not raw:
+        raise ConfigError(f"{bench.source}: task_options.{key}: required for task {bench.task}")
+    path = Path(raw)
+    if not path.exists():
+        raise DataError(f"not found (task_options.{key} in {bench.source}; the shared data sits beside the repo)",
+                        source=str(path))
+    return path
+
+
+# ---- arithmetic ------------------------------------------------------------------------------------------
+
+def _pairs_from_samples(problems, texts: list[str], k: int, max_pairs: int, rng: random.Random, extract,
+                        reference_fallback: bool = False):
+    """Up to ``max_pairs`` (correct, incorrect) pairs per problem from its k samples; counts for the report.
+    With ``reference_fallback`` a problem with no correct sample pairs its reference solution instead."""
+    rows, n_both, n_correct = [], 0, 0
+    for i, p in enumerate(problems):
+        samples = list(dict.fromkeys(texts[i * k : (i + 1) * k]))  # distinct, in order
+        good = [s for s in samples if extract(s) == p.answer]
+        bad = [s for s in samples if extract(s) != p.answer]
+        if not good and reference_fallback:
+            good = [p.solution]
+        n_correct += sum(extract(s) == p.answer for s in texts[i * k : (i + 1) * k])
+        if good and bad:
+            n_both += 1
+            combos = list(itertools.product(good, bad))
+            rng.shuffle(combos)
+            rows += [{"prompt": p.prompt, "chosen": c, "rejected": r} for c, r in combos[:max_pairs]]
+    return rows, n_both, n_correct
+
+
+def _finetune_copy(model_path: str, tokenizer, problems_and_solutions, out: Path, steps: int, seed: int) -> str:
+    """A copy of the SFT model trained a few steps on given solutions (cADPO's positive/negative models)."""
+    from transformers import AutoModelForCausalLM
+
+    from prefkit.bench.arithmetic import Problem
+    from prefkit.bench.sft import sft_until
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    items = [Problem(prompt=p, solution=s, answer=0) for p, s in problems_and_solutions]
+    sft_until(model, tokenizer, items, [], output_dir=str(out), target_accuracy=2.0, max_steps=steps,
+              eval_steps=steps + 1, batch_size=32, learning_rate=1e-4, seed=seed, max_new_tokens=1)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _critical_weights(setup: Setup, tokenizer, work: Path, bench: BenchConfig) -> tuple[str, str]:
+    """cADPO weights for the train and held-out pairs: contrastive estimation with copies of the SFT model
+    tuned on the training pairs' chosen (positive) and rejected (negative) solutions."""
+    from prefkit.critical_tokens_cli import critical_tokens_main
+
+    pairs = [json.loads(line) for line in open(setup.train_file)]
+    steps = int(_opt(bench, "critical_model_steps", 200))
+    pos = _finetune_copy(setup.model_path, tokenizer, [(r["prompt"], r["chosen"]) for r in pairs],
+                         work / "critical_pos", steps, seed=1)
+    neg = _finetune_copy(setup.model_path, tokenizer, [(r["prompt"], r["rejected"]) for r in pairs],
+                         work / "critical_neg", steps, seed=2)
+    outs = []
+    for src in (setup.train_file, setup.eval_file):
+        out = work / Path(src).name.replace(".jsonl", "_weighted.jsonl")
+        argv = ["--positive_model", pos, "--negative_model", neg, "--output_file", str(out),
+                "--dataset_name", src, "--batch_size", "64"]
+        for key in ("max_length", "max_prompt_length"):
+            if key in bench.train:
+                argv += [f"--{key}", str(bench.train[key])]
+        critical_tokens_main(argv)
+        outs.append(str(out))
+    return outs[0], outs[1]
+
+
+def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
+    from prefkit.bench.arithmetic import extract_answer, make_model, make_splits, make_tokenizer
+    from prefkit.bench.generate import generate
+    from prefkit.bench.sft import accuracy, sft_until
+
+    o = bench.task_options
+    sizes = {"sft": int(o.get("sft_problems", 20000)), "pref": int(o.get("pref_problems", 1000)),
+             "val": int(o.get("val_problems", 200)), "test": int(o.get("test_problems", 500))}
+    splits = make_splits(int(o.get("data_seed", 0)), sizes, int(o.get("num_terms", 3)), int(o.get("digits", 2)))
+    max_new = int(o.get("max_new_tokens", 48))
+    tokenizer = make_tokenizer()
+    sft_dir = work / "sft"
+    notes: list[str] = []
+    if not (sft_dir / "config.json").is_file():
+        torch.manual_seed(int(o.get("model_seed", 0)))
+        model = make_model(tokenizer, hidden_size=int(o.get("hidden_size", 192)), num_layers=int(o.get("num_layers", 4)),
+                           num_heads=int(o.get("num_heads", 4)))
+        history = sft_until(
+            model, tokenizer, splits["sft"], splits["val"], output_dir=str(work / "sft_tmp"),
+            target_accuracy=float(o.get("sft_target_accuracy", 0.4)), max_steps=int(o.get("sft_max_steps", 3000)),
+            eval_steps=int(o.get("sft_eval_steps", 250)), batch_size=int(o.get("sft_batch_size", 64)),
+            learning_rate=float(o.get("sft_learning_rate", 1e-3)), seed=0, max_new_tokens=max_new,
+        )
+        model.save_pretrained(sft_dir)
+        tokenizer.save_pretrained(sft_dir)
+        (work / "sft_history.json").write_text(json.dumps(history))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    history = json.loads((work / "sft_history.json").read_text()) if (work / "sft_history.json").is_file() else []
+    test_acc = accuracy(model, tokenizer, splits["test"], max_new_tokens=max_new)
+    notes.append(f"tiny Llama, {n_params / 1e6:.2f} M parameters, character tokenizer ({len(tokenizer)} tokens)")
+    if history:
+        notes.append(f"SFT: {history[-1][0]} steps on {sizes['sft']} problems; validation accuracy "
+                     f"{100 * history[-1][1]:.1f}%, held-out test accuracy {100 * test_acc:.1f}%")
+
+    k = int(o.get("samples_per_problem", 8))
+    temperature = float(o.get("sample_temperature", 1.0))
+    torch.manual_seed(int(o.get("sample_seed", 0)))
+    rng = random.Random(int(o.get("sample_seed", 0)))
+    files = {}
+    for split, name in (("pref", "pairs.jsonl"), ("val", "eval_pairs.jsonl")):
+        probs = splits[split]
+        gens = generate(model, tokenizer, [p.prompt for p in probs], max_new_tokens=max_new, batch_size=256,
+                        do_sample=True, temperature=temperature, num_return_sequences=k)
+        rows, n_both, n_correct = _pairs_from_samples(probs, gens.texts, k, int(o.get("pairs_per_problem", 2)),
+                                                      rng, extract_answer, bool(o.get("reference_fallback", False)))
+        files[split] = _write_jsonl(work / name, rows)
+        notes.append(f"{split} problems: {len(probs)}, {k} samples each at T={temperature}: "
+                     f"{100 * n_correct / (k * len(probs)):.1f}% correct; {n_both} problems with both a correct "
+                     f"and an incorrect sample → {len(rows)} pairs")
+    setup = Setup(
+        model_path=str(sft_dir), train_file=files["pref"], eval_file=files["val"],
+        questions=[p.prompt for p in splits["test"]], answers=[p.answer for p in splits["test"]],
+        extract=extract_answer, max_new_tokens=max_new, notes=notes,
+    )
+    if bench.uses_critical_tokens():
+        setup.weighted_train_file, setup.weighted_eval_file = _critical_weights(setup, tokenizer, work, bench)
+    return setup
+
+
+# ---- preference (HH-RLHF) ----------------------------------------------------------------------------------
+
+def _read_jsonl_any(path: Path) -> list[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prepare_preference(bench: BenchConfig, work: Path) -> Setup:
+    rows = _read_jsonl_any(_data_path(bench, "data"))
+    n_train, n_eval = int(_opt(bench, "train_pairs", 256)), int(_opt(bench, "eval_pairs", 64))
+    if n_train + n_eval > len(rows):
+        raise ConfigError(f"{bench.source}: task_options: train_pairs + eval_pairs = {n_train + n_eval} exceeds "
+                          f"the {len(rows)} pairs in {bench.task_options['data']}")
+    # held-out pairs are the file's last rows: disjoint from training, fixed across methods and seeds
+    train = _write_jsonl(work / "train.jsonl", rows[:n_train])
+    held = _write_jsonl(work / "eval.jsonl", rows[len(rows) - n_eval :])
+    return Setup(model_path=bench.task_options.get("model"), train_file=train, eval_file=held,
+                 notes=[f"{n_train} training pairs (first rows) and {n_eval} held-out pairs (last rows) of "
+                        f"{Path(bench.task_options['data']).name}"])
+
+
+# ---- GSM8K -----------------------------------------------------------------------------------------------
+
+GSM_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_answer(text: str) -> float | None:
+    """The number after the last 'A:' (or '####'), else the last number in the text."""
+    for marker in ("A:", "####"):
+        if marker in text:
+            found = GSM_NUMBER.findall(text.rsplit(marker, 1)[1])
+            if found:
+                return float(found[0].replace(",", ""))
+    found = GSM_NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def gsm8k_prompt(question: str) -> list[dict]:
+    return [{"role": "user", "content": f"{question}\nSolve it step by step and end with 'A: <number>'."}]
+
+
+def prepare_gsm8k(bench: BenchConfig, work: Path) -> Setup:
+    from prefkit.models import load_tokenizer, resolve_model_path
+
+    rows = _read_jsonl_any(_data_path(bench, "solutions"))
+    n_eval = int(_opt(bench, "eval_questions", 50))
+    per_q = int(_opt(bench, "pairs_per_question", 1))
+    max_q = int(_opt(bench, "train_questions", 400))
+    held, pool = rows[len(rows) - n_eval :], rows[: len(rows) - n_eval]
+    rng = random.Random(0)
+    pairs, used = [], 0
+    for r in pool:
+        sols = [v for v in r.values() if isinstance(v, dict) and "is_correct" in v]
+        good = [s["solution"] for s in sols if s["is_correct"]] or [r["ground_truth"]]
+        bad = [s["solution"] for s in sols if not s["is_correct"]]
+        if not bad:
+            continue
+        combos = list(itertools.product(dict.fromkeys(good), dict.fromkeys(bad)))
+        rng.shuffle(combos)
+        for c, b in combos[:per_q]:
+            pairs.append({"prompt": gsm8k_prompt(r["question"]), "chosen": [{"role": "assistant", "content": c}],
+                          "rejected": [{"role": "assistant", "content": b}]})
+        used += 1
+        if used >= max_q:
+            break
+    n_eval_pairs = int(_opt(bench, "eval_pairs", 32))
+    train = _write_jsonl(work / "train.jsonl", pairs[: len(pairs) - n_eval_pairs])
+    evalp = _write_jsonl(work / "eval.jsonl", pairs[len(pairs) - n_eval_pairs :])
+    tokenizer = load_tokenizer(resolve_model_path(bench.task_options.get("model")))
+    questions = [tokenizer.apply_chat_template(gsm8k_prompt(r["question"]), tokenize=False, add_generation_prompt=True)
+                 for r in held]
+    return Setup(
+        model_path=bench.task_options.get("model"), train_file=train, eval_file=evalp, questions=questions,
+        answers=[gsm8k_answer(r["ground_truth"]) for r in held], extract=gsm8k_answer,
+        max_new_tokens=int(_opt(bench, "max_new_tokens", 256)),
+        notes=[f"{len(pairs) - n_eval_pairs} training pairs and {n_eval_pairs} held-out pairs from {used} GSM8K test "
+               f"questions outside the {n_eval} held-out questions (the file's last rows)"],
+    )
+
+
+PREPARE: dict[str, Callable[[BenchConfig, Path], Setup]] = {
+    "arithmetic": prepare_arithmetic, "preference": prepare_preference, "gsm8k": prepare_gsm8k,
+}

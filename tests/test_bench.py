@@ -1,0 +1,180 @@
+"""`prefkit bench`: the task's checker, pair building, KL estimate, claim verdicts, config errors, and one
+end-to-end micro run that writes the report."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefkit.bench.arithmetic import Problem, extract_answer, make_problem, make_splits, make_tokenizer
+from prefkit.bench.config import load_bench_config
+from prefkit.bench.generate import generate, sequence_kl
+from prefkit.bench.report import claim_verdict, summarize
+from prefkit.bench.runner import RunResult
+from prefkit.bench.tasks import _pairs_from_samples, gsm8k_answer
+from prefkit.errors import ConfigError
+
+
+def test_problem_solution_is_a_correct_worked_solution():
+    rng = random.Random(3)
+    for _ in range(200):
+        p = make_problem(rng, num_terms=4, digits=2)
+        expr = p.prompt.removeprefix("Q:").removesuffix("=?\n")
+        assert p.answer == eval(expr)  # noqa: S307 - digits and +/- only
+        lines = p.solution.split("\n")
+        assert len(lines) == 4 and lines[-1] == f"A:{p.answer}"
+        for line in lines[:-1]:
+            lhs, rhs = line.split("=")
+            assert eval(lhs) == int(rhs)  # noqa: S307
+
+
+def test_splits_are_disjoint_and_deterministic():
+    a = make_splits(7, {"x": 300, "y": 300}, 3, 2)
+    b = make_splits(7, {"x": 300, "y": 300}, 3, 2)
+    assert a == b
+    assert not {p.prompt for p in a["x"]} & {p.prompt for p in a["y"]}
+
+
+def test_extract_answer_takes_last_final_answer():
+    assert extract_answer("12+3=15\nA:15") == 15
+    assert extract_answer("A:1\nA:-37") == -37
+    assert extract_answer("12+3=15") is None
+
+
+def test_char_tokenizer_round_trip_and_bos():
+    tok = make_tokenizer()
+    text = "Q:47+38-19=?\n"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_pairs_from_samples_pairs_correct_with_incorrect():
+    probs = [Problem("Q:1+1=?\n", "1+1=2\nA:2", 2), Problem("Q:2+2=?\n", "2+2=4\nA:4", 4)]
+    texts = ["A:2", "A:3", "A:2", "A:5",  # problem 1: one distinct correct, two incorrect
+             "A:1", "A:1", "A:3", "A:0"]  # problem 2: nothing correct
+    rows, n_both, n_correct = _pairs_from_samples(probs, texts, 4, 5, random.Random(0), extract_answer)
+    assert n_both == 1 and n_correct == 2
+    assert sorted((r["chosen"], r["rejected"]) for r in rows) == [("A:2", "A:3"), ("A:2", "A:5")]
+    rows, _, _ = _pairs_from_samples(probs, texts, 4, 1, random.Random(0), extract_answer, reference_fallback=True)
+    assert {r["chosen"] for r in rows if r["prompt"] == "Q:2+2=?\n"} == {"2+2=4\nA:4"}
+
+
+def test_gsm8k_answer_extraction():
+    assert gsm8k_answer("She makes 9 * 2 = $18\nA: 18") == 18
+    assert gsm8k_answer("so 1,234 total\n#### 1,234") == 1234
+    assert gsm8k_answer("the answer is 7.5 dollars") == 7.5
+    assert gsm8k_answer("no number") is None
+
+
+def _tiny(tok, seed):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_sequence_kl_is_zero_for_the_same_model_and_matches_hand_value():
+    tok = make_tokenizer()
+    pol, ref = _tiny(tok, 0), _tiny(tok, 1)
+    prompts = ["Q:1+2=?\n", "Q:13-4+7=?\n"]  # different lengths: exercises left padding
+    torch.manual_seed(0)
+    assert sequence_kl(pol, pol, tok, prompts, max_new_tokens=3) == pytest.approx(0.0, abs=1e-6)
+    # one new token: KL of the two next-token distributions, averaged over prompts
+    torch.manual_seed(0)
+    got = sequence_kl(pol, ref, tok, prompts, max_new_tokens=1)
+    want = 0.0
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        lp = pol(ids).logits[0, -1].log_softmax(-1)
+        lr = ref(ids).logits[0, -1].log_softmax(-1)
+        want += (lp.exp() * (lp - lr)).sum().item() / len(prompts)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_generate_left_padding_matches_one_by_one():
+    tok = make_tokenizer()
+    model = _tiny(tok, 0)
+    prompts = ["Q:1+2=?\n", "Q:13-4+77=?\n"]
+    batched = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    single = [generate(model, tok, [p], max_new_tokens=6, batch_size=1).texts[0] for p in prompts]
+    assert batched.texts == single
+    assert all(1 <= n <= 6 for n in batched.num_tokens)
+
+
+def _summary(values: dict[str, list[float]]):
+    return summarize([RunResult(method=m, seed=i, accuracy=v) for m, vs in values.items() for i, v in enumerate(vs)])
+
+
+def test_claim_verdicts_from_hand_numbers():
+    claim = {"text": "x", "method": "A", "baseline": "B", "metric": "accuracy"}
+    s = _summary({"A": [0.50, 0.52, 0.54], "B": [0.40, 0.41, 0.42]})
+    mean, std, n = s["A"]["accuracy"]
+    assert (mean, n) == (pytest.approx(0.52), 3) and std == pytest.approx(0.02)
+    assert claim_verdict(s, claim).startswith("**held**")  # d = 0.11 > 2·sqrt(.02²/3 + .01²/3) = 0.0258
+    assert claim_verdict(s, {**claim, "higher_is_better": False}).startswith("**reversed**")
+    noisy = _summary({"A": [0.3, 0.6, 0.45], "B": [0.40, 0.41, 0.42]})
+    assert claim_verdict(noisy, claim).startswith("not resolved")
+    one = _summary({"A": [0.5], "B": [0.4]})
+    assert "one seed" in claim_verdict(one, claim)
+    assert claim_verdict(one, {**claim, "method": "C"}) == "not run"
+    assert math.isclose(2 * math.sqrt(0.02**2 / 3 + 0.01**2 / 3), 0.0258, abs_tol=1e-4)
+
+
+def test_bench_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: x\ntask: chess\nmethods: {DPO: {}}\n")
+    with pytest.raises(ConfigError, match="task: must be one of"):
+        load_bench_config(str(bad))
+    bad.write_text("name: x\ntask: arithmetic\nmethods: {DPO: {}}\nclaims: [{text: t, method: DPO, baseline: Z, metric: accuracy}]\n")
+    with pytest.raises(ConfigError, match=r"claims\[0\]\.baseline"):
+        load_bench_config(str(bad))
+    bad.write_text("name: x\ntask: arithmetic\nmethod: {DPO: {}}\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_bench_config(str(bad))
+
+
+MICRO = """
+name: micro
+title: "Z. micro"
+task: arithmetic
+task_options: {num_terms: 2, digits: 1, hidden_size: 32, num_layers: 1, num_heads: 2, sft_problems: 60,
+               sft_max_steps: 4, sft_eval_steps: 2, sft_batch_size: 16, pref_problems: 12, val_problems: 8,
+               test_problems: 8, samples_per_problem: 2, pairs_per_problem: 1, max_new_tokens: 12,
+               reference_fallback: true, critical_model_steps: 2}
+seeds: [0, 1]
+train: {per_device_train_batch_size: 4, max_steps: 3, learning_rate: 1.0e-3, logging_steps: 1, dynamics_steps: 1,
+        dynamics_probe_size: 4, max_length: 40}
+methods:
+  SFT only: {sft_only: true}
+  DPO: {}
+  DPO+RC: {reward_calibration: true}
+  cADPO: {critical_tokens: true, granularity: adaptive, num_segments: 4}
+trajectory_methods: [DPO, DPO+RC]
+claims:
+  - {text: "RC preserves chosen", method: DPO+RC, baseline: DPO, metric: d_logp_chosen}
+"""
+
+
+def test_micro_bench_end_to_end(tmp_path):
+    from prefkit.cli import main
+
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(MICRO)
+    results = tmp_path / "bench" / "results" / "micro"
+    rc = main(["bench", str(cfg), "--output_dir", str(tmp_path / "work"), "--results_dir", str(results)])
+    assert rc == 0
+    rows = list(csv.DictReader((results / "results.csv").open()))
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("SFT only", "0"), ("DPO", "0"), ("DPO", "1"), ("DPO+RC", "0"), ("DPO+RC", "1"), ("cADPO", "0"), ("cADPO", "1")]
+    dpo = [r for r in rows if r["method"] == "DPO"]
+    assert all(r["accuracy"] != "" and float(r["kl"]) >= 0 and r["in_band"] != "" for r in dpo)
+    md = (tmp_path / "bench" / "RESULTS.md").read_text()
+    assert "## Z. micro" in md and "| DPO+RC |" in md and "RC preserves chosen" in md
+    assert (results / "accuracy_vs_kl.png").is_file() and (results / "chosen_trajectories.png").is_file()
