@@ -3,6 +3,10 @@
     python benchmarks/throughput.py                 # job a (tiny Llama), both frameworks, plus ADPO/POET/RC
     python benchmarks/throughput.py --jobs a b c    # b, c: SmolLM2-135M full / LoRA on HH-RLHF (slow on CPU)
 
+Variant "bucketed" is prefkit DPO with --train_sampling_strategy group_by_length (transformers' length-grouped
+sampler over mega-batches of 50 batches): use --steps as a multiple of 50 so the pairs seen are an unbiased
+random sample (within a mega-batch the longest batches come first).
+
 Each (framework, job) runs in its own subprocess so peak RSS is per run. Results go to
 benchmarks/out/throughput-<time>.json and .md with the commit, config and machine.
 """
@@ -102,7 +106,8 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
         from prefkit.models import apply_lora
 
         extra = {"poet": dict(poet=True), "adpo": dict(granularity="adaptive", num_segments=16),
-                 "rc": dict(reward_calibration=True), "dpo": {}}[variant]
+                 "rc": dict(reward_calibration=True), "dpo": {},
+                 "bucketed": dict(train_sampling_strategy="group_by_length")}[variant]
         args = PrefConfig(**common, beta=0.1, overwrite_output_dir=True, **extra)
         if lora:
             model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["all-linear"])
@@ -142,7 +147,8 @@ def main() -> None:
         return
     results = []
     for job in args.jobs:
-        runs = [("trl", "dpo"), ("prefkit", "dpo")] + ([("prefkit", v) for v in ("adpo", "poet", "rc")] if job == "a" else [])
+        variants = ("adpo", "poet", "rc", "bucketed") if job == "a" else ("bucketed",)
+        runs = [("trl", "dpo"), ("prefkit", "dpo")] + [("prefkit", v) for v in variants]
         # interleaved repeats, fastest kept: this VM's speed drifts by up to several x between minutes
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.repeats):

@@ -89,3 +89,24 @@ def test_lora_run_saves_adapter_and_eval_uses_disabled_adapter_as_reference(tmp_
     assert metrics["reward_margin"] is not None
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rc/alpha" in r for r in records)
+
+
+def test_group_by_length_buckets_pairs_by_token_count(tmp_path: Path, tiny_llama, tiny_tokenizer):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from prefkit import PrefConfig, PrefTrainer
+
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 64).read_text().splitlines()]
+    from datasets import Dataset
+
+    args = PrefConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, use_cpu=True, report_to="none",
+                      train_sampling_strategy="group_by_length", max_length=64)
+    trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tiny_tokenizer)
+    ds = trainer.train_dataset
+    assert ds["length"] == [len(p) + len(c) + len(r) for p, c, r in
+                            zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and list(sampler.lengths) == ds["length"]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch.num_pairs == 4

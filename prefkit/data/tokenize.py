@@ -94,7 +94,7 @@ def _name(kind: str, implicit: bool) -> str:
 
 
 def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | None = None) -> tuple[Dataset, SkipReport]:
-    """Tokenized pairs (columns prompt_ids, chosen_ids, rejected_ids, row_id[, token weights]) + skip report."""
+    """Tokenized pairs (columns prompt_ids, chosen_ids, rejected_ids, row_id, length[, token weights]) + skip report."""
     columns = list(getattr(rows, "column_names", []))
     check_columns(columns, source)
     if len(rows) == 0:
@@ -115,7 +115,8 @@ def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | Non
     prompts = encode([p.prompt for _, p, _ in formatted])
     chosens = encode([p.chosen for _, p, _ in formatted])
     rejecteds = encode([p.rejected for _, p, _ in formatted])
-    result: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": []}
+    # "length" (tokens of the pair) lets --train_sampling_strategy group_by_length bucket pairs of similar cost
+    result: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": [], "length": []}
     if cfg.use_token_weights:
         result.update({f: [] for f in WEIGHT_FIELDS})
     for (row_no, _, row), p, c, r in zip(formatted, prompts, chosens, rejecteds):
@@ -132,6 +133,7 @@ def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | Non
         result["chosen_ids"].append(c)
         result["rejected_ids"].append(r)
         result["row_id"].append(row_no)
+        result["length"].append(len(p) + len(c) + len(r))
         if cfg.use_token_weights:
             for field, ids, full in zip(WEIGHT_FIELDS, (c, r), full_lengths):
                 w = row.get(field)
