@@ -144,7 +144,7 @@ MICRO = """
 name: micro
 title: "Z. micro"
 task: arithmetic
-task_options: {num_terms: 2, digits: 1, hidden_size: 32, num_layers: 1, num_heads: 2, sft_problems: 60,
+task_options: {num_terms: 2, digits: 1, hidden_size: 32, num_layers: 1, num_heads: 2, sft_problems: 50,
                sft_max_steps: 4, sft_eval_steps: 2, sft_batch_size: 16, pref_problems: 12, val_problems: 8,
                test_problems: 8, samples_per_problem: 2, pairs_per_problem: 1, max_new_tokens: 12,
                reference_fallback: true, critical_model_steps: 2}
@@ -178,3 +178,8 @@ def test_micro_bench_end_to_end(tmp_path):
     md = (tmp_path / "bench" / "RESULTS.md").read_text()
     assert "## Z. micro" in md and "| DPO+RC |" in md and "RC preserves chosen" in md
     assert (results / "accuracy_vs_kl.png").is_file() and (results / "chosen_trajectories.png").is_file()
+    before = (results / "section.md").read_text()
+    (results / "section.md").unlink()
+    assert main(["bench", str(cfg), "--output_dir", str(tmp_path / "work"), "--results_dir", str(results),
+                 "--report_only"]) == 0
+    assert (results / "section.md").read_text() == before  # same numbers, commit and date from the run

@@ -16,6 +16,7 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--results_dir", default=None,
                    help="report, CSV and plots (default: benchmarks/results/<name>; RESULTS.md goes one level up)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
+    p.add_argument("--report_only", action="store_true", help="redraw the report of a finished run (no training)")
     args = p.parse_args(argv)
     bench = load_bench_config(args.config)
     only = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -27,13 +28,16 @@ def bench_main(argv: list[str]) -> int:
             raise ConfigError(f"--methods: {unknown} not in {args.config}; methods: {list(bench.methods)}")
     from transformers.utils import logging as hf_logging
 
-    from prefkit.bench.runner import run_bench
+    from prefkit.bench.runner import report_only, run_bench
 
     hf_logging.disable_progress_bar()  # dozens of model loads; the bench prints one line per run instead
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     work = Path(args.output_dir or f"benchmarks/out/bench/{bench.name}")
     results = Path(args.results_dir or f"benchmarks/results/{bench.name}")
-    run_bench(bench, work, results, only=only)
+    if args.report_only:
+        report_only(bench, work, results)
+    else:
+        run_bench(bench, work, results, only=only)
     print(f"report: {results / 'section.md'} (and {results.parent.parent / 'RESULTS.md'})")
     return 0

@@ -109,25 +109,33 @@ def _plots(bench: BenchConfig, summary: dict, work_dir: Path, results_dir: Path)
     import matplotlib.pyplot as plt
 
     names: list[str] = []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = {m: (plt.cm.tab20(i % 20), "os^Dv<>pPX*h"[i % 12]) for i, m in enumerate(summary)}
     if any("accuracy" in s and "kl" in s for s in summary.values()):
-        for method, s in summary.items():
-            if "accuracy" in s and "kl" in s:
+        # left: every method incl. the starting model; right: zoom on the trained methods
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, zoom in zip(axes, (False, True)):
+            for method, s in summary.items():
+                if "accuracy" not in s or "kl" not in s or (zoom and s["kl"][0] == 0.0):
+                    continue
+                color, marker = styles[method]
                 ax.errorbar(s["kl"][0], 100 * s["accuracy"][0], xerr=s["kl"][1], yerr=100 * s["accuracy"][1],
-                            fmt="o", capsize=3, label=method)
-        ax.set_xlabel("KL(π‖π_ref) on held-out prompts (nats / response)")
-        ax.set_ylabel("held-out answer accuracy (%)")
+                            fmt=marker, color=color, capsize=3, label=method)
+            ax.set_xlabel("KL(π‖π_ref) on held-out prompts (nats / response)")
+            ax.set_ylabel("held-out answer accuracy (%)")
+        axes[0].set_title(bench.title, fontsize=9)
+        axes[1].set_title("trained methods (zoom), mean ± std over seeds", fontsize=9)
+        axes[0].legend(fontsize=7, ncol=2)
         name = "accuracy_vs_kl.png"
     else:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
         methods = [m for m, s in summary.items() if "reward_accuracy" in s]
         ax.bar(methods, [100 * summary[m]["reward_accuracy"][0] for m in methods],
-               yerr=[100 * summary[m]["reward_accuracy"][1] for m in methods], capsize=3)
+               yerr=[100 * summary[m]["reward_accuracy"][1] for m in methods], capsize=3,
+               color=[styles[m][0] for m in methods])
         ax.set_ylabel("held-out implicit-reward accuracy (%)")
         ax.tick_params(axis="x", rotation=30)
+        ax.set_title(bench.title, fontsize=9)
         name = "reward_accuracy.png"
-    ax.set_title(bench.title, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(results_dir / name, dpi=110)
     plt.close(fig)
@@ -162,8 +170,24 @@ def _slug(name: str) -> str:
     return slug(name)
 
 
+def read_results(results_dir: Path) -> list[RunResult]:
+    """RunResults back from results.csv (``prefkit bench --report_only`` redraws without retraining)."""
+    out = []
+    with (results_dir / "results.csv").open() as f:
+        for row in csv.DictReader(f):
+            vals = {k: (None if v == "" else float(v)) for k, v in row.items() if k not in ("method", "seed")}
+            out.append(RunResult(method=row["method"], seed=int(row["seed"]), **vals))
+    return out
+
+
+def provenance() -> dict:
+    """Commit, machine and date of a bench run, recorded when it runs (a redrawn report keeps them)."""
+    return {"commit": _git_commit(), "machine": machine(),
+            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
+
+
 def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], work_dir: Path, results_dir: Path,
-                 *, wall_seconds: float) -> Path:
+                 *, wall_seconds: float, prov: dict) -> Path:
     summary = summarize(results)
     with (results_dir / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(RunResult.__dataclass_fields__))
@@ -174,12 +198,11 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], wor
     lines = [f"## {bench.title}", ""]
     cfg_text = Path(bench.source).read_bytes() if bench.source else b""
     lines += [
-        f"- command: `prefkit bench {bench.source}`; commit {_git_commit()}; config sha256 "
+        f"- command: `prefkit bench {bench.source}`; commit {prov['commit']}; config sha256 "
         f"{hashlib.sha256(cfg_text).hexdigest()[:12]}",
         f"- seeds: {bench.seeds} (method training seed: data order and initialisation of anything random; "
         "the starting model and the pairs are shared)",
-        f"- machine: {machine()}; wall time {wall_seconds / 60:.1f} min; "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}",
+        f"- machine: {prov['machine']}; wall time {wall_seconds / 60:.1f} min; {prov['date']}",
     ]
     lines += [f"- {n}" for n in setup.notes]
     lines += ["", "| method | " + " | ".join(c[1] for c in cols) + " | train s |",

@@ -149,8 +149,27 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
             shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
                               if isinstance(v, float) and k != "train_seconds")
             print(f"[bench {bench.name}] {method} seed {seed}: {shown} ({time.time() - t0:.0f} s)", flush=True)
-    write_report(bench, setup, results, work_dir, results_dir, wall_seconds=time.time() - t_start)
+    from prefkit.bench.report import provenance
+
+    state = {"notes": setup.notes, "wall_seconds": time.time() - t_start, "provenance": provenance()}
+    (work_dir / "bench_state.json").write_text(json.dumps(state))
+    write_report(bench, setup, results, work_dir, results_dir, wall_seconds=state["wall_seconds"],
+                 prov=state["provenance"])
     return results
+
+
+def report_only(bench: BenchConfig, work_dir: Path, results_dir: Path) -> None:
+    """Rewrite the report and plots from a finished run's results.csv and saved state."""
+    from prefkit.bench.report import read_results, write_report
+    from prefkit.errors import ConfigError
+
+    state_file = work_dir / "bench_state.json"
+    if not (results_dir / "results.csv").is_file() or not state_file.is_file():
+        raise ConfigError(f"--report_only: no finished run in {work_dir} / {results_dir}")
+    state = json.loads(state_file.read_text())
+    setup = Setup(model_path=None, train_file="", eval_file="", notes=state["notes"])
+    write_report(bench, setup, read_results(results_dir), work_dir, results_dir, wall_seconds=state["wall_seconds"],
+                 prov=state["provenance"])
 
 
 def _slug(name: str) -> str:
