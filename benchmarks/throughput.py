@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--jobs", nargs="+", default=["a"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="runs per (framework, variant); the fastest is kept")
+    p.add_argument("--variants", nargs="*", default=None, help="prefkit variants besides dpo (adpo poet rc bucketed)")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "JOB", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -147,7 +148,7 @@ def main() -> None:
         return
     results = []
     for job in args.jobs:
-        variants = ("adpo", "poet", "rc", "bucketed") if job == "a" else ("bucketed",)
+        variants = args.variants or (("adpo", "poet", "rc", "bucketed") if job == "a" else ("bucketed",))
         runs = [("trl", "dpo"), ("prefkit", "dpo")] + [("prefkit", v) for v in variants]
         # interleaved repeats, fastest kept: this VM's speed drifts by up to several x between minutes
         best: dict[tuple[str, str], dict] = {}

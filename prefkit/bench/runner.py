@@ -54,7 +54,7 @@ def _answer_metrics(model, tokenizer, setup: Setup, reference) -> dict:
     gens = generate(model, tokenizer, setup.questions, max_new_tokens=setup.max_new_tokens, batch_size=64)
     correct = [setup.extract(t) == a for t, a in zip(gens.texts, setup.answers)]
     out = {"accuracy": sum(correct) / len(correct), "gen_length": sum(gens.num_tokens) / len(gens.num_tokens)}
-    if reference is not False:
+    if reference is not False and setup.measure_kl:
         torch.manual_seed(0)  # the same sampling noise for every method
         out["kl"] = sequence_kl(model, reference, tokenizer, setup.questions, max_new_tokens=setup.max_new_tokens,
                                 batch_size=64)

@@ -37,6 +37,7 @@ class Setup:
     answers: list = field(default_factory=list)
     extract: Callable[[str], object] | None = None
     max_new_tokens: int = 0
+    measure_kl: bool = True
     weighted_train_file: str | None = None  # cADPO: the same pairs with token weights
     weighted_eval_file: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -264,7 +265,7 @@ def prepare_gsm8k(bench: BenchConfig, work: Path) -> Setup:
     return Setup(
         model_path=bench.task_options.get("model"), train_file=train, eval_file=evalp, questions=questions,
         answers=[gsm8k_answer(r["ground_truth"]) for r in held], extract=gsm8k_answer,
-        max_new_tokens=int(_opt(bench, "max_new_tokens", 256)),
+        max_new_tokens=int(_opt(bench, "max_new_tokens", 256)), measure_kl=bool(_opt(bench, "measure_kl", True)),
         notes=[f"{len(pairs) - n_eval_pairs} training pairs and {n_eval_pairs} held-out pairs from {used} GSM8K test "
                f"questions outside the {n_eval} held-out questions (the file's last rows)"],
     )
