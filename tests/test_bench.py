@@ -183,3 +183,9 @@ def test_micro_bench_end_to_end(tmp_path):
     assert main(["bench", str(cfg), "--output_dir", str(tmp_path / "work"), "--results_dir", str(results),
                  "--report_only"]) == 0
     assert (results / "section.md").read_text() == before  # same numbers, commit and date from the run
+    # a subset rerun replaces that method's rows and keeps the others
+    assert main(["bench", str(cfg), "--output_dir", str(tmp_path / "work"), "--results_dir", str(results),
+                 "--methods", "DPO"]) == 0
+    again = list(csv.DictReader((results / "results.csv").open()))
+    assert [(r["method"], r["seed"]) for r in again] == [(r["method"], r["seed"]) for r in rows]
+    assert [r for r in again if r["method"] == "DPO+RC"] == [r for r in rows if r["method"] == "DPO+RC"]

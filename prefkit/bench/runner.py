@@ -149,10 +149,21 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
             shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
                               if isinstance(v, float) and k != "train_seconds")
             print(f"[bench {bench.name}] {method} seed {seed}: {shown} ({time.time() - t0:.0f} s)", flush=True)
-    from prefkit.bench.report import provenance
+    from prefkit.bench.report import provenance, read_results
 
     state = {"notes": setup.notes, "wall_seconds": time.time() - t_start, "provenance": provenance()}
-    (work_dir / "bench_state.json").write_text(json.dumps(state))
+    state_file = work_dir / "bench_state.json"
+    if only and (results_dir / "results.csv").is_file() and state_file.is_file():
+        # a subset run adds to the earlier runs of the other methods instead of replacing them
+        earlier = json.loads(state_file.read_text())
+        kept = [r for r in read_results(results_dir) if r.method not in only]
+        order = list(bench.methods)
+        results = sorted(kept + results, key=lambda r: (order.index(r.method), r.seed))
+        state["wall_seconds"] += earlier["wall_seconds"]
+        old_commit = earlier["provenance"]["commit"]
+        if old_commit != state["provenance"]["commit"]:
+            state["provenance"]["commit"] += f" ({', '.join(only)}); {old_commit} (the other methods)"
+    state_file.write_text(json.dumps(state))
     write_report(bench, setup, results, work_dir, results_dir, wall_seconds=state["wall_seconds"],
                  prov=state["provenance"])
     return results
