@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prefkit-installed
 
-.PHONY: demo test throughput overhead clean
+.PHONY: demo test throughput overhead bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+bench: $(STAMP)
+	$(BIN)/prefkit bench benchmarks/bench_arithmetic.yaml
 
 overhead: $(STAMP)
 	cd benchmarks && ../$(BIN)/python overhead.py
