@@ -59,17 +59,22 @@ def options_to_argv(data: dict) -> list[str]:
     return argv
 
 
-def _yaml_to_argv(path: str) -> list[str]:
+def read_yaml_mapping(path: str, label: str) -> dict:
+    """A YAML file holding a mapping; ConfigError naming ``label`` and the file otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config: {path} does not exist")
+        raise ConfigError(f"{label}: {path} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML ({e})") from e
+        raise ConfigError(f"{label}: {path} is not valid YAML ({e})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of option: value")
-    return options_to_argv(data)
+        raise ConfigError(f"{label}: {path} must hold a mapping of key: value")
+    return data
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    return options_to_argv(read_yaml_mapping(path, "--config"))
 
 
 def _check_known(argv: list[str], known: list[str], where: str) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from prefkit.errors import ConfigError
 
 TASKS = ("arithmetic", "preference", "gsm8k")
@@ -46,15 +44,10 @@ class BenchConfig:
 
 def load_bench_config(path: str) -> BenchConfig:
     """Parse and check a bench YAML, naming the file and key of any problem."""
+    from prefkit.cli import read_yaml_mapping
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"bench config {path} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a mapping")
+    raw = read_yaml_mapping(path, "bench config")
     allowed = {"name", "title", "task", "task_options", "seeds", "train", "methods", "claims",
                "trajectory_methods", "metric_note"}
     unknown = sorted(set(raw) - allowed)
