@@ -3,9 +3,14 @@
     python benchmarks/throughput.py                 # job a (tiny Llama), both frameworks, plus ADPO/POET/RC
     python benchmarks/throughput.py --jobs a b c    # b, c: SmolLM2-135M full / LoRA on HH-RLHF (slow on CPU)
 
-Variant "bucketed" is prefkit DPO with --train_sampling_strategy group_by_length (transformers' length-grouped
+Variant "unpacked" is prefkit DPO with --pack_pairs false (one pair per row, as before packing). Variant
+"bucketed" is prefkit DPO with --train_sampling_strategy group_by_length (transformers' length-grouped
 sampler over mega-batches of 50 batches): use --steps as a multiple of 50 so the pairs seen are an unbiased
-random sample (within a mega-batch the longest batches come first).
+random sample (within a mega-batch the longest batches come first). Variant "cached" is prefkit DPO with
+--precompute_ref_log_probs and the on-disk cache filled by an earlier untimed run (what a second run over the
+same pairs costs); "bucketed_cached" combines both. Jobs b, c train on steps x 4 HH-RLHF pairs (one epoch), so
+the cache fill stays short. Per-step seconds (data / forward / backward / optimizer) come from wrapping the
+Trainer's own hooks, the same for both frameworks.
 
 Each (framework, job) runs in its own subprocess so peak RSS is per run. Results go to
 benchmarks/out/throughput-<time>.json and .md with the commit, config and machine.
@@ -20,6 +25,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +34,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+REF_CACHE = "/tmp/prefkit-throughput-refcache"
 WORDS = [f"w{i}" for i in range(1000)]
 
 
@@ -64,8 +71,8 @@ def hh_pairs(n: int) -> list[dict]:
     return out
 
 
-def build(job: str):
-    """(model, tokenizer, pairs, batch size, lora) for a job."""
+def build(job: str, steps: int):
+    """(model, tokenizer, pairs, batch size, lora) for a job; jobs b, c use steps x batch HH-RLHF pairs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if job == "a":
@@ -78,14 +85,50 @@ def build(job: str):
     from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(None)
-    return load_causal_lm(path), load_tokenizer(path), hh_pairs(400), 4, job == "c"
+    return load_causal_lm(path), load_tokenizer(path), hh_pairs(steps * 4), 4, job == "c"
+
+
+def current_rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def instrument(trainer) -> dict[str, float]:
+    """Accumulate seconds per phase of a step by wrapping the Trainer's own hooks (same for both frameworks):
+    data = fetching batches, forward = compute_loss (reference + policy forward and the loss), backward,
+    optimizer = optimizer.step."""
+    from transformers import TrainerCallback
+
+    spent = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def timed(fn, phase):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[phase] += time.perf_counter() - t
+        return wrapper
+
+    class OptimizerTimer(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            spent["optimizer"] += time.perf_counter() - self.t
+
+    trainer.get_batch_samples = timed(trainer.get_batch_samples, "data")
+    trainer.compute_loss = timed(trainer.compute_loss, "forward")
+    trainer.accelerator.backward = timed(trainer.accelerator.backward, "backward")
+    trainer.add_callback(OptimizerTimer())
+    return spent
 
 
 def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
     from datasets import Dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tok, pairs, bs, lora = build(job)
+    model, tok, pairs, bs, lora = build(job, steps)
+    base_rss = current_rss_mb()
     ds = Dataset.from_list(pairs)
     out = f"/tmp/prefkit-bench-{framework}-{job}"
     common = dict(output_dir=out, per_device_train_batch_size=bs, max_steps=steps, learning_rate=1e-5,
@@ -103,23 +146,38 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
                              peft_config=peft_config)
     else:
         from prefkit import PrefConfig, PrefTrainer
+        from prefkit.data import prepare_dataset
         from prefkit.models import apply_lora
+        from prefkit.refcache import attach_reference_logps
 
+        bucketed = dict(train_sampling_strategy="group_by_length")
         extra = {"poet": dict(poet=True), "adpo": dict(granularity="adaptive", num_segments=16),
-                 "rc": dict(reward_calibration=True), "dpo": {},
-                 "bucketed": dict(train_sampling_strategy="group_by_length")}[variant]
-        args = PrefConfig(**common, beta=0.1, overwrite_output_dir=True, **extra)
+                 "rc": dict(reward_calibration=True), "dpo": {}, "unpacked": dict(pack_pairs=False),
+                 "bucketed": bucketed, "cached": {},
+                 "bucketed_cached": bucketed}[variant]
+        args = PrefConfig(**common, beta=0.1, overwrite_output_dir=True, ref_cache_dir=REF_CACHE, **extra)
         if lora:
             model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["all-linear"])
+        if variant.endswith("cached"):
+            # reference log-probs from the on-disk cache (filled by an earlier, untimed run of the same job):
+            # what a second run over the same data (a sweep, another seed) costs
+            ds, _ = prepare_dataset(ds, tok, args, source="bench pairs")
+            t = time.perf_counter()
+            ds = attach_reference_logps(ds, model, tok, args, model_path=f"throughput-job-{job}-seed0")
+            ref_pass = time.perf_counter() - t
         trainer = PrefTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     tokens = sum(len(tok(p["prompt"] + p["chosen"]).input_ids) + len(tok(p["prompt"] + p["rejected"]).input_ids)
                  for p in pairs[: steps * bs])
+    ref_pass = locals().get("ref_pass")
+    spent = instrument(trainer)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"framework": framework, "job": job, "variant": variant, "steps": steps, "batch_size": bs,
             "seconds": wall, "pairs_per_s": steps * bs / wall, "tokens_per_s": tokens / wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak, "base_rss_mb": base_rss, "train_rss_mb": peak - base_rss,
+            "step_s": {k: v / steps for k, v in spent.items()}, "reference_pass_s": ref_pass}
 
 
 def machine() -> dict:
@@ -140,7 +198,8 @@ def main() -> None:
     p.add_argument("--jobs", nargs="+", default=["a"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="runs per (framework, variant); the fastest is kept")
-    p.add_argument("--variants", nargs="*", default=None, help="prefkit variants besides dpo (adpo poet rc bucketed)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="prefkit variants besides dpo: adpo poet rc unpacked bucketed cached bucketed_cached")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "JOB", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -148,8 +207,14 @@ def main() -> None:
         return
     results = []
     for job in args.jobs:
-        variants = args.variants or (("adpo", "poet", "rc", "bucketed") if job == "a" else ("bucketed",))
+        variants = args.variants if args.variants is not None else (
+            ("adpo", "poet", "rc", "unpacked", "bucketed", "cached", "bucketed_cached") if job == "a"
+            else ("unpacked", "cached"))
         runs = [("trl", "dpo"), ("prefkit", "dpo")] + [("prefkit", v) for v in variants]
+        if any(v.endswith("cached") for v in variants):  # fill the reference cache once, untimed
+            shutil.rmtree(REF_CACHE, ignore_errors=True)
+            subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", "prefkit", job, "cached"],
+                           capture_output=True, text=True, check=True)
         # interleaved repeats, fastest kept: this VM's speed drifts by up to several x between minutes
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.repeats):
@@ -167,13 +232,16 @@ def main() -> None:
                 if key not in best or r["pairs_per_s"] > best[key]["pairs_per_s"]:
                     best[key] = r
         results.extend(best[k] for k in runs)
-    rows = ["| job | framework | variant | pairs/s | tokens/s | peak RSS MB | pairs/s vs TRL | memory vs TRL |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| job | framework | variant | pairs/s | tokens/s | peak RSS MB | training RSS MB | pairs/s vs TRL | "
+            "peak RSS vs TRL | training RSS vs TRL | step s: data / forward / backward / optimizer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = next(x for x in results if x["job"] == r["job"] and x["framework"] == "trl")
+        split = " / ".join(f"{r['step_s'][k]:.3f}" for k in ("data", "forward", "backward", "optimizer"))
         rows.append(f"| {r['job']} | {r['framework']} | {r['variant']} | {r['pairs_per_s']:.2f} | "
-                    f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['pairs_per_s'] / base['pairs_per_s']:.2f}x | "
-                    f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |")
+                    f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | "
+                    f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
+                    f"{r['train_rss_mb'] / base['train_rss_mb']:.2f}x | {split} |")
     table = "\n".join(rows)
     print("\n" + table)
     outdir = HERE / "out"

@@ -65,6 +65,10 @@ class PrefConfig(TrainingArguments):
         default=True,
         metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); off: 2 rows."},
     )
+    pack_pairs: bool = field(
+        default=True,
+        metadata={"help": "With share_prompt: bin-pack several pairs into each row (block mask), same math."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
 

@@ -25,6 +25,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset, load_from_disk
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from prefkit.config import PrefConfig
 from prefkit.data import PairCollator
@@ -85,15 +86,10 @@ def _sharded_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollat
 
 
 def attach_reference_logps(
-    ds: Dataset, ref_model: nn.Module, collator: PairCollator, cfg: PrefConfig, *, model_path: str
+    ds: Dataset, ref_model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: PrefConfig, *, model_path: str
 ) -> Dataset:
     """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the cache when the key matches."""
-    collator = PairCollator(
-        pad_token_id=collator.pad_token_id,
-        eos_token_id=collator.eos_token_id,
-        static_eos_padding=cfg.granularity == "static" and cfg.static_padding == "eos",
-        share_prompt=cfg.share_prompt,
-    )
+    collator = PairCollator.for_config(cfg, tokenizer)
     key = cache_key(ds, model_path, collator.static_eos_padding)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"
     path = path / key

@@ -152,8 +152,7 @@ def train_main(cfg: PrefConfig) -> dict:
             ref_path, dtype=choose_dtype(cfg.model_dtype), trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
         )
-    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            share_prompt=cfg.share_prompt)
+    collator = PairCollator.for_config(cfg, tokenizer, training=False)
     device = torch.device(cfg.device)
     model.to(device)
 
@@ -172,7 +171,7 @@ def train_main(cfg: PrefConfig) -> dict:
     train_ds = data.train
     if cfg.precompute_ref_log_probs:  # sharded across processes under a distributed launch
         train_ds = attach_reference_logps(
-            train_ds, ref_model if ref_model is not None else model, collator, cfg,
+            train_ds, ref_model if ref_model is not None else model, tokenizer, cfg,
             model_path=cfg.ref_model_name_or_path or model_path,
         )
     trainer = PrefTrainer(
@@ -219,8 +218,7 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None) -> dict:
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
     ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name or "bundled sample",
                                  max_samples=cfg.max_eval_samples)
-    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            share_prompt=cfg.share_prompt)
+    collator = PairCollator.for_config(cfg, tokenizer, training=False)
     bs = cfg.per_device_eval_batch_size
     policy = score_pairs(model, ds, collator, batch_size=bs, desc="policy")
     ref_scores: PairScores | None = None

@@ -81,12 +81,7 @@ class PrefTrainer(Trainer):
         self.skip_reports: dict[str, SkipReport] = {}
         train_dataset = self._prepared(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepared(eval_dataset, processing_class, args, "eval")
-        collator = PairCollator(
-            pad_token_id=processing_class.pad_token_id,
-            eos_token_id=processing_class.eos_token_id,
-            static_eos_padding=args.granularity == "static" and args.static_padding == "eos",
-            share_prompt=args.share_prompt,
-        )
+        collator = PairCollator.for_config(args, processing_class)
         precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
         if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
             ref_model = copy.deepcopy(model)

@@ -90,3 +90,42 @@ def test_shared_prompt_layout_equals_plain_layout():
         torch.testing.assert_close(shared.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(shared.rejected, plain.rejected, rtol=1e-5, atol=1e-5)
         assert torch.equal(shared.chosen_mask, plain.chosen_mask)
+
+
+def test_pack_rows_first_fit_decreasing():
+    from prefkit.data.collate import pack_rows
+
+    # widest first: 9 -> row 0; 6 -> row 1; 4 -> row 1 (6 + 4 <= 10); 3 -> row 2 (row 0 has 1 left, row 1 none)
+    assert pack_rows([3, 9, 4, 6], 10) == [(2, 0), (0, 0), (1, 6), (1, 0)]
+    assert pack_rows([5, 5], 5) == [(0, 0), (1, 0)]
+
+
+def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():
+    """Several pairs per row (block mask, restarted positions) give the same log-probs and gradients as the
+    plain two-rows-per-pair layout."""
+    from prefkit.data import PairCollator
+
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 61, (n,), generator=g).tolist()
+
+    lens = [(2, 3, 5), (6, 4, 1), (1, 1, 2), (3, 2, 2), (4, 7, 3)]
+    feats = [{"prompt_ids": ids(p), "chosen_ids": ids(c) + [2], "rejected_ids": ids(r) + [2], "row_id": i}
+             for i, (p, c, r) in enumerate(lens)]
+    packed_batch = PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats)
+    assert packed_batch.input_ids.shape[0] < len(feats)  # the point: fewer rows
+    for kind in ("llama", "qwen2"):
+        model = _model(kind)
+        results = []
+        for batch in (PairCollator(pad_token_id=0)(feats), packed_batch):
+            model.zero_grad()
+            lp = compute_pair_logps(model, batch)
+            (lp.chosen.sum() - 0.3 * lp.rejected.sum()).backward()
+            results.append((lp, {n: q.grad.clone() for n, q in model.named_parameters()}))
+        (plain, g_plain), (packed, g_packed) = results
+        torch.testing.assert_close(packed.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed.rejected, plain.rejected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed.rejected_mask, plain.rejected_mask)
+        for n in g_plain:
+            torch.testing.assert_close(g_packed[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from prefkit.data.types import PairBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from prefkit.config import PrefConfig
 
 
 def _response_matrix(values: list[list[float]], width: int, fill: float) -> torch.Tensor:
@@ -23,6 +29,7 @@ class PairCollator:
     ``static_eos_padding``: extend the shorter response of each pair with real EOS tokens to the longer one's
     length — the ADPO paper's padding for static windows (those EOS tokens are scored).
     ``share_prompt``: one row per pair, prompt computed once (see :class:`PairBatch`).
+    ``pack_pairs`` (with ``share_prompt``): several pairs per row, bin-packed (:func:`pack_rows`).
     """
 
     pad_token_id: int
@@ -30,6 +37,18 @@ class PairCollator:
     static_eos_padding: bool = False
     pad_to_multiple_of: int | None = None
     share_prompt: bool = False
+    pack_pairs: bool = False
+
+    @classmethod
+    def for_config(cls, cfg: PrefConfig, tokenizer: PreTrainedTokenizerBase, *, training: bool = True) -> PairCollator:
+        """The layout a run's options ask for; ``training=False`` (held-out scoring) never adds EOS padding."""
+        return cls(
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            static_eos_padding=training and cfg.granularity == "static" and cfg.static_padding == "eos",
+            share_prompt=cfg.share_prompt,
+            pack_pairs=cfg.share_prompt and cfg.pack_pairs,
+        )
 
     def __call__(self, features: list[dict]) -> PairBatch:
         prompts = [f["prompt_ids"] for f in features]
@@ -75,32 +94,56 @@ class PairCollator:
         return input_ids, attention_mask
 
     def _shared(self, prompts, chosen, rejected, row_ids) -> PairBatch:
-        """prompt + chosen + rejected in one row; rejected attends to the prompt and itself only."""
-        seqs = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
-        input_ids, _ = self._pad(seqs)
-        b, width = input_ids.shape
-        allowed = torch.zeros(b, width, width, dtype=torch.bool)
-        position_ids = torch.zeros(b, width, dtype=torch.long)
+        """prompt + chosen + rejected of a pair in one row segment; rejected attends to the prompt and itself
+        only. With ``pack_pairs`` several pairs share a row, each attending only within its own segment."""
+        lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        place = pack_rows(lengths, width) if self.pack_pairs else [(i, 0) for i in range(len(lengths))]
+        rows = max(r for r, _ in place) + 1
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # padding attends to itself (no NaN rows)
+        position_ids = torch.zeros(rows, width, dtype=torch.long)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        for (row, o), p, c, r in zip(place, prompts, chosen, rejected):
             n_p, n_c, n = len(p), len(c), len(p) + len(c) + len(r)
-            allowed[i, :n, :n] = causal[:n, :n]
-            allowed[i, n_p + n_c : n, n_p : n_p + n_c] = False  # rejected never sees chosen
-            allowed[i, n:, :] = torch.eye(width, dtype=torch.bool)[n:]  # padding attends to itself (no NaN rows)
-            position_ids[i, :n_p + n_c] = torch.arange(n_p + n_c)
-            position_ids[i, n_p + n_c : n] = torch.arange(n_p, n_p + len(r))
-        mask = torch.zeros(b, 1, width, width, dtype=torch.float32).masked_fill(
+            input_ids[row, o : o + n] = torch.tensor(p + c + r, dtype=torch.long)
+            allowed[row, o : o + n, o : o + n] = causal[:n, :n]
+            allowed[row, o + n_p + n_c : o + n, o + n_p : o + n_p + n_c] = False  # rejected never sees chosen
+            position_ids[row, o : o + n_p + n_c] = torch.arange(n_p + n_c)
+            position_ids[row, o + n_p + n_c : o + n] = torch.arange(n_p, n_p + len(r))
+        mask = torch.zeros(rows, 1, width, width, dtype=torch.float32).masked_fill(
             ~allowed[:, None], torch.finfo(torch.float32).min
         )
-        n_p = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        row = torch.tensor([r for r, _ in place], dtype=torch.long)
+        start = torch.tensor([o + len(p) for (_, o), p in zip(place, prompts)], dtype=torch.long)
         n_c = torch.tensor([len(c) for c in chosen], dtype=torch.long)
         return PairBatch(
             input_ids=input_ids,
             attention_mask=mask,
-            response_start=torch.cat([n_p, n_p + n_c]),
+            response_start=torch.cat([start, start + n_c]),
             response_len=torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.long),
             row_ids=row_ids,
-            response_row=torch.arange(b).repeat(2),
-            first_pred=torch.cat([n_p - 1, n_p - 1]),
+            response_row=row.repeat(2),
+            first_pred=torch.cat([start - 1, start - 1]),
             position_ids=position_ids,
         )
+
+
+def pack_rows(lengths: list[int], width: int) -> list[tuple[int, int]]:
+    """(row, offset) of each segment, first-fit decreasing into rows of ``width`` tokens.
+
+    Rows stay as wide as the longest pair, so attention cost per row does not grow, while the rows needed
+    (and with them the padded tokens every layer computes) drop to roughly total / width.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    used: list[int] = []
+    place = [(0, 0)] * len(lengths)
+    for i in order:
+        row = next((k for k, u in enumerate(used) if u + lengths[i] <= width), len(used))
+        if row == len(used):
+            used.append(0)
+        place[i] = (row, used[row])
+        used[row] += lengths[i]
+    return place

@@ -14,10 +14,11 @@ class PairBatch:
     """A collated batch of B pairs laid out for one forward pass over chosen and rejected.
 
     Responses 0..B-1 are the chosen ones, B..2B-1 the rejected ones. In the plain layout input row i holds
-    prompt+response i (2B rows, right-padded). In the shared-prompt layout (``position_ids`` set) row b holds
-    prompt, chosen and rejected of pair b once, with a 4D additive ``attention_mask`` that hides the chosen
+    prompt+response i (2B rows, right-padded). In the shared-prompt layout (``position_ids`` set) a row segment
+    holds prompt, chosen and rejected of one pair, with a 4D additive ``attention_mask`` that hides the chosen
     tokens from the rejected ones and ``position_ids`` that restart the rejected response after the prompt,
-    so the prompt is computed once. ``response_start[i]`` is the position of response i's first token in
+    so the prompt is computed once; when pairs are packed a row holds several such segments, each attending
+    only within itself. ``response_start[i]`` is the position of response i's first token in
     row ``response_row[i]``, ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and
     ``first_pred[i]`` the position whose output predicts its first token (the last prompt token). Token
     weights and precomputed reference log-probs are response-aligned (B, T), T = the longest response.
