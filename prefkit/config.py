@@ -10,6 +10,7 @@ fails mid-run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,10 @@ class PrefConfig(TrainingArguments):
             self.output_dir = "outputs/prefkit"
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
+            launched = "LOCAL_RANK" in os.environ
+            if launched and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not self.ddp_backend:
+                # DeepSpeed's CPU accelerator talks gloo; with no backend accelerate would count one process
+                self.ddp_backend = "gloo"
         super().__post_init__()
 
 
@@ -173,3 +178,25 @@ def validate_config(cfg: PrefConfig) -> None:
     if cfg.lora_r <= 0:
         bad("lora_r", f"must be positive, got {cfg.lora_r}")
     validate_objective_config(cfg)
+    _check_zero3(cfg, bad)
+
+
+def _check_zero3(cfg: PrefConfig, bad) -> None:
+    """Under DeepSpeed ZeRO-3 parameters are partitioned from load on and only DeepSpeed's engine gathers them,
+    so whatever runs a model outside the engine is refused up front instead of failing mid-run."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from prefkit.objectives.registry import LINKS
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    engines = "ZeRO-2 or FSDP2 (examples/accelerate/)"
+    if not cfg.use_peft and any(LINKS[t].needs_reference for t in cfg.loss_type):
+        bad("use_peft", "full fine-tuning with a reference model is not supported under DeepSpeed ZeRO-3: use "
+            f"--use_peft true (the reference is then the sharded policy with adapters disabled) or {engines}")
+    for option, value in (("ref_model_name_or_path", cfg.ref_model_name_or_path),
+                          ("precompute_ref_log_probs", cfg.precompute_ref_log_probs),
+                          ("eval_dataset_name", cfg.eval_dataset_name), ("eval_split_size", cfg.eval_split_size)):
+        if value:
+            bad(option, "runs a model outside DeepSpeed's engine, which is not supported under ZeRO-3: use "
+                f"{engines}, or score held-out pairs afterwards with `prefkit eval`")

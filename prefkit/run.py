@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import set_seed
 
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
@@ -83,6 +84,7 @@ def load_model_and_tokenizer(cfg: PrefConfig):
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.use_peft:
+        set_seed(cfg.seed)  # --seed decides the LoRA initialisation, whatever ran before (launchers use the RNG)
         model = apply_lora(
             model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
         )

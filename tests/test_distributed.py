@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo, accelerate launch) give the loss curve of one process with twice the gradient
-accumulation, for DPO, ADPO adaptive and DPO+RC; and a 2-process run resumes from its checkpoint."""
+"""Two CPU processes (gloo, accelerate launch: DDP, FSDP2, DeepSpeed ZeRO-2/3) give the loss curve of one process
+with twice the gradient accumulation, for DPO, ADPO adaptive and DPO+RC; and a 2-process run resumes from its
+checkpoint."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _launch(args: list[str], config: Path = CONFIG) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefkit", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,6 +90,39 @@ def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
     AutoModelForCausalLM.from_pretrained(two)  # the sharded run's output is a loadable full model
 
 
+@pytest.mark.parametrize("stage, extra", [("2", []), ("3", ["--use_peft", "true", "--lora_dropout", "0"])],
+                         ids=["zero2-full", "zero3-lora"])
+def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
+    """DeepSpeed ZeRO-2 (full fine-tuning) and ZeRO-3 (LoRA; parameters partitioned) on 2 CPU processes give the
+    loss curve and RC alpha of one process with twice the accumulation; checkpoints are DeepSpeed's sharded ones."""
+    data = write_pairs(tmp_path / "p.jsonl", 24)
+    two, one = tmp_path / "zero", tmp_path / "one"
+    extra = [*extra, "--reward_calibration", "true"]
+    _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *extra),
+            CONFIG.parent / f"zero{stage}_cpu_gloo.yaml")
+    _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                  *extra))
+    l2, l1 = _losses(two), _losses(one)
+    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), step
+    a2, a1 = _alphas(two), _alphas(one)
+    assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
+    assert sorted(p.name for p in (two / "checkpoint-2" / "global_step2").iterdir() if "optim_states" in p.name) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_deepspeed_zero3_refuses_what_runs_outside_the_engine(model_dir, tmp_path):
+    data = write_pairs(tmp_path / "p.jsonl", 4)
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+           "DS_ACCELERATOR": "cpu"}
+    for extra, option in (([], "--use_peft"), (["--use_peft", "true", "--eval_split_size", "2"], "--eval_split_size")):
+        proc = subprocess.run([sys.executable, "-m", "prefkit", *_args(model_dir, data, tmp_path / "o", *extra)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode != 0 and f"prefkit: error: {option}:" in proc.stderr and "ZeRO-3" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_two_process_resume(tmp_path, model_dir):
     data = write_pairs(tmp_path / "p.jsonl", 24)
     full = tmp_path / "full"
@@ -102,7 +136,8 @@ def test_two_process_resume(tmp_path, model_dir):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_cpu_gloo", "fsdp2", "fsdp2_cpu_gloo", "zero2", "zero3", "multinode_ddp"])
+@pytest.mark.parametrize("name", ["ddp", "ddp_cpu_gloo", "fsdp2", "fsdp2_cpu_gloo", "zero2", "zero2_cpu_gloo", "zero3",
+                                  "zero3_cpu_gloo", "multinode_ddp"])
 def test_accelerate_configs_are_accepted(name):
     from accelerate.commands.config.config_args import ClusterConfig
 
