@@ -36,7 +36,7 @@ def bench_main(argv: list[str]) -> int:
     work = Path(args.output_dir or f"benchmarks/out/bench/{bench.name}")
     results = Path(args.results_dir or f"benchmarks/results/{bench.name}")
     if args.report_only:
-        report_only(bench, work, results)
+        report_only(bench, results)
     else:
         run_bench(bench, work, results, only=only)
     print(f"report: {results / 'section.md'} (and {results.parent.parent / 'RESULTS.md'})")

@@ -100,7 +100,7 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def _plots(bench: BenchConfig, summary: dict, work_dir: Path, results_dir: Path) -> list[str]:
+def _plots(bench: BenchConfig, summary: dict, results_dir: Path) -> list[str]:
     import json
 
     import matplotlib
@@ -142,12 +142,14 @@ def _plots(bench: BenchConfig, summary: dict, work_dir: Path, results_dir: Path)
     names.append(name)
 
     traj_methods = [m for m in bench.trajectory_methods if m in summary]
-    if traj_methods:
+    files = {m: sorted((results_dir / "trajectories" / _slug(m)).glob("seed*.json")) for m in traj_methods}
+    if traj_methods and not all(files.values()) and (results_dir / "chosen_trajectories.png").is_file():
+        names.append("chosen_trajectories.png")  # some runs' trajectories predate their keeping: keep the plot
+    elif traj_methods:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for method in traj_methods:
-            for i, run in enumerate(sorted((work_dir / "runs" / _slug(method)).glob("seed*"))):
-                f = run / "chosen_trajectory.json"
-                pts = json.loads(f.read_text()) if f.is_file() else []
+            for i, f in enumerate(files[method]):
+                pts = json.loads(f.read_text())
                 if pts:
                     steps, vals = zip(*pts)
                     ax.plot(steps, vals, color=f"C{traj_methods.index(method)}", alpha=0.8,
@@ -186,7 +188,7 @@ def provenance() -> dict:
             "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
 
 
-def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], work_dir: Path, results_dir: Path,
+def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], results_dir: Path,
                  *, wall_seconds: float, prov: dict) -> Path:
     summary = summarize(results)
     with (results_dir / "results.csv").open("w", newline="") as f:
@@ -218,7 +220,7 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], wor
             lines.append(f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | "
                          f"{claim_verdict(summary, c)} |")
         lines.append("")
-    for name in _plots(bench, summary, work_dir, results_dir):
+    for name in _plots(bench, summary, results_dir):
         lines.append(f"![{name}](results/{results_dir.name}/{name})")
     lines.append("")
     section = results_dir / "section.md"

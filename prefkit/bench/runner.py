@@ -144,15 +144,20 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
         seeds = bench.seeds[:1] if opts.get("sft_only") else bench.seeds
         for seed in seeds:
             t0 = time.time()
-            r = run_one(bench, setup, method, seed, work_dir / "runs" / _slug(method) / f"seed{seed}")
+            run_dir = work_dir / "runs" / _slug(method) / f"seed{seed}"
+            r = run_one(bench, setup, method, seed, run_dir)
             results.append(r)
+            if (run_dir / "chosen_trajectory.json").is_file():  # kept with the results: plots redraw without runs
+                keep = results_dir / "trajectories" / _slug(method) / f"seed{seed}.json"
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                keep.write_text((run_dir / "chosen_trajectory.json").read_text())
             shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
                               if isinstance(v, float) and k != "train_seconds")
             print(f"[bench {bench.name}] {method} seed {seed}: {shown} ({time.time() - t0:.0f} s)", flush=True)
     from prefkit.bench.report import provenance, read_results
 
     state = {"notes": setup.notes, "wall_seconds": time.time() - t_start, "provenance": provenance()}
-    state_file = work_dir / "bench_state.json"
+    state_file = results_dir / "bench_state.json"  # committed, so a later subset run can merge into it
     if only and (results_dir / "results.csv").is_file() and state_file.is_file():
         # a subset run adds to the earlier runs of the other methods instead of replacing them
         earlier = json.loads(state_file.read_text())
@@ -164,22 +169,22 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
         if old_commit != state["provenance"]["commit"]:
             state["provenance"]["commit"] += f" ({', '.join(only)}); {old_commit} (the other methods)"
     state_file.write_text(json.dumps(state))
-    write_report(bench, setup, results, work_dir, results_dir, wall_seconds=state["wall_seconds"],
+    write_report(bench, setup, results, results_dir, wall_seconds=state["wall_seconds"],
                  prov=state["provenance"])
     return results
 
 
-def report_only(bench: BenchConfig, work_dir: Path, results_dir: Path) -> None:
+def report_only(bench: BenchConfig, results_dir: Path) -> None:
     """Rewrite the report and plots from a finished run's results.csv and saved state."""
     from prefkit.bench.report import read_results, write_report
     from prefkit.errors import ConfigError
 
-    state_file = work_dir / "bench_state.json"
+    state_file = results_dir / "bench_state.json"
     if not (results_dir / "results.csv").is_file() or not state_file.is_file():
-        raise ConfigError(f"--report_only: no finished run in {work_dir} / {results_dir}")
+        raise ConfigError(f"--report_only: no finished run in {results_dir}")
     state = json.loads(state_file.read_text())
     setup = Setup(model_path=None, train_file="", eval_file="", notes=state["notes"])
-    write_report(bench, setup, read_results(results_dir), work_dir, results_dir, wall_seconds=state["wall_seconds"],
+    write_report(bench, setup, read_results(results_dir), results_dir, wall_seconds=state["wall_seconds"],
                  prov=state["provenance"])
 
 
