@@ -174,15 +174,36 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
     trainer.train()
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the job's work in model FLOPs, the same for both frameworks: per token of prompt+chosen and prompt+rejected,
+    # 2N for the reference forward, 2N policy forward, 2N activation gradients, 2N weight gradients (full only)
+    n_linear = sum(m.weight.numel() for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "lora_" not in name)  # LoRA's own matmuls are tiny
+    flops = (6 if lora else 8) * n_linear * tokens
     return {"framework": framework, "job": job, "variant": variant, "steps": steps, "batch_size": bs,
             "seconds": wall, "pairs_per_s": steps * bs / wall, "tokens_per_s": tokens / wall,
+            "model_gflops": flops / wall / 1e9,
             "peak_rss_mb": peak, "base_rss_mb": base_rss, "train_rss_mb": peak - base_rss,
             "step_s": {k: v / steps for k, v in spent.items()}, "reference_pass_s": ref_pass}
 
 
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """fp32 square matmul rate on this machine now (best of repeats): the ceiling a training step is held to."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "fp32_matmul_gflops": round(matmul_peak_gflops(), 1)}
 
 
 def commit() -> str:
@@ -232,14 +253,14 @@ def main() -> None:
                 if key not in best or r["pairs_per_s"] > best[key]["pairs_per_s"]:
                     best[key] = r
         results.extend(best[k] for k in runs)
-    rows = ["| job | framework | variant | pairs/s | tokens/s | peak RSS MB | training RSS MB | pairs/s vs TRL | "
-            "peak RSS vs TRL | training RSS vs TRL | step s: data / forward / backward / optimizer |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| job | framework | variant | pairs/s | tokens/s | model GFLOP/s | peak RSS MB | training RSS MB | "
+            "pairs/s vs TRL | peak RSS vs TRL | training RSS vs TRL | step s: data / forward / backward / optimizer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = next(x for x in results if x["job"] == r["job"] and x["framework"] == "trl")
         split = " / ".join(f"{r['step_s'][k]:.3f}" for k in ("data", "forward", "backward", "optimizer"))
         rows.append(f"| {r['job']} | {r['framework']} | {r['variant']} | {r['pairs_per_s']:.2f} | "
-                    f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['model_gflops']:.1f} | {r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | "
                     f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
                     f"{r['train_rss_mb'] / base['train_rss_mb']:.2f}x | {split} |")
     table = "\n".join(rows)

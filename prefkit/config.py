@@ -186,16 +186,10 @@ def _check_zero3(cfg: PrefConfig, bad) -> None:
     so whatever runs a model outside the engine is refused up front instead of failing mid-run."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from prefkit.objectives.registry import LINKS
-
     if not is_deepspeed_zero3_enabled():
         return
     engines = "ZeRO-2 or FSDP2 (examples/accelerate/)"
-    if not cfg.use_peft and any(LINKS[t].needs_reference for t in cfg.loss_type):
-        bad("use_peft", "full fine-tuning with a reference model is not supported under DeepSpeed ZeRO-3: use "
-            f"--use_peft true (the reference is then the sharded policy with adapters disabled) or {engines}")
-    for option, value in (("ref_model_name_or_path", cfg.ref_model_name_or_path),
-                          ("precompute_ref_log_probs", cfg.precompute_ref_log_probs),
+    for option, value in (("precompute_ref_log_probs", cfg.precompute_ref_log_probs),
                           ("eval_dataset_name", cfg.eval_dataset_name), ("eval_split_size", cfg.eval_split_size)):
         if value:
             bad(option, "runs a model outside DeepSpeed's engine, which is not supported under ZeRO-3: use "

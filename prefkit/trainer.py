@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, prepare_dataset
 from prefkit.data.types import PairBatch, SkipReport
 from prefkit.dynamics import DynamicsMonitor
-from prefkit.errors import TrainingFault
+from prefkit.errors import ConfigError, TrainingFault
 from prefkit.logprobs import compute_pair_logps
 from prefkit.models import is_peft_model
 from prefkit.objectives import build_objective
@@ -35,6 +36,31 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "prefkit_state.pt"
 # Written last, atomically: a checkpoint without it was interrupted mid-save and is never resumed from.
 COMPLETE_MARKER = "prefkit_checkpoint_complete"
+
+
+def _reference_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the starting policy. Under ZeRO-3 the policy's parameters are already partitioned, so a
+    copy would hold empty shards: the reference is loaded again (partitioned the same way) instead."""
+    if not is_deepspeed_zero3_enabled():
+        return copy.deepcopy(model)
+    if not getattr(model, "name_or_path", ""):
+        raise ConfigError("under DeepSpeed ZeRO-3 the reference is reloaded from the policy's path; "
+                            "this model has none, so pass ref_model= explicitly")
+    return type(model).from_pretrained(model.name_or_path, dtype=model.dtype)
+
+
+def _zero3_reference(ref: nn.Module, accelerator) -> nn.Module:
+    """The reference as a ZeRO-3 DeepSpeed engine without optimizer: sharded like the policy, its forward gathers
+    the parameters layer by layer."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=ref, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None, unlike Module.eval
+    return engine
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -84,7 +110,7 @@ class PrefTrainer(Trainer):
         collator = PairCollator.for_config(args, processing_class)
         precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
         if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
-            ref_model = copy.deepcopy(model)
+            ref_model = _reference_copy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
@@ -98,7 +124,9 @@ class PrefTrainer(Trainer):
             processing_class=processing_class,
             callbacks=[metrics_cb, *(callbacks or [])],
         )
-        if self.ref_model is not None:
+        if self.ref_model is not None and is_deepspeed_zero3_enabled():
+            self.ref_model = _zero3_reference(self.ref_model, self.accelerator)
+        elif self.ref_model is not None:
             self.ref_model.to(self.args.device)
         probe = collator([train_dataset[i] for i in range(min(args.dynamics_probe_size, len(train_dataset)))]) if (
             train_dataset is not None and args.dynamics_steps > 0

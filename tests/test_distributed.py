@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_train_e2e import write_pairs
 
@@ -90,11 +91,12 @@ def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
     AutoModelForCausalLM.from_pretrained(two)  # the sharded run's output is a loadable full model
 
 
-@pytest.mark.parametrize("stage, extra", [("2", []), ("3", ["--use_peft", "true", "--lora_dropout", "0"])],
-                         ids=["zero2-full", "zero3-lora"])
+@pytest.mark.parametrize("stage, extra", [("2", []), ("3", []), ("3", ["--use_peft", "true", "--lora_dropout", "0"])],
+                         ids=["zero2-full", "zero3-full", "zero3-lora"])
 def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
-    """DeepSpeed ZeRO-2 (full fine-tuning) and ZeRO-3 (LoRA; parameters partitioned) on 2 CPU processes give the
-    loss curve and RC alpha of one process with twice the accumulation; checkpoints are DeepSpeed's sharded ones."""
+    """DeepSpeed ZeRO-2 and ZeRO-3 (parameters partitioned; the full fine-tuning reference sharded the same way)
+    on 2 CPU processes give the loss curve and RC alpha of one process with twice the accumulation; checkpoints
+    are DeepSpeed's sharded ones and the final model is saved whole."""
     data = write_pairs(tmp_path / "p.jsonl", 24)
     two, one = tmp_path / "zero", tmp_path / "one"
     extra = [*extra, "--reward_calibration", "true"]
@@ -110,13 +112,19 @@ def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
     assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
     assert sorted(p.name for p in (two / "checkpoint-2" / "global_step2").iterdir() if "optim_states" in p.name) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    if not extra:
+        from safetensors.torch import load_file
+
+        a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in b)
 
 
 def test_deepspeed_zero3_refuses_what_runs_outside_the_engine(model_dir, tmp_path):
     data = write_pairs(tmp_path / "p.jsonl", 4)
     env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
            "DS_ACCELERATOR": "cpu"}
-    for extra, option in (([], "--use_peft"), (["--use_peft", "true", "--eval_split_size", "2"], "--eval_split_size")):
+    for extra, option in ((["--eval_split_size", "2"], "--eval_split_size"),
+                          (["--precompute_ref_log_probs", "true"], "--precompute_ref_log_probs")):
         proc = subprocess.run([sys.executable, "-m", "prefkit", *_args(model_dir, data, tmp_path / "o", *extra)],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode != 0 and f"prefkit: error: {option}:" in proc.stderr and "ZeRO-3" in proc.stderr
