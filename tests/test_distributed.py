@@ -29,6 +29,17 @@ def _alphas(out: Path) -> dict[int, float]:
     return {r["step"]: r["rc/alpha"] for r in recs if "rc/alpha" in r}
 
 
+def _assert_same_curve(two: Path, one: Path, *, alphas: bool) -> None:
+    """Same loss at every step (and the same RC alpha) for the multi-process run and the single one."""
+    l2, l1 = _losses(two), _losses(one)
+    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), step
+    if alphas:
+        a2, a1 = _alphas(two), _alphas(one)
+        assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
+
+
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
             "--max_steps", "4", "--logging_steps", "1", "--save_steps", "2", "--learning_rate", "5e-3",
@@ -63,13 +74,7 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, o
         objective[-1] = str(tmp_path / "cache1")
     _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                   *objective))
-    l2, l1 = _losses(two), _losses(one)
-    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
-    for step in l1:
-        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), step
-    if objective and objective[0] == "--reward_calibration":
-        a2, a1 = _alphas(two), _alphas(one)
-        assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
+    _assert_same_curve(two, one, alphas=bool(objective) and objective[0] == "--reward_calibration")
 
 
 def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
@@ -80,12 +85,7 @@ def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
     rc = ["--reward_calibration", "true"]
     _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *rc), CONFIG.parent / "fsdp2_cpu_gloo.yaml")
     _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", *rc))
-    l2, l1 = _losses(two), _losses(one)
-    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
-    for step in l1:
-        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), step
-    a2, a1 = _alphas(two), _alphas(one)
-    assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
+    _assert_same_curve(two, one, alphas=True)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(two)  # the sharded run's output is a loadable full model
@@ -104,15 +104,10 @@ def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
             CONFIG.parent / f"zero{stage}_cpu_gloo.yaml")
     _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                   *extra))
-    l2, l1 = _losses(two), _losses(one)
-    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
-    for step in l1:
-        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), step
-    a2, a1 = _alphas(two), _alphas(one)
-    assert a2 and all(a2[s] == pytest.approx(a1[s], rel=1e-4) for s in a1)
+    _assert_same_curve(two, one, alphas=True)
     assert sorted(p.name for p in (two / "checkpoint-2" / "global_step2").iterdir() if "optim_states" in p.name) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    if not extra:
+    if "--use_peft" not in extra:
         from safetensors.torch import load_file
 
         a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
