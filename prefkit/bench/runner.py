@@ -128,9 +128,9 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
 
 def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: list[str] | None = None) -> list[RunResult]:
     """Prepare once, then every method × seed; results.jsonl is appended run by run so a crash loses little."""
-    from prefkit.bench.report import write_report
+    from prefkit.bench.report import provenance, read_results, write_report
 
-    t_start = time.time()
+    t_start, prov = time.time(), provenance()  # the code that runs is the code at the start
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     print(f"[bench {bench.name}] preparing ({bench.task})", flush=True)
@@ -154,9 +154,7 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
             shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
                               if isinstance(v, float) and k != "train_seconds")
             print(f"[bench {bench.name}] {method} seed {seed}: {shown} ({time.time() - t0:.0f} s)", flush=True)
-    from prefkit.bench.report import provenance, read_results
-
-    state = {"notes": setup.notes, "wall_seconds": time.time() - t_start, "provenance": provenance()}
+    state = {"notes": setup.notes, "wall_seconds": time.time() - t_start, "provenance": prov}
     state_file = results_dir / "bench_state.json"  # committed, so a later subset run can merge into it
     if only and (results_dir / "results.csv").is_file() and state_file.is_file():
         # a subset run adds to the earlier runs of the other methods instead of replacing them
@@ -167,7 +165,8 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
         state["wall_seconds"] += earlier["wall_seconds"]
         old_commit = earlier["provenance"]["commit"]
         if old_commit != state["provenance"]["commit"]:
-            state["provenance"]["commit"] += f" ({', '.join(only)}); {old_commit} (the other methods)"
+            others = "" if old_commit.endswith("(the other methods)") else " (the other methods)"
+            state["provenance"]["commit"] += f" ({', '.join(only)}); {old_commit}{others}"
     state_file.write_text(json.dumps(state))
     write_report(bench, setup, results, results_dir, wall_seconds=state["wall_seconds"],
                  prov=state["provenance"])
