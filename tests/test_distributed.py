@@ -1,5 +1,5 @@
 """Two CPU processes (gloo, accelerate launch: DDP, FSDP2, DeepSpeed ZeRO-2/3) give the loss curve of one process
-with twice the gradient accumulation, for DPO, ADPO adaptive and DPO+RC; and a 2-process run resumes from its
+with twice the gradient accumulation, for DPO, ADPO adaptive + POET and DPO+RC; and a 2-process run resumes from its
 checkpoint."""
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def _single(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("objective", [[], ["--granularity", "adaptive", "--num_segments", "3"],
+@pytest.mark.parametrize("objective", [[], ["--granularity", "adaptive", "--num_segments", "3", "--poet", "true"],
                                        ["--reward_calibration", "true"], ["--precompute_ref_log_probs", "true"]],
-                         ids=["dpo", "adpo", "dpo+rc", "dpo+precomputed-ref"])
+                         ids=["dpo", "adpo+poet", "dpo+rc", "dpo+precomputed-ref"])
 def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, objective):
     if "--precompute_ref_log_probs" in objective:  # separate caches: each run computes its own
         objective = [*objective, "--ref_cache_dir", str(tmp_path / "cache")]
