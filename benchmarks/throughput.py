@@ -129,6 +129,7 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok, pairs, bs, lora = build(job, steps)
     base_rss = current_rss_mb()
+    ref_pass = None  # seconds of the reference pass, for the cached variants
     ds = Dataset.from_list(pairs)
     out = f"/tmp/prefkit-bench-{framework}-{job}"
     common = dict(output_dir=out, per_device_train_batch_size=bs, max_steps=steps, learning_rate=1e-5,
@@ -168,7 +169,6 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
         trainer = PrefTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     tokens = sum(len(tok(p["prompt"] + p["chosen"]).input_ids) + len(tok(p["prompt"] + p["rejected"]).input_ids)
                  for p in pairs[: steps * bs])
-    ref_pass = locals().get("ref_pass")
     spent = instrument(trainer)
     t0 = time.perf_counter()
     trainer.train()

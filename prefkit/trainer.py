@@ -45,7 +45,7 @@ def _reference_copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     if not getattr(model, "name_or_path", ""):
         raise ConfigError("under DeepSpeed ZeRO-3 the reference is reloaded from the policy's path; "
-                            "this model has none, so pass ref_model= explicitly")
+                          "this model has none, so pass ref_model= explicitly")
     return type(model).from_pretrained(model.name_or_path, dtype=model.dtype)
 
 

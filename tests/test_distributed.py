@@ -148,3 +148,22 @@ def test_accelerate_configs_are_accepted(name):
     assert cfg.num_processes >= 2
     if name == "multinode_ddp":
         assert cfg.num_machines == 2 and cfg.main_process_ip and cfg.main_process_port
+
+
+def test_zero3_reference_is_reloaded_from_the_policy_path(monkeypatch, model_dir, tiny_llama):
+    """Under ZeRO-3 a copy of the partitioned policy would be empty: the reference is reloaded from its path,
+    and a model without one gets a message saying to pass ref_model=."""
+    from transformers import AutoModelForCausalLM
+
+    import prefkit.trainer as trainer
+    from prefkit.errors import ConfigError
+
+    monkeypatch.setattr(trainer, "is_deepspeed_zero3_enabled", lambda: True)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(1.0)  # the reloaded reference is the saved model, not this object
+    ref = trainer._reference_copy(policy)
+    assert ref is not policy and torch.equal(ref.lm_head.weight + 1.0, policy.lm_head.weight)
+    tiny_llama.name_or_path = ""
+    with pytest.raises(ConfigError, match="pass ref_model= explicitly"):
+        trainer._reference_copy(tiny_llama)

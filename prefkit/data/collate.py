@@ -82,10 +82,12 @@ class PairCollator:
             batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
         return batch
 
+    def _width(self, longest: int) -> int:
+        m = self.pad_to_multiple_of
+        return -(-longest // m) * m if m else longest
+
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = self._width(max(len(s) for s in seqs))
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -97,9 +99,7 @@ class PairCollator:
         """prompt + chosen + rejected of a pair in one row segment; rejected attends to the prompt and itself
         only. With ``pack_pairs`` several pairs share a row, each attending only within its own segment."""
         lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = self._width(max(lengths))
         place = pack_rows(lengths, width) if self.pack_pairs else [(i, 0) for i in range(len(lengths))]
         rows = max(r for r, _ in place) + 1
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
