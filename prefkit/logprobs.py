@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prefkit.attention import use_segment_attention
 from prefkit.data.types import PairBatch
 from prefkit.objectives.types import PairLogps
 
@@ -123,6 +124,9 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
         # the additive 4D mask must match the activations' dtype
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         inputs.update(position_ids=batch.position_ids, attention_mask=batch.attention_mask.to(dtype))
+    if batch.segments is not None:
+        use_segment_attention(_unwrap(model))
+        inputs["prefkit_segments"] = batch.segments
     parts = None if _is_distributed_wrapper(model) else _fused_parts(model)
     if parts is not None:
         backbone, head = parts

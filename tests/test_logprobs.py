@@ -92,17 +92,42 @@ def test_shared_prompt_layout_equals_plain_layout():
         assert torch.equal(shared.chosen_mask, plain.chosen_mask)
 
 
-def test_pack_rows_first_fit_decreasing():
-    from prefkit.data.collate import pack_rows
+def test_packed_layout_is_one_row_without_padding():
+    from prefkit.attention import PairSegments
+    from prefkit.data import PairCollator
 
-    # widest first: 9 -> row 0; 6 -> row 1; 4 -> row 1 (6 + 4 <= 10); 3 -> row 2 (row 0 has 1 left, row 1 none)
-    assert pack_rows([3, 9, 4, 6], 10) == [(2, 0), (0, 0), (1, 6), (1, 0)]
-    assert pack_rows([5, 5], 5) == [(0, 0), (1, 0)]
+    feats = [{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2], "row_id": 0},
+             {"prompt_ids": [11], "chosen_ids": [12, 13, 2], "rejected_ids": [2], "row_id": 1}]
+    b = PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats)
+    assert b.input_ids.tolist() == [[5, 6, 7, 2, 8, 9, 2, 11, 12, 13, 2, 2]]
+    # rejected restarts after its prompt; the second pair restarts at 0
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 3, 1]]
+    assert b.segments == PairSegments(((2, 2, 3), (1, 3, 1)))
+    assert b.response_start.tolist() == [2, 8, 4, 11] and b.first_pred.tolist() == [1, 7, 1, 7]
+    assert b.to("cpu").segments == b.segments
+
+
+def test_segment_attention_is_sdpa_without_segments_and_refuses_other_backends():
+    import pytest
+
+    from prefkit.attention import use_segment_attention
+    from prefkit.errors import PrefkitError
+
+    model, batch = _model("qwen2"), _batch()
+    before = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    use_segment_attention(model)
+    assert model.config._attn_implementation == "prefkit_segments"
+    after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert torch.equal(before, after)  # padded batches (generation, TRL-style scoring) are untouched
+    eager = _model("llama")
+    eager.set_attn_implementation("eager")
+    with pytest.raises(PrefkitError, match="--pack_pairs false"):
+        use_segment_attention(eager)
 
 
 def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():
-    """Several pairs per row (block mask, restarted positions) give the same log-probs and gradients as the
-    plain two-rows-per-pair layout."""
+    """All pairs in one row (segment attention, restarted positions) give the same log-probs and gradients as
+    the plain two-rows-per-pair layout (GQA: 4 query heads on 2 key/value heads)."""
     from prefkit.data import PairCollator
 
     g = torch.Generator().manual_seed(0)
@@ -114,7 +139,7 @@ def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():
     feats = [{"prompt_ids": ids(p), "chosen_ids": ids(c) + [2], "rejected_ids": ids(r) + [2], "row_id": i}
              for i, (p, c, r) in enumerate(lens)]
     packed_batch = PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats)
-    assert packed_batch.input_ids.shape[0] < len(feats)  # the point: fewer rows
+    assert packed_batch.input_ids.numel() == sum(p + c + r + 2 for p, c, r in lens)  # the point: no padding
     for kind in ("llama", "qwen2"):
         model = _model(kind)
         results = []

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from prefkit.attention import PairSegments
 from prefkit.data.types import PairBatch
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ class PairCollator:
     ``static_eos_padding``: extend the shorter response of each pair with real EOS tokens to the longer one's
     length — the ADPO paper's padding for static windows (those EOS tokens are scored).
     ``share_prompt``: one row per pair, prompt computed once (see :class:`PairBatch`).
-    ``pack_pairs`` (with ``share_prompt``): several pairs per row, bin-packed (:func:`pack_rows`).
+    ``pack_pairs`` (with ``share_prompt``): all pairs end to end in one row without padding, attention per pair
+    (:mod:`prefkit.attention`).
     """
 
     pad_token_id: int
@@ -62,7 +64,9 @@ class PairCollator:
         resp_len = [len(c) for c in chosen] + [len(r) for r in rejected]
         t = max(resp_len)
         row_ids = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
-        if self.share_prompt:
+        if self.pack_pairs:
+            batch = self._packed(prompts, chosen, rejected, row_ids)
+        elif self.share_prompt:
             batch = self._shared(prompts, chosen, rejected, row_ids)
         else:
             seqs = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
@@ -96,28 +100,42 @@ class PairCollator:
         return input_ids, attention_mask
 
     def _shared(self, prompts, chosen, rejected, row_ids) -> PairBatch:
-        """prompt + chosen + rejected of a pair in one row segment; rejected attends to the prompt and itself
-        only. With ``pack_pairs`` several pairs share a row, each attending only within its own segment."""
-        lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-        width = self._width(max(lengths))
-        place = pack_rows(lengths, width) if self.pack_pairs else [(i, 0) for i in range(len(lengths))]
-        rows = max(r for r, _ in place) + 1
+        """prompt + chosen + rejected of a pair in one row; rejected attends to the prompt and itself only."""
+        width = self._width(max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))
+        rows = len(prompts)
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # padding attends to itself (no NaN rows)
         position_ids = torch.zeros(rows, width, dtype=torch.long)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        for (row, o), p, c, r in zip(place, prompts, chosen, rejected):
+        for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
             n_p, n_c, n = len(p), len(c), len(p) + len(c) + len(r)
-            input_ids[row, o : o + n] = torch.tensor(p + c + r, dtype=torch.long)
-            allowed[row, o : o + n, o : o + n] = causal[:n, :n]
-            allowed[row, o + n_p + n_c : o + n, o + n_p : o + n_p + n_c] = False  # rejected never sees chosen
-            position_ids[row, o : o + n_p + n_c] = torch.arange(n_p + n_c)
-            position_ids[row, o + n_p + n_c : o + n] = torch.arange(n_p, n_p + len(r))
+            input_ids[row, :n] = torch.tensor(p + c + r, dtype=torch.long)
+            allowed[row, :n, :n] = causal[:n, :n]
+            allowed[row, n_p + n_c : n, n_p : n_p + n_c] = False  # rejected never sees chosen
+            position_ids[row] = _pair_positions(n_p, n_c, len(r), width)
         mask = torch.zeros(rows, 1, width, width, dtype=torch.float32).masked_fill(
             ~allowed[:, None], torch.finfo(torch.float32).min
         )
-        row = torch.tensor([r for r, _ in place], dtype=torch.long)
-        start = torch.tensor([o + len(p) for (_, o), p in zip(place, prompts)], dtype=torch.long)
+        start = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        return self._shared_batch(input_ids, mask, position_ids, torch.arange(rows), start, chosen, rejected, row_ids)
+
+    def _packed(self, prompts, chosen, rejected, row_ids) -> PairBatch:
+        """All pairs end to end in one row, no padding; attention follows :class:`PairSegments`."""
+        lengths = tuple((len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
+        offsets = torch.tensor([0] + [sum(x) for x in lengths], dtype=torch.long).cumsum(0)
+        ids = [t for p, c, r in zip(prompts, chosen, rejected) for t in p + c + r]
+        position_ids = torch.cat([_pair_positions(*x, sum(x)) for x in lengths])
+        start = offsets[:-1] + torch.tensor([x[0] for x in lengths], dtype=torch.long)
+        # a 4D mask reaches the attention function as is; this empty one only stops transformers from building
+        # a (T x T) mask, and fails loudly in any attention that is not the segment one
+        placeholder = torch.zeros(1, 1, 0, 0)
+        batch = self._shared_batch(torch.tensor([ids], dtype=torch.long), placeholder, position_ids[None],
+                                   torch.zeros(len(lengths), dtype=torch.long), start, chosen, rejected, row_ids)
+        batch.segments = PairSegments(lengths)
+        return batch
+
+    @staticmethod
+    def _shared_batch(input_ids, mask, position_ids, row, start, chosen, rejected, row_ids) -> PairBatch:
         n_c = torch.tensor([len(c) for c in chosen], dtype=torch.long)
         return PairBatch(
             input_ids=input_ids,
@@ -131,19 +149,9 @@ class PairCollator:
         )
 
 
-def pack_rows(lengths: list[int], width: int) -> list[tuple[int, int]]:
-    """(row, offset) of each segment, first-fit decreasing into rows of ``width`` tokens.
-
-    Rows stay as wide as the longest pair, so attention cost per row does not grow, while the rows needed
-    (and with them the padded tokens every layer computes) drop to roughly total / width.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    used: list[int] = []
-    place = [(0, 0)] * len(lengths)
-    for i in order:
-        row = next((k for k, u in enumerate(used) if u + lengths[i] <= width), len(used))
-        if row == len(used):
-            used.append(0)
-        place[i] = (row, used[row])
-        used[row] += lengths[i]
-    return place
+def _pair_positions(n_p: int, n_c: int, n_r: int, width: int) -> torch.Tensor:
+    """Positions of prompt, chosen, rejected in a shared segment: rejected restarts after the prompt."""
+    pos = torch.zeros(width, dtype=torch.long)
+    pos[: n_p + n_c] = torch.arange(n_p + n_c)
+    pos[n_p + n_c : n_p + n_c + n_r] = torch.arange(n_p, n_p + n_r)
+    return pos

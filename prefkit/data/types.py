@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from prefkit.attention import PairSegments
+
 
 @dataclass
 class PairBatch:
@@ -17,8 +19,9 @@ class PairBatch:
     prompt+response i (2B rows, right-padded). In the shared-prompt layout (``position_ids`` set) a row segment
     holds prompt, chosen and rejected of one pair, with a 4D additive ``attention_mask`` that hides the chosen
     tokens from the rejected ones and ``position_ids`` that restart the rejected response after the prompt,
-    so the prompt is computed once; when pairs are packed a row holds several such segments, each attending
-    only within itself. ``response_start[i]`` is the position of response i's first token in
+    so the prompt is computed once. In the packed layout (``segments`` set) all pairs lie end to end in one
+    row without padding and attention follows ``segments`` (``attention_mask`` is an empty placeholder, see
+    :mod:`prefkit.attention`). ``response_start[i]`` is the position of response i's first token in
     row ``response_row[i]``, ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and
     ``first_pred[i]`` the position whose output predicts its first token (the last prompt token). Token
     weights and precomputed reference log-probs are response-aligned (B, T), T = the longest response.
@@ -36,6 +39,7 @@ class PairBatch:
     rejected_weights: Tensor | None = None
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
+    segments: PairSegments | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -50,8 +54,7 @@ class PairBatch:
 
     def to(self, device: torch.device | str) -> PairBatch:
         moved = {
-            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor) else None)
-            for f in fields(self)
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v) for f in fields(self)
         }
         return PairBatch(**moved)
 

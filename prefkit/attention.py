@@ -1,0 +1,91 @@
+"""Attention over packed pairs: several (prompt, chosen, rejected) segments laid end to end in one row.
+
+A packed batch has no padding and no (T x T) mask. For each pair the prompt+chosen queries attend causally to
+prompt+chosen, and the rejected queries to the prompt and, causally, to the rejected tokens before them
+(never to chosen), so the prompt is computed once and no attention score is computed across pairs or into
+masked blocks. transformers routes every attention call of a model through ``config._attn_implementation``;
+:data:`SEGMENT_ATTENTION` is registered there (and in the mask registry) and behaves exactly as ``sdpa``
+unless the call carries ``prefkit_segments``, so a model switched to it generates and scores as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from prefkit.errors import PrefkitError
+
+SEGMENT_ATTENTION = "prefkit_segments"
+
+
+@dataclass(frozen=True)
+class PairSegments:
+    """Token counts (prompt, chosen, rejected) of the pairs laid end to end in a packed row, in order."""
+
+    lengths: tuple[tuple[int, int, int], ...]
+
+    def split_sizes(self) -> list[int]:
+        """Piece sizes along the row: prompt+chosen, then rejected, for each pair."""
+        return [n for p, c, r in self.lengths for n in (p + c, r)]
+
+
+def segment_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function: (1, H, T, D) query -> (1, T, H, D) output over packed pairs."""
+    segments: PairSegments | None = kwargs.get("prefkit_segments")
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise PrefkitError("packed pairs use sdpa attention, which has no logit soft-capping; run with "
+                           "--pack_pairs false")
+    window = kwargs.get("sliding_window")
+    if window is not None and max(p + max(c, r) for p, c, r in segments.lengths) > window:
+        raise PrefkitError(f"a packed pair is longer than the model's sliding window ({window} tokens); run with "
+                           "--pack_pairs false")
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    sizes = segments.split_sizes()
+    # split along tokens once (its backward is one concatenation; slicing the full row per pair is not)
+    qs, ks, vs = (x.transpose(1, 2).split(sizes, dim=1) for x in (query, key, value))
+    outs = []
+    for i, (p, _c, r) in enumerate(segments.lengths):
+        q_pc, k_pc, v_pc = (x[2 * i].transpose(1, 2) for x in (qs, ks, vs))
+        outs.append(F.scaled_dot_product_attention(q_pc, k_pc, v_pc, dropout_p=dropout, scale=scaling, is_causal=True))
+        k_r = torch.cat([ks[2 * i][:, :p], ks[2 * i + 1]], dim=1).transpose(1, 2)
+        v_r = torch.cat([vs[2 * i][:, :p], vs[2 * i + 1]], dim=1).transpose(1, 2)
+        # rejected token t sees the whole prompt and rejected tokens 0..t: causal aligned bottom-right
+        seen = torch.ones(r, p + r, dtype=torch.bool, device=query.device).tril(p)
+        outs.append(F.scaled_dot_product_attention(qs[2 * i + 1].transpose(1, 2), k_r, v_r, attn_mask=seen,
+                                                   dropout_p=dropout, scale=scaling))
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+
+
+def use_segment_attention(model: nn.Module) -> None:
+    """Switch a transformers model from ``sdpa`` to :data:`SEGMENT_ATTENTION` (idempotent)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == SEGMENT_ATTENTION:
+        return
+    if impl != "sdpa" or not getattr(model, "_supports_attention_backend", False):
+        raise PrefkitError(f"packed pairs need a model whose attention runs on sdpa through transformers' attention "
+                           f"interface ({type(model).__name__} uses {impl!r}); run with --pack_pairs false")
+    model.set_attn_implementation(SEGMENT_ATTENTION)
