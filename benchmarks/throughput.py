@@ -127,6 +127,13 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
     from datasets import Dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
+    # import the framework first: transformers.Trainer alone brings ~105 MB of modules (peft among them) to both,
+    # so "training RSS" counts what training allocates, the part a GPU's memory figure would show
+    if framework == "trl":
+        import trl  # noqa: F401
+        from trl import DPOTrainer  # noqa: F401
+    else:
+        import prefkit.trainer  # noqa: F401
     model, tok, pairs, bs, lora = build(job, steps)
     base_rss = current_rss_mb()
     ref_pass = None  # seconds of the reference pass, for the cached variants

@@ -68,7 +68,7 @@ class PrefConfig(TrainingArguments):
     )
     pack_pairs: bool = field(
         default=True,
-        metadata={"help": "With share_prompt: bin-pack several pairs into each row (block mask), same math."},
+        metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
