@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from prefkit.errors import PrefkitError
+from prefkit.errors import ModelError
 
 SEGMENT_ATTENTION = "prefkit_segments"
 
@@ -51,11 +51,11 @@ def segment_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if kwargs.get("softcap") is not None:
-        raise PrefkitError("packed pairs use sdpa attention, which has no logit soft-capping; run with "
+        raise ModelError("packed pairs use sdpa attention, which has no logit soft-capping; run with "
                            "--pack_pairs false")
     window = kwargs.get("sliding_window")
     if window is not None and max(p + max(c, r) for p, c, r in segments.lengths) > window:
-        raise PrefkitError(f"a packed pair is longer than the model's sliding window ({window} tokens); run with "
+        raise ModelError(f"a packed pair is longer than the model's sliding window ({window} tokens); run with "
                            "--pack_pairs false")
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
@@ -86,6 +86,6 @@ def use_segment_attention(model: nn.Module) -> None:
     if impl == SEGMENT_ATTENTION:
         return
     if impl != "sdpa" or not getattr(model, "_supports_attention_backend", False):
-        raise PrefkitError(f"packed pairs need a model whose attention runs on sdpa through transformers' attention "
+        raise ModelError(f"packed pairs need a model whose attention runs on sdpa through transformers' attention "
                            f"interface ({type(model).__name__} uses {impl!r}); run with --pack_pairs false")
     model.set_attn_implementation(SEGMENT_ATTENTION)

@@ -125,6 +125,21 @@ def test_segment_attention_is_sdpa_without_segments_and_refuses_other_backends()
         use_segment_attention(eager)
 
 
+def test_packed_pairs_refuse_a_sliding_window_shorter_than_a_pair():
+    import pytest
+
+    from prefkit.data import PairCollator
+    from prefkit.errors import ModelError
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                         sliding_window=4, max_window_layers=0, layer_types=["sliding_attention"]))
+    feats = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2], "row_id": 0}]
+    with pytest.raises(ModelError, match="sliding window \\(4 tokens\\)"):
+        compute_pair_logps(model, PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats))
+
+
 def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():
     """All pairs in one row (segment attention, restarted positions) give the same log-probs and gradients as
     the plain two-rows-per-pair layout (GQA: 4 query heads on 2 key/value heads)."""
