@@ -37,7 +37,6 @@ class PairCollator:
     pad_token_id: int
     eos_token_id: int | None = None
     static_eos_padding: bool = False
-    pad_to_multiple_of: int | None = None
     share_prompt: bool = False
     pack_pairs: bool = False
 
@@ -86,12 +85,8 @@ class PairCollator:
             batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
         return batch
 
-    def _width(self, longest: int) -> int:
-        m = self.pad_to_multiple_of
-        return -(-longest // m) * m if m else longest
-
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = self._width(max(len(s) for s in seqs))
+        width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -101,7 +96,7 @@ class PairCollator:
 
     def _shared(self, prompts, chosen, rejected, row_ids) -> PairBatch:
         """prompt + chosen + rejected of a pair in one row; rejected attends to the prompt and itself only."""
-        width = self._width(max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))
+        width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
         rows = len(prompts)
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # padding attends to itself (no NaN rows)
