@@ -52,11 +52,11 @@ def segment_attention(
                                       **kwargs)
     if kwargs.get("softcap") is not None:
         raise ModelError("packed pairs use sdpa attention, which has no logit soft-capping; run with "
-                           "--pack_pairs false")
+                         "--pack_pairs false")
     window = kwargs.get("sliding_window")
     if window is not None and max(p + max(c, r) for p, c, r in segments.lengths) > window:
         raise ModelError(f"a packed pair is longer than the model's sliding window ({window} tokens); run with "
-                           "--pack_pairs false")
+                         "--pack_pairs false")
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
@@ -87,5 +87,5 @@ def use_segment_attention(model: nn.Module) -> None:
         return
     if impl != "sdpa" or not getattr(model, "_supports_attention_backend", False):
         raise ModelError(f"packed pairs need a model whose attention runs on sdpa through transformers' attention "
-                           f"interface ({type(model).__name__} uses {impl!r}); run with --pack_pairs false")
+                         f"interface ({type(model).__name__} uses {impl!r}); run with --pack_pairs false")
     model.set_attn_implementation(SEGMENT_ATTENTION)
