@@ -130,7 +130,6 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
     # import the framework first: transformers.Trainer alone brings ~105 MB of modules (peft among them) to both,
     # so "training RSS" counts what training allocates, the part a GPU's memory figure would show
     if framework == "trl":
-        import trl  # noqa: F401
         from trl import DPOTrainer  # noqa: F401
     else:
         import prefkit.trainer  # noqa: F401

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from prefkit.errors import ModelError
@@ -50,16 +50,12 @@ def segment_attention(
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ModelError("packed pairs use sdpa attention, which has no logit soft-capping; run with "
-                         "--pack_pairs false")
     window = kwargs.get("sliding_window")
     if window is not None and max(p + max(c, r) for p, c, r in segments.lengths) > window:
         raise ModelError(f"a packed pair is longer than the model's sliding window ({window} tokens); run with "
                          "--pack_pairs false")
     n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     sizes = segments.split_sizes()
     # split along tokens once (its backward is one concatenation; slicing the full row per pair is not)
     qs, ks, vs = (x.transpose(1, 2).split(sizes, dim=1) for x in (query, key, value))
