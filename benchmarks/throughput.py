@@ -123,7 +123,7 @@ def instrument(trainer) -> dict[str, float]:
     return spent
 
 
-def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
+def run_worker(framework: str, job: str, steps: int, variant: str, precision: str = "fp32") -> dict:
     from datasets import Dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -140,12 +140,12 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
     out = f"/tmp/prefkit-bench-{framework}-{job}"
     common = dict(output_dir=out, per_device_train_batch_size=bs, max_steps=steps, learning_rate=1e-5,
                   logging_steps=10**6, save_strategy="no", report_to="none", max_length=256, use_cpu=True,
-                  bf16=False, gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
+                  bf16=precision == "bf16", gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
     if framework == "trl":
         from peft import LoraConfig
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, beta=0.1)
+        args = DPOConfig(**common, beta=0.1, pad_to_multiple_of=64 if variant == "pad64" else None)
         peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
         # full fine-tuning: TRL would reload the reference from model.name_or_path; hand it the same frozen copy
         ref = None if lora else copy.deepcopy(model)
@@ -192,9 +192,9 @@ def run_worker(framework: str, job: str, steps: int, variant: str) -> dict:
             "step_s": {k: v / steps for k, v in spent.items()}, "reference_pass_s": ref_pass}
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """fp32 square matmul rate on this machine now (best of repeats): the ceiling a training step is held to."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Square matmul rate on this machine now (best of repeats): the ceiling a training step is held to."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
@@ -209,7 +209,8 @@ def _timed(fn) -> float:
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "fp32_matmul_gflops": round(matmul_peak_gflops(), 1)}
+            "fp32_matmul_gflops": round(matmul_peak_gflops(), 1),
+            "bf16_matmul_gflops": round(matmul_peak_gflops(dtype=torch.bfloat16), 1)}
 
 
 def commit() -> str:
@@ -227,27 +228,38 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per (framework, variant); the fastest is kept")
     p.add_argument("--variants", nargs="*", default=None,
                    help="prefkit variants besides dpo: adpo poet rc unpacked bucketed cached bucketed_cached")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="both frameworks: fp32, or bf16 autocast over fp32 weights (Trainer's --bf16); auto: bf16 "
+                        "where bf16 matmul is fast (CPUs with AMX, CUDA), as each framework's fastest setting there")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "JOB", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.precision == "auto":
+        from prefkit.models import bf16_is_fast
+
+        args.precision = "bf16" if bf16_is_fast("cpu") else "fp32"
     if args.worker:
-        print("RESULT " + json.dumps(run_worker(*args.worker[:2], args.steps, args.worker[2])))
+        print("RESULT " + json.dumps(run_worker(*args.worker[:2], args.steps, args.worker[2], args.precision)))
         return
     results = []
     for job in args.jobs:
         variants = args.variants if args.variants is not None else (
             ("adpo", "poet", "rc", "unpacked", "bucketed", "cached", "bucketed_cached") if job == "a"
             else ("unpacked", "cached"))
-        runs = [("trl", "dpo"), ("prefkit", "dpo")] + [("prefkit", v) for v in variants]
+        # TRL at its fastest: in bf16 its rows also get the shape bucketing that oneDNN's per-shape kernels want
+        trl_runs = [("trl", "dpo")] + ([("trl", "pad64")] if args.precision == "bf16" else [])
+        runs = trl_runs + [("prefkit", "dpo")] + [("prefkit", v) for v in variants]
         if any(v.endswith("cached") for v in variants):  # fill the reference cache once, untimed
             shutil.rmtree(REF_CACHE, ignore_errors=True)
-            subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", "prefkit", job, "cached"],
+            subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--precision", args.precision,
+                            "--worker", "prefkit", job, "cached"],
                            capture_output=True, text=True, check=True)
         # interleaved repeats, fastest kept: this VM's speed drifts by up to several x between minutes
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.repeats):
             for framework, variant in runs:
-                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", framework,
-                                       job, variant], capture_output=True, text=True)
+                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--precision",
+                                       args.precision, "--worker", framework, job, variant],
+                                      capture_output=True, text=True)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if not line:
                     print(proc.stderr[-3000:], file=sys.stderr)
@@ -263,7 +275,8 @@ def main() -> None:
             "pairs/s vs TRL | peak RSS vs TRL | training RSS vs TRL | step s: data / forward / backward / optimizer |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        base = next(x for x in results if x["job"] == r["job"] and x["framework"] == "trl")
+        base = max((x for x in results if x["job"] == r["job"] and x["framework"] == "trl"),
+                   key=lambda x: x["pairs_per_s"])
         split = " / ".join(f"{r['step_s'][k]:.3f}" for k in ("data", "forward", "backward", "optimizer"))
         rows.append(f"| {r['job']} | {r['framework']} | {r['variant']} | {r['pairs_per_s']:.2f} | "
                     f"{r['tokens_per_s']:.0f} | {r['model_gflops']:.1f} | {r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | "
@@ -274,9 +287,11 @@ def main() -> None:
     outdir = HERE / "out"
     outdir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"commit": commit(), "machine": machine(), "steps": args.steps, "results": results}
+    meta = {"commit": commit(), "machine": machine(), "steps": args.steps, "precision": args.precision,
+            "results": results}
     (outdir / f"throughput-{stamp}.json").write_text(json.dumps(meta, indent=2))
-    (outdir / f"throughput-{stamp}.md").write_text(f"commit {meta['commit']}, {meta['machine']}\n\n{table}\n")
+    (outdir / f"throughput-{stamp}.md").write_text(f"commit {meta['commit']}, {args.precision}, {meta['machine']}\n\n"
+                                                   f"{table}\n")
 
 
 if __name__ == "__main__":

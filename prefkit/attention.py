@@ -26,13 +26,15 @@ SEGMENT_ATTENTION = "prefkit_segments"
 
 @dataclass(frozen=True)
 class PairSegments:
-    """Token counts (prompt, chosen, rejected) of the pairs laid end to end in a packed row, in order."""
+    """Token counts (prompt, chosen, rejected) of the pairs laid end to end in a packed row, in order, and the
+    padding after them (``pad`` tokens that attend to nothing and output zeros)."""
 
     lengths: tuple[tuple[int, int, int], ...]
+    pad: int = 0
 
     def split_sizes(self) -> list[int]:
-        """Piece sizes along the row: prompt+chosen, then rejected, for each pair."""
-        return [n for p, c, r in self.lengths for n in (p + c, r)]
+        """Piece sizes along the row: prompt+chosen, then rejected, for each pair; then the padding."""
+        return [n for p, c, r in self.lengths for n in (p + c, r)] + ([self.pad] if self.pad else [])
 
 
 def segment_attention(
@@ -56,6 +58,18 @@ def segment_attention(
                          "--pack_pairs false")
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if query.device.type != "cpu":
+        return _per_pair(query, key, value, segments, dropout, scaling), None
+    # on CPU, bf16 attention builds a kernel for every new segment length (each pair has its own) and fp32 runs
+    # as fast at these sizes, so attention runs in fp32 there, autocast or not; the output keeps sdpa's dtype
+    out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    with torch.autocast("cpu", enabled=False):
+        out = _per_pair(query.float(), key.float(), value.float(), segments, dropout, scaling)
+    return out.to(out_dtype), None
+
+
+def _per_pair(query: Tensor, key: Tensor, value: Tensor, segments: PairSegments, dropout: float,
+              scaling: float | None) -> Tensor:
     sizes = segments.split_sizes()
     # split along tokens once (its backward is one concatenation; slicing the full row per pair is not)
     qs, ks, vs = (x.transpose(1, 2).split(sizes, dim=1) for x in (query, key, value))
@@ -69,7 +83,9 @@ def segment_attention(
         seen = torch.ones(r, p + r, dtype=torch.bool, device=query.device).tril(p)
         outs.append(F.scaled_dot_product_attention(qs[2 * i + 1].transpose(1, 2), k_r, v_r, attn_mask=seen,
                                                    dropout_p=dropout, scale=scaling))
-    return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None
+    if segments.pad:
+        outs.append(query.new_zeros(1, query.shape[1], segments.pad, query.shape[3]))
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=1)
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)

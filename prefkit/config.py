@@ -17,6 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from prefkit.errors import ConfigError
+from prefkit.models import bf16_is_fast, default_device_type
 
 
 @dataclass
@@ -32,7 +33,13 @@ class PrefConfig(TrainingArguments):
     )
     model_dtype: str = field(
         default="auto",
-        metadata={"help": "auto | float32 | bfloat16 | float16. auto: bf16 only where matmul in bf16 is fast."},
+        metadata={"help": "auto | float32 | bfloat16 | float16. auto: fp32 for full fine-tuning (trained weights; "
+                          "--bf16 gives bf16 speed), bf16 for a LoRA run's frozen base where bf16 matmul is fast."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (mixed precision). Default: on where bf16 matmul is fast (CUDA with bf16, "
+                          "CPUs with AMX), off elsewhere, where it is ~20x slower."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickled (.bin) weights."})
@@ -69,6 +76,11 @@ class PrefConfig(TrainingArguments):
     pack_pairs: bool = field(
         default=True,
         metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Round row lengths up to a multiple of this. Default: 64 for bf16 on a CPU (its bf16 "
+                          "kernels are built per shape, so unbucketed lengths rebuild them every step), else none."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
@@ -137,6 +149,15 @@ class PrefConfig(TrainingArguments):
             self.lora_target_modules = [s.strip() for s in self.lora_target_modules.split(",") if s.strip()]
         if self.output_dir is None:
             self.output_dir = "outputs/prefkit"
+        device_type = default_device_type(self.use_cpu)
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and bf16_is_fast(device_type)
+            if self.bf16 and device_type == "cpu":
+                self.use_cpu = True  # transformers refuses bf16 without a GPU unless told the CPU is meant
+        low_precision = self.bf16 or self.model_dtype in ("bfloat16", "float16") or (
+            self.model_dtype == "auto" and self.use_peft and bf16_is_fast(device_type))
+        if self.pad_to_multiple_of is None and device_type == "cpu" and low_precision:
+            self.pad_to_multiple_of = 64
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
             launched = "LOCAL_RANK" in os.environ
@@ -165,6 +186,8 @@ def validate_config(cfg: PrefConfig) -> None:
         bad("truncation_mode", f"must be keep_end or keep_start, got {cfg.truncation_mode!r}")
     if cfg.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad("model_dtype", f"must be auto, float32, bfloat16 or float16, got {cfg.model_dtype!r}")
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
+        bad("pad_to_multiple_of", f"must be a positive integer, got {cfg.pad_to_multiple_of}")
     if cfg.eval_split_size < 0:
         bad("eval_split_size", f"must be >= 0, got {cfg.eval_split_size}")
     if cfg.dynamics_steps < 0:

@@ -17,6 +17,7 @@ from prefkit.data.types import PairBatch
 from prefkit.objectives.types import PairLogps
 
 CHUNK_TOKENS = 1024
+CPU_LOW_PRECISION_ROWS = 64  # head rows padded to a multiple of this where kernels are built per shape
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -26,6 +27,9 @@ class _TokenLogprob(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:  # type: ignore[override]
         # logits in at least float32: bf16 log-softmax over a large vocabulary loses the small terms
         ctx.compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+        # backward recomputes the logits under the forward's autocast, as torch.amp.custom_bwd would
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         out = torch.empty(hidden.shape[0], dtype=ctx.compute_dtype, device=hidden.device)
         for s in range(0, hidden.shape[0], CHUNK_TOKENS):
             logits = F.linear(hidden[s : s + CHUNK_TOKENS], weight, bias).to(ctx.compute_dtype)
@@ -42,19 +46,9 @@ class _TokenLogprob(torch.autograd.Function):
         cd = ctx.compute_dtype
         grad_w = torch.zeros_like(weight, dtype=cd) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=cd) if (need_b and bias is not None) else None
-        for s in range(0, hidden.shape[0], CHUNK_TOKENS):
-            h = hidden[s : s + CHUNK_TOKENS]
-            logits = F.linear(h, weight, bias).to(cd)
-            # d/dlogits of log p_y = onehot(y) - softmax
-            g = -torch.softmax(logits, dim=1)
-            g.scatter_add_(1, targets[s : s + CHUNK_TOKENS, None], torch.ones_like(g[:, :1]))
-            g.mul_(grad_out[s : s + CHUNK_TOKENS, None])
-            if grad_h is not None:
-                grad_h[s : s + CHUNK_TOKENS] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += g.t() @ h.to(cd)
-            if grad_b is not None:
-                grad_b += g.sum(0)
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_w, grad_b)
         return (
             grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,
@@ -63,12 +57,38 @@ class _TokenLogprob(torch.autograd.Function):
         )
 
 
+def _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_w, grad_b) -> None:
+    """Fill grad_h / accumulate grad_w, grad_b chunk by chunk (any may be None)."""
+    for s in range(0, hidden.shape[0], CHUNK_TOKENS):
+        h = hidden[s : s + CHUNK_TOKENS]
+        logits = F.linear(h, weight, bias).to(cd)
+        # d/dlogits of log p_y = onehot(y) - softmax
+        g = -torch.softmax(logits, dim=1)
+        g.scatter_add_(1, targets[s : s + CHUNK_TOKENS, None], torch.ones_like(g[:, :1]))
+        g.mul_(grad_out[s : s + CHUNK_TOKENS, None])
+        if grad_h is not None:
+            grad_h[s : s + CHUNK_TOKENS] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+        if grad_w is not None:
+            grad_w += g.t() @ h.to(cd)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+
+
 def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
     """log p(target | hidden) for (N, H) hidden states; fused for plain linear heads."""
-    if type(head) is nn.Linear:
-        return _TokenLogprob.apply(hidden, head.weight, head.bias, targets)
-    logits = head(hidden).float()
-    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+    if type(head) is not nn.Linear:
+        logits = head(hidden).float()
+        return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+    n = hidden.shape[0]
+    pad = -n % CPU_LOW_PRECISION_ROWS if _kernels_per_shape(hidden, head.weight) else 0
+    if pad:  # zero rows predicting token 0, dropped below: a few repeated shapes instead of a new one per batch
+        hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
+    return _TokenLogprob.apply(hidden, head.weight, head.bias, targets)[:n]
+
+
+def _kernels_per_shape(hidden: Tensor, weight: Tensor) -> bool:
+    """CPU bf16/fp16 matmuls (oneDNN) build a kernel for each new shape; fp32 and CUDA ones do not."""
+    return hidden.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or weight.dtype != torch.float32)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -98,17 +98,32 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
-def choose_dtype(requested: str = "auto", device: torch.device | None = None) -> torch.dtype:
-    """bf16 only where matmul in bf16 is fast (CUDA with bf16, CPUs with AMX); fp32 elsewhere."""
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether bf16 matmul is fast here: CUDA with bf16 support, CPUs with AMX (elsewhere it is ~20x slower)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and _cpu_has_amx()
+
+
+def default_device_type(use_cpu: bool = False) -> str:
+    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+
+
+def choose_dtype(requested: str = "auto", device: torch.device | None = None, *, trained: bool = False) -> torch.dtype:
+    """Weight dtype. auto: fp32 for weights that are trained (AdamW on bf16 weights rounds away updates smaller
+    than ~1/256 of a weight; ``--bf16`` autocast gives the bf16 speed on fp32 weights), and for frozen weights
+    bf16 where bf16 matmul is fast, fp32 elsewhere."""
     if requested != "auto":
         return getattr(torch, requested)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_amx() else torch.float32
+    if trained:
+        return torch.float32
+    device_type = device.type if device is not None else default_device_type()
+    return torch.bfloat16 if bf16_is_fast(device_type) else torch.float32
 
 
 def _cpu_has_amx() -> bool:
+    if os.environ.get("PREFKIT_CPU_BF16", "").lower() in ("0", "false", "no"):
+        return False  # tests (and users who want fp32 defaults everywhere) opt out of the AMX path
     try:
         return "amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:

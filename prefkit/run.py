@@ -20,6 +20,7 @@ from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
 from prefkit.models import (
     apply_lora,
     choose_dtype,
+    default_device_type,
     is_peft_model,
     load_causal_lm,
     load_tokenizer,
@@ -79,7 +80,8 @@ def resolve_checkpoint(cfg: PrefConfig) -> str | None:
 def load_model_and_tokenizer(cfg: PrefConfig):
     path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    dtype = choose_dtype(cfg.model_dtype)
+    # LoRA trains only its adapters (peft keeps them in fp32), so the frozen base may be bf16
+    dtype = choose_dtype(cfg.model_dtype, torch.device(default_device_type(cfg.use_cpu)), trained=not cfg.use_peft)
     model = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

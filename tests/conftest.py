@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+# the same fp32 defaults on every machine (and in the subprocesses tests launch), so figures compare across
+# machines; the bf16 defaults of CPUs with AMX are tested by monkeypatching the detection
+os.environ["PREFKIT_CPU_BF16"] = "0"
 
 WORDS = (
     "the a cat dog sat ran on under mat log red blue big small quickly slowly home park what is it yes no "

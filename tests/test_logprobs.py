@@ -155,17 +155,66 @@ def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():
              for i, (p, c, r) in enumerate(lens)]
     packed_batch = PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats)
     assert packed_batch.input_ids.numel() == sum(p + c + r + 2 for p, c, r in lens)  # the point: no padding
+    # --pad_to_multiple_of: the packed row (56 tokens) gets an 8-token tail that attends to nothing
+    padded_batch = PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True, pad_to_multiple_of=16)(feats)
+    assert padded_batch.input_ids.shape == (1, 64) and padded_batch.segments.pad == 8
     for kind in ("llama", "qwen2"):
         model = _model(kind)
         results = []
-        for batch in (PairCollator(pad_token_id=0)(feats), packed_batch):
+        for batch in (PairCollator(pad_token_id=0)(feats), packed_batch, padded_batch):
             model.zero_grad()
             lp = compute_pair_logps(model, batch)
             (lp.chosen.sum() - 0.3 * lp.rejected.sum()).backward()
             results.append((lp, {n: q.grad.clone() for n, q in model.named_parameters()}))
-        (plain, g_plain), (packed, g_packed) = results
-        torch.testing.assert_close(packed.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(packed.rejected, plain.rejected, rtol=1e-5, atol=1e-5)
-        assert torch.equal(packed.rejected_mask, plain.rejected_mask)
-        for n in g_plain:
-            torch.testing.assert_close(g_packed[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+        (plain, g_plain), *others = results
+        for packed, g_packed in others:
+            torch.testing.assert_close(packed.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed.rejected, plain.rejected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(packed.rejected_mask, plain.rejected_mask)
+            for n in g_plain:
+                torch.testing.assert_close(g_packed[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_cpu_bf16_autocast_head_pads_rows_and_recomputes_under_autocast():
+    """Under CPU bf16 autocast the fused head pads its rows to a multiple of 64 (dropped again) and its backward
+    recomputes the logits under the same autocast, so values and gradients match plain autograd there."""
+    from prefkit.logprobs import token_logprobs_from_hidden
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    h = torch.randn(37, 16, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = token_logprobs_from_hidden(h, head, y)
+        assert fused.shape == (37,)
+        g_h, g_w = torch.autograd.grad(fused.square().sum(), (h, head.weight))
+        ref = torch.log_softmax(head(h).float(), dim=1).gather(1, y[:, None]).squeeze(1)
+        r_h, r_w = torch.autograd.grad(ref.square().sum(), (h, head.weight))
+    torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3)
+    # the same bf16 matmuls as autograd's (an fp32 recomputation would be ~4e-3 off)
+    torch.testing.assert_close(g_h, r_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-4, atol=1e-6)
+
+
+def test_segment_attention_runs_fp32_on_cpu_under_autocast(monkeypatch):
+    """On CPU the per-pair attention leaves autocast (bf16 kernels are built per segment length) and returns
+    sdpa's dtype: under bf16 autocast a packed forward stays within bf16 rounding of the fp32 one."""
+    from prefkit.data import PairCollator
+
+    feats = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2], "row_id": 0},
+             {"prompt_ids": [11], "chosen_ids": [12, 13, 14, 2], "rejected_ids": [15, 16, 2], "row_id": 1}]
+    batch = PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True, pad_to_multiple_of=8)(feats)
+    model = _model("llama")
+    exact = compute_pair_logps(model, batch)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(q, *a, **k):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = compute_pair_logps(model, batch)
+    assert seen and set(seen) == {(torch.float32, False)}
+    torch.testing.assert_close(mixed.chosen, exact.chosen, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(mixed.rejected, exact.rejected, rtol=0.05, atol=0.05)

@@ -40,6 +40,28 @@ def test_dtype_choice_cpu_is_fp32_without_amx(monkeypatch):
     monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: True)
     assert choose_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert choose_dtype("float16", torch.device("cpu")) == torch.float16
+    # trained weights stay fp32 (bf16 AdamW rounds small updates away); --bf16 autocast brings the speed
+    assert choose_dtype("auto", torch.device("cpu"), trained=True) == torch.float32
+    assert choose_dtype("bfloat16", torch.device("cpu"), trained=True) == torch.bfloat16
+
+
+def test_precision_defaults_follow_the_hardware(monkeypatch, tmp_path):
+    """--bf16 defaults to autocast where bf16 matmul is fast, and on such a CPU rows are padded to a multiple of
+    64 (its bf16 kernels are built per shape); explicit values win."""
+    from prefkit.config import PrefConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU defaults")
+    out = str(tmp_path)
+    monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: False)
+    cfg = PrefConfig(output_dir=out)
+    assert (cfg.bf16, cfg.pad_to_multiple_of) == (False, None)
+    monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: True)
+    cfg = PrefConfig(output_dir=out)
+    assert (cfg.bf16, cfg.use_cpu, cfg.pad_to_multiple_of) == (True, True, 64)
+    assert PrefConfig(output_dir=out, bf16=False).pad_to_multiple_of is None
+    assert PrefConfig(output_dir=out, bf16=False, use_peft=True).pad_to_multiple_of == 64  # bf16 frozen base
+    assert PrefConfig(output_dir=out, pad_to_multiple_of=8).pad_to_multiple_of == 8
 
 
 def _tiny_llama() -> LlamaForCausalLM:

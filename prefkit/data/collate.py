@@ -32,6 +32,8 @@ class PairCollator:
     ``share_prompt``: one row per pair, prompt computed once (see :class:`PairBatch`).
     ``pack_pairs`` (with ``share_prompt``): all pairs end to end in one row without padding, attention per pair
     (:mod:`prefkit.attention`).
+    ``pad_to_multiple_of``: round every row's length up to a multiple (fewer distinct shapes, for kernels that are
+    built per shape).
     """
 
     pad_token_id: int
@@ -39,6 +41,7 @@ class PairCollator:
     static_eos_padding: bool = False
     share_prompt: bool = False
     pack_pairs: bool = False
+    pad_to_multiple_of: int | None = None
 
     @classmethod
     def for_config(cls, cfg: PrefConfig, tokenizer: PreTrainedTokenizerBase, *, training: bool = True) -> PairCollator:
@@ -49,6 +52,7 @@ class PairCollator:
             static_eos_padding=training and cfg.granularity == "static" and cfg.static_padding == "eos",
             share_prompt=cfg.share_prompt,
             pack_pairs=cfg.share_prompt and cfg.pack_pairs,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
         )
 
     def __call__(self, features: list[dict]) -> PairBatch:
@@ -85,8 +89,12 @@ class PairCollator:
             batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
         return batch
 
+    def _width(self, n: int) -> int:
+        m = self.pad_to_multiple_of
+        return -(-n // m) * m if m else n
+
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
+        width = self._width(max(len(s) for s in seqs))
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -96,7 +104,7 @@ class PairCollator:
 
     def _shared(self, prompts, chosen, rejected, row_ids) -> PairBatch:
         """prompt + chosen + rejected of a pair in one row; rejected attends to the prompt and itself only."""
-        width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+        width = self._width(max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))
         rows = len(prompts)
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # padding attends to itself (no NaN rows)
@@ -115,18 +123,21 @@ class PairCollator:
         return self._shared_batch(input_ids, mask, position_ids, torch.arange(rows), start, chosen, rejected, row_ids)
 
     def _packed(self, prompts, chosen, rejected, row_ids) -> PairBatch:
-        """All pairs end to end in one row, no padding; attention follows :class:`PairSegments`."""
+        """All pairs end to end in one row (padded only to ``pad_to_multiple_of``); attention follows
+        :class:`PairSegments`."""
         lengths = tuple((len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
         offsets = torch.tensor([0] + [sum(x) for x in lengths], dtype=torch.long).cumsum(0)
         ids = [t for p, c, r in zip(prompts, chosen, rejected) for t in p + c + r]
-        position_ids = torch.cat([_pair_positions(*x, sum(x)) for x in lengths])
+        pad = self._width(len(ids)) - len(ids)
+        ids += [self.pad_token_id] * pad
+        position_ids = torch.cat([_pair_positions(*x, sum(x)) for x in lengths] + [torch.zeros(pad, dtype=torch.long)])
         start = offsets[:-1] + torch.tensor([x[0] for x in lengths], dtype=torch.long)
         # a 4D mask reaches the attention function as is; this empty one only stops transformers from building
         # a (T x T) mask, and fails loudly in any attention that is not the segment one
         placeholder = torch.zeros(1, 1, 0, 0)
         batch = self._shared_batch(torch.tensor([ids], dtype=torch.long), placeholder, position_ids[None],
                                    torch.zeros(len(lengths), dtype=torch.long), start, chosen, rejected, row_ids)
-        batch.segments = PairSegments(lengths)
+        batch.segments = PairSegments(lengths, pad)
         return batch
 
     @staticmethod
