@@ -45,25 +45,29 @@ def _model_identity(model_path: str) -> str:
     return model_path
 
 
-def cache_key(ds: Dataset, model_path: str, static_eos_padding: bool) -> str:
+def cache_key(ds: Dataset, model_path: str, static_eos_padding: bool, autocast: torch.dtype | None = None) -> str:
     h = hashlib.sha256()
     h.update(_model_identity(model_path).encode())
     h.update(f"eos_pad={static_eos_padding}".encode())
+    if autocast is not None:  # the reference pass runs under the training's autocast
+        h.update(f"autocast={autocast}".encode())
     for row in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter(batch_size=1024):
         h.update(json.dumps(row).encode())
     return h.hexdigest()[:24]
 
 
 @torch.no_grad()
-def compute_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollator, batch_size: int) -> dict:
-    """Per-token reference log-probs of every pair (adapters disabled for a peft policy)."""
+def compute_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollator, batch_size: int,
+                            autocast: torch.dtype | None = None) -> dict:
+    """Per-token reference log-probs of every pair (adapters disabled for a peft policy), under ``autocast``
+    when given (the dtype the training's --bf16 / --fp16 autocasts to)."""
     out: dict[str, list[list[float]]] = {c: [] for c in COLUMNS}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     ctx = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
     try:
-        with ctx:
+        with ctx, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             for start in tqdm(range(0, len(ds), batch_size), desc="reference log-probs", leave=False):
                 batch = collator([ds[i] for i in range(start, min(start + batch_size, len(ds)))]).to(device)
                 lp = compute_pair_logps(model, batch)
@@ -74,14 +78,15 @@ def compute_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollato
     return out
 
 
-def _sharded_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollator, batch_size: int) -> dict:
+def _sharded_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollator, batch_size: int,
+                             autocast: torch.dtype | None) -> dict:
     """This rank's contiguous shard of the pairs, then all shards gathered in order onto every rank."""
     state = PartialState()
     if state.num_processes == 1:
-        return compute_reference_logps(ds, model, collator, batch_size)
+        return compute_reference_logps(ds, model, collator, batch_size, autocast)
     shard = ds.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
     logger.info("reference log-probs: rank %d computes %d of %d pairs", state.process_index, len(shard), len(ds))
-    parts = gather_object([compute_reference_logps(shard, model, collator, batch_size)])
+    parts = gather_object([compute_reference_logps(shard, model, collator, batch_size, autocast)])
     return {c: [row for part in parts for row in part[c]] for c in COLUMNS}
 
 
@@ -90,7 +95,8 @@ def attach_reference_logps(
 ) -> Dataset:
     """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the cache when the key matches."""
     collator = PairCollator.for_config(cfg, tokenizer)
-    key = cache_key(ds, model_path, collator.static_eos_padding)
+    autocast = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    key = cache_key(ds, model_path, collator.static_eos_padding, autocast)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"
     path = path / key
     state = PartialState()
@@ -101,7 +107,8 @@ def attach_reference_logps(
         logger.info("reference log-probs: cache hit %s", path)
         cached = load_from_disk(str(path))
     else:
-        cached = Dataset.from_dict(_sharded_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size))
+        cached = Dataset.from_dict(_sharded_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size,
+                                                              autocast))
         if state.is_main_process:
             logger.info("reference log-probs: writing cache %s", path)
             tmp = path.with_name(path.name + f".tmp-{os.getpid()}")

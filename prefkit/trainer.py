@@ -153,7 +153,8 @@ class PrefTrainer(Trainer):
         return inputs.to(self.args.device)
 
     def _probe_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
-        return compute_pair_logps(model, batch.to(self.args.device))
+        with self.accelerator.autocast():
+            return compute_pair_logps(model, batch.to(self.args.device))
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
@@ -173,10 +174,13 @@ class PrefTrainer(Trainer):
 
     def pair_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         """Policy log-probs with graph plus reference log-probs when the objective needs them."""
-        logps = compute_pair_logps(model, batch)
-        if self.objective.needs_reference:
-            ref_chosen, ref_rejected = self.reference_logps(model, batch)
-            logps = logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        # accelerate autocasts (--bf16) only the prepared model's own forward, and the backbone, head and
+        # reference are called directly
+        with self.accelerator.autocast():
+            logps = compute_pair_logps(model, batch)
+            if self.objective.needs_reference:
+                ref_chosen, ref_rejected = self.reference_logps(model, batch)
+                logps = logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         return logps
 
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):

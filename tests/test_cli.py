@@ -79,6 +79,19 @@ def test_golden_seeded_run_and_plots_and_cached_reference(tmp_path, model_dir, c
     assert any(p.endswith("loss.png") for p in pngs) and all(Path(p).stat().st_size > 1000 for p in pngs)
 
 
+def test_cached_reference_under_bf16_autocast_equals_on_the_fly_reference(tmp_path, model_dir):
+    """--bf16: the reference pass for the cache runs under the same autocast as training (its own cache entry)."""
+    data = write_pairs(tmp_path / "p.jsonl", 20)
+    cache = tmp_path / "refcache"
+    bf16 = ["--max_steps", "3", "--bf16", "true", "--use_cpu", "true"]
+    cached = ["--precompute_ref_log_probs", "true", "--ref_cache_dir", str(cache)]
+    assert main(_train_args(model_dir, data, tmp_path / "fp32", "--max_steps", "3", "--bf16", "false", *cached)) == 0
+    assert main(_train_args(model_dir, data, tmp_path / "a", *bf16, *cached)) == 0
+    assert len(list(cache.iterdir())) == 2
+    assert main(_train_args(model_dir, data, tmp_path / "b", *bf16)) == 0
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+
+
 def test_nan_loss_stops_with_checkpoint_or_skips(tmp_path, model_dir, capsys, monkeypatch):
     import torch
 

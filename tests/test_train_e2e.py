@@ -110,3 +110,30 @@ def test_group_by_length_buckets_pairs_by_token_count(tmp_path: Path, tiny_llama
     assert isinstance(sampler, LengthGroupedSampler) and list(sampler.lengths) == ds["length"]
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch.num_pairs == 4
+
+
+def test_bf16_runs_policy_and_reference_forwards_under_autocast(tmp_path: Path, tiny_llama, tiny_tokenizer,
+                                                                 monkeypatch):
+    """--bf16: accelerate autocasts only the prepared model's own forward, and prefkit calls the backbone, head
+    and reference itself, so the trainer enters autocast for them; the weights stay fp32."""
+    from datasets import Dataset
+
+    import prefkit.trainer
+    from prefkit import PrefConfig, PrefTrainer
+
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 8).read_text().splitlines()]
+    args = PrefConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, use_cpu=True, report_to="none",
+                      bf16=True, max_steps=1, max_length=64, dynamics_steps=0)
+    trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tiny_tokenizer)
+    seen = []
+    real = prefkit.trainer.compute_pair_logps
+
+    def recording(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, batch)
+
+    monkeypatch.setattr(prefkit.trainer, "compute_pair_logps", recording)
+    trainer.train()
+    assert seen == [True, True]  # policy, reference
+    assert all(p.dtype == torch.float32 for p in tiny_llama.parameters())
