@@ -17,7 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from prefkit.errors import ConfigError
-from prefkit.models import bf16_is_fast, default_device_type
+from prefkit.models import CPU_SHAPE_MULTIPLE, bf16_is_fast, choose_dtype, default_device_type
 
 
 @dataclass
@@ -154,10 +154,9 @@ class PrefConfig(TrainingArguments):
             self.bf16 = not self.fp16 and bf16_is_fast(device_type)
             if self.bf16 and device_type == "cpu":
                 self.use_cpu = True  # transformers refuses bf16 without a GPU unless told the CPU is meant
-        low_precision = self.bf16 or self.model_dtype in ("bfloat16", "float16") or (
-            self.model_dtype == "auto" and self.use_peft and bf16_is_fast(device_type))
-        if self.pad_to_multiple_of is None and device_type == "cpu" and low_precision:
-            self.pad_to_multiple_of = 64
+        weights = choose_dtype(self.model_dtype, torch.device(device_type), trained=not self.use_peft)
+        if self.pad_to_multiple_of is None and device_type == "cpu" and (self.bf16 or weights != torch.float32):
+            self.pad_to_multiple_of = CPU_SHAPE_MULTIPLE
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
             launched = "LOCAL_RANK" in os.environ

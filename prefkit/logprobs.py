@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from prefkit.attention import use_segment_attention
 from prefkit.data.types import PairBatch
+from prefkit.models import CPU_SHAPE_MULTIPLE
 from prefkit.objectives.types import PairLogps
 
 CHUNK_TOKENS = 1024
-CPU_LOW_PRECISION_ROWS = 64  # head rows padded to a multiple of this where kernels are built per shape
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -80,7 +80,7 @@ def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor)
         logits = head(hidden).float()
         return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
     n = hidden.shape[0]
-    pad = -n % CPU_LOW_PRECISION_ROWS if _kernels_per_shape(hidden, head.weight) else 0
+    pad = -n % CPU_SHAPE_MULTIPLE if _kernels_per_shape(hidden, head.weight) else 0
     if pad:  # zero rows predicting token 0, dropped below: a few repeated shapes instead of a new one per batch
         hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
     return _TokenLogprob.apply(hidden, head.weight, head.bias, targets)[:n]

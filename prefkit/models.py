@@ -98,6 +98,10 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
+# CPU bf16/fp16 matmuls (oneDNN) build a kernel per shape: lengths rounded up to this repeat a few shapes
+CPU_SHAPE_MULTIPLE = 64
+
+
 def bf16_is_fast(device_type: str) -> bool:
     """Whether bf16 matmul is fast here: CUDA with bf16 support, CPUs with AMX (elsewhere it is ~20x slower)."""
     if device_type == "cuda":
