@@ -32,6 +32,7 @@ def test_demo_preset_applies_only_without_model_and_data(tmp_path):
     (["train", "--learning_rat", "1e-5"], "unknown option --learning_rat; did you mean --learning_rate"),
     (["train", "--beta", "-1", "--dataset_name", "x.jsonl"], "--beta: must be positive"),
     (["train", "--granularity", "adaptive", "--num_segments", "0", "--dataset_name", "x"], "--num_segments"),
+    (["train", "--pad_to_multiple_of", "0", "--dataset_name", "x"], "--pad_to_multiple_of: must be a positive integer, got 0"),
     (["train", "--dataset_name", "/no/such/file.jsonl", "--model_name_or_path", "/no/model"], "prefkit: error"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys, argv, match):
