@@ -165,6 +165,11 @@ class PrefConfig(TrainingArguments):
                 self.ddp_backend = "gloo"
         super().__post_init__()
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype that --bf16 / --fp16 autocast matmuls to; None without mixed precision."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+
 
 def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(PrefConfig) if f.init]

@@ -141,8 +141,8 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
     targets = batch.input_ids[rows[mask], pos[mask]]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if batch.position_ids is not None:
-        # the additive 4D mask must match the activations' dtype
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        # the additive 4D mask must match the activations' dtype, which the input embedding sets
+        dtype = _unwrap(model).get_input_embeddings().weight.dtype
         inputs.update(position_ids=batch.position_ids, attention_mask=batch.attention_mask.to(dtype))
     if batch.segments is not None:
         use_segment_attention(_unwrap(model))

@@ -95,7 +95,7 @@ def attach_reference_logps(
 ) -> Dataset:
     """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the cache when the key matches."""
     collator = PairCollator.for_config(cfg, tokenizer)
-    autocast = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    autocast = cfg.autocast_dtype
     key = cache_key(ds, model_path, collator.static_eos_padding, autocast)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"
     path = path / key

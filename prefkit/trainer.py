@@ -49,6 +49,17 @@ def _reference_copy(model: nn.Module) -> nn.Module:
     return type(model).from_pretrained(model.name_or_path, dtype=model.dtype)
 
 
+def _precast_linears(ref: nn.Module, dtype: torch.dtype) -> None:
+    """Store a frozen reference's linear weights in the autocast dtype. Autocast casts a linear's weight to that
+    dtype on every call (it caches casts only of weights that require grad), so the log-probs are the same bit
+    for bit, those weights take half the memory and the casts are skipped. A weight that another module also
+    uses (a head tied to the input embedding, looked up outside autocast) keeps its dtype."""
+    shared = {id(p) for m in ref.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    for m in ref.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) not in shared:
+            m.to(dtype)
+
+
 def _zero3_reference(ref: nn.Module, accelerator) -> nn.Module:
     """The reference as a ZeRO-3 DeepSpeed engine without optimizer: sharded like the policy, its forward gathers
     the parameters layer by layer."""
@@ -111,6 +122,8 @@ class PrefTrainer(Trainer):
         precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
         if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
             ref_model = _reference_copy(model)
+            if args.autocast_dtype is not None and not is_deepspeed_zero3_enabled():
+                _precast_linears(ref_model, args.autocast_dtype)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model

@@ -137,3 +137,40 @@ def test_bf16_runs_policy_and_reference_forwards_under_autocast(tmp_path: Path, 
     trainer.train()
     assert seen == [True, True]  # policy, reference
     assert all(p.dtype == torch.float32 for p in tiny_llama.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_reference_copy_keeps_linear_weights_in_bf16_with_the_same_logps(tmp_path: Path, tiny_tokenizer, tied):
+    """Under --bf16 the frozen reference copy stores its linear weights in bf16 (autocast would cast them on every
+    call); its log-probs equal those of an fp32 copy under autocast bit for bit. Embeddings, norms and a head
+    tied to the embedding stay fp32."""
+    import copy
+
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefkit import PrefConfig, PrefTrainer
+    from prefkit.logprobs import compute_pair_logps
+    from tests.conftest import _small
+
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(LlamaConfig(**_small(len(tiny_tokenizer)), tie_word_embeddings=tied))
+    fp32_copy = copy.deepcopy(policy)
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 8).read_text().splitlines()]
+    def trainer(model, bf16):
+        args = PrefConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, use_cpu=True,
+                          report_to="none", bf16=bf16, max_length=64, dynamics_steps=0)
+        return PrefTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                           processing_class=tiny_tokenizer)
+
+    with_bf16 = trainer(policy, True)
+    ref = with_bf16.ref_model
+    assert ref.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert ref.model.embed_tokens.weight.dtype == ref.model.norm.weight.dtype == torch.float32
+    assert ref.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    batch = next(iter(with_bf16.get_train_dataloader()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compute_pair_logps(ref, batch), compute_pair_logps(fp32_copy.eval(), batch)
+    assert torch.equal(got.chosen, want.chosen) and torch.equal(got.rejected, want.rejected)
+    assert trainer(copy.deepcopy(fp32_copy), False).ref_model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
