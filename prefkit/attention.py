@@ -70,20 +70,20 @@ def _per_pair(query: Tensor, key: Tensor, value: Tensor, segments: PairSegments,
               scaling: float | None) -> Tensor:
     sizes = segments.split_sizes()
     # grouped-query heads share their key/value head inside sdpa instead of a repeated copy per query head
-    gqa = dict(enable_gqa=query.shape[1] != key.shape[1])
+    gqa = query.shape[1] != key.shape[1]
     # split along tokens once (its backward is one concatenation; slicing the full row per pair is not)
     qs, ks, vs = (x.transpose(1, 2).split(sizes, dim=1) for x in (query, key, value))
     outs = []
     for i, (p, _c, r) in enumerate(segments.lengths):
         q_pc, k_pc, v_pc = (x[2 * i].transpose(1, 2) for x in (qs, ks, vs))
         outs.append(F.scaled_dot_product_attention(q_pc, k_pc, v_pc, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                   **gqa))
+                                                   enable_gqa=gqa))
         k_r = torch.cat([ks[2 * i][:, :p], ks[2 * i + 1]], dim=1).transpose(1, 2)
         v_r = torch.cat([vs[2 * i][:, :p], vs[2 * i + 1]], dim=1).transpose(1, 2)
         # rejected token t sees the whole prompt and rejected tokens 0..t: causal aligned bottom-right
         seen = torch.ones(r, p + r, dtype=torch.bool, device=query.device).tril(p)
         outs.append(F.scaled_dot_product_attention(qs[2 * i + 1].transpose(1, 2), k_r, v_r, attn_mask=seen,
-                                                   dropout_p=dropout, scale=scaling, **gqa))
+                                                   dropout_p=dropout, scale=scaling, enable_gqa=gqa))
     if segments.pad:
         outs.append(query.new_zeros(1, query.shape[1], segments.pad, query.shape[3]))
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1)
