@@ -39,7 +39,7 @@ class PrefConfig(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast (mixed precision). Default: on where bf16 matmul is fast (CUDA with bf16, "
-                          "CPUs with AMX), off elsewhere, where it is ~20x slower."},
+                          "CPUs with AMX or AVX512-BF16), off elsewhere, where it is ~20x slower."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickled (.bin) weights."})

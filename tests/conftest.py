@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # the same fp32 defaults on every machine (and in the subprocesses tests launch), so figures compare across
-# machines; the bf16 defaults of CPUs with AMX are tested by monkeypatching the detection
+# machines; the bf16 defaults of CPUs with bf16 matmul (AMX, AVX512-BF16) are tested by monkeypatching the detection
 os.environ["PREFKIT_CPU_BF16"] = "0"
 
 WORDS = (

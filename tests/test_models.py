@@ -34,15 +34,28 @@ def test_gguf_default_converts_loads_and_generates():
     assert len(text.strip()) > 0
 
 
-def test_dtype_choice_cpu_is_fp32_without_amx(monkeypatch):
-    monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: False)
+def test_dtype_choice_cpu_is_fp32_without_bf16_matmul(monkeypatch):
+    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: False)
     assert choose_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: True)
+    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: True)
     assert choose_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert choose_dtype("float16", torch.device("cpu")) == torch.float16
     # trained weights stay fp32 (bf16 AdamW rounds small updates away); --bf16 autocast brings the speed
     assert choose_dtype("auto", torch.device("cpu"), trained=True) == torch.float32
     assert choose_dtype("bfloat16", torch.device("cpu"), trained=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, fast", [("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                                          ("fpu amx_bf16 amx_tile", True), ("fpu avx512_bf16x", False)])
+def test_bf16_matmul_detected_from_cpu_flags(monkeypatch, flags, fast):
+    """AMX and AVX512-BF16 CPUs count as fast bf16 (whole flag names only); PREFKIT_CPU_BF16=0 opts out."""
+    from prefkit.models import _cpu_has_bf16_matmul
+
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"processor : 0\nflags\t\t: {flags}\n")
+    monkeypatch.delenv("PREFKIT_CPU_BF16")
+    assert _cpu_has_bf16_matmul() is fast
+    monkeypatch.setenv("PREFKIT_CPU_BF16", "0")
+    assert _cpu_has_bf16_matmul() is False
 
 
 def test_precision_defaults_follow_the_hardware(monkeypatch, tmp_path):
@@ -53,10 +66,10 @@ def test_precision_defaults_follow_the_hardware(monkeypatch, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CPU defaults")
     out = str(tmp_path)
-    monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: False)
+    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: False)
     cfg = PrefConfig(output_dir=out)
     assert (cfg.bf16, cfg.pad_to_multiple_of) == (False, None)
-    monkeypatch.setattr("prefkit.models._cpu_has_amx", lambda: True)
+    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: True)
     cfg = PrefConfig(output_dir=out)
     assert (cfg.bf16, cfg.use_cpu, cfg.pad_to_multiple_of) == (True, True, 64)
     assert PrefConfig(output_dir=out, bf16=False).pad_to_multiple_of is None
