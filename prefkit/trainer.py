@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from prefkit.allocator import tune_cpu_malloc
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, prepare_dataset
 from prefkit.data.types import PairBatch, SkipReport
@@ -137,6 +138,8 @@ class PrefTrainer(Trainer):
             processing_class=processing_class,
             callbacks=[metrics_cb, *(callbacks or [])],
         )
+        if self.args.device.type == "cpu":
+            tune_cpu_malloc()  # activations are reused instead of faulted in afresh every step
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
             self.ref_model = _zero3_reference(self.ref_model, self.accelerator)
         elif self.ref_model is not None:
