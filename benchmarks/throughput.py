@@ -9,7 +9,10 @@ sampler over mega-batches of 50 batches): use --steps as a multiple of 50 so the
 random sample (within a mega-batch the longest batches come first). Variant "cached" is prefkit DPO with
 --precompute_ref_log_probs and the on-disk cache filled by an earlier untimed run (what a second run over the
 same pairs costs); "bucketed_cached" combines both. Jobs b, c train on steps x 4 HH-RLHF pairs (one epoch), so
-the cache fill stays short. Per-step seconds (data / forward / backward / optimizer) come from wrapping the
+the cache fill stays short. Variant "nomalloc" is prefkit DPO without the glibc malloc thresholds it sets on
+CPU (prefkit/allocator.py), "nooverlap" without the reference forward on a worker thread alongside the
+policy's (--overlap_reference false; prefkit/overlap.py); TRL runs both without them ("dpo") and with them ("malloc"), and in bf16 also with
+pad_to_multiple_of=64 ("pad64"); its fastest row is the baseline of the ratios. Per-step seconds (data / forward / backward / optimizer) come from wrapping the
 Trainer's own hooks, the same for both frameworks.
 
 Each (framework, job) runs in its own subprocess so peak RSS is per run. Results go to
@@ -127,6 +130,12 @@ def run_worker(framework: str, job: str, steps: int, variant: str, precision: st
     from datasets import Dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if variant == "nomalloc":
+        os.environ["PREFKIT_MALLOC_TUNING"] = "0"  # prefkit without its CPU malloc thresholds
+    elif framework == "trl" and variant == "malloc":
+        from prefkit.allocator import tune_cpu_malloc
+
+        tune_cpu_malloc()  # TRL given the malloc thresholds prefkit sets for itself on CPU
     # import the framework first: transformers.Trainer alone brings ~105 MB of modules (peft among them) to both,
     # so "training RSS" counts what training allocates, the part a GPU's memory figure would show
     if framework == "trl":
@@ -160,7 +169,8 @@ def run_worker(framework: str, job: str, steps: int, variant: str, precision: st
         bucketed = dict(train_sampling_strategy="group_by_length")
         extra = {"poet": dict(poet=True), "adpo": dict(granularity="adaptive", num_segments=16),
                  "rc": dict(reward_calibration=True), "dpo": {}, "unpacked": dict(pack_pairs=False),
-                 "bucketed": bucketed, "cached": {},
+                 "bucketed": bucketed, "cached": {}, "nomalloc": {},
+                 "nooverlap": dict(overlap_reference=False),
                  "bucketed_cached": bucketed}[variant]
         args = PrefConfig(**common, beta=0.1, overwrite_output_dir=True, ref_cache_dir=REF_CACHE, **extra)
         if lora:
@@ -227,10 +237,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="runs per (framework, variant); the fastest is kept")
     p.add_argument("--variants", nargs="*", default=None,
-                   help="prefkit variants besides dpo: adpo poet rc unpacked bucketed cached bucketed_cached")
+                   help="prefkit variants besides dpo: adpo poet rc unpacked bucketed cached bucketed_cached nomalloc "
+                        "nooverlap")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="both frameworks: fp32, or bf16 autocast over fp32 weights (Trainer's --bf16); auto: bf16 "
-                        "where bf16 matmul is fast (CPUs with AMX, CUDA), as each framework's fastest setting there")
+                        "where bf16 matmul is fast (CPUs with AMX or AVX512-BF16, CUDA), as each framework's fastest "
+                        "setting there")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "JOB", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.precision == "auto":
@@ -246,7 +258,8 @@ def main() -> None:
             ("adpo", "poet", "rc", "unpacked", "bucketed", "cached", "bucketed_cached") if job == "a"
             else ("unpacked", "cached"))
         # TRL at its fastest: in bf16 its rows also get the shape bucketing that oneDNN's per-shape kernels want
-        trl_runs = [("trl", "dpo")] + ([("trl", "pad64")] if args.precision == "bf16" else [])
+        # and with the glibc malloc thresholds that prefkit sets for itself on CPU
+        trl_runs = [("trl", "dpo"), ("trl", "malloc")] + ([("trl", "pad64")] if args.precision == "bf16" else [])
         runs = trl_runs + [("prefkit", "dpo")] + [("prefkit", v) for v in variants]
         if any(v.endswith("cached") for v in variants):  # fill the reference cache once, untimed
             shutil.rmtree(REF_CACHE, ignore_errors=True)

@@ -5,7 +5,8 @@ the trim threshold is free there. A training step allocates and frees the same a
 and over, so each step faults hundreds of thousands of fresh pages in again (the kernel zero-fills each one).
 A fixed mmap threshold of 32 MB (glibc's maximum dynamic value) and a 256 MB trim threshold let freed buffers be
 reused as they are. Measured on job (a) of ``benchmarks/throughput.py`` (docs/performance.md): page faults fell
-from ~0.5M to ~0.18M per run and pairs/s rose ~20%, with the same peak RSS; TRL gains the same when given it.
+from ~0.5M to ~0.18M per run and pairs/s rose by 0-30% (mean +10% over six interleaved pairs of runs), with the
+same peak RSS; TRL gains alike when given it, so the benchmark runs TRL with it too.
 """
 
 from __future__ import annotations

@@ -133,6 +133,11 @@ class PrefConfig(TrainingArguments):
         default=False, metadata={"help": "Compute reference log-probs once and cache them on disk."}
     )
     ref_cache_dir: str | None = field(default=None, metadata={"help": "Where cached reference log-probs go."})
+    overlap_reference: bool = field(
+        default=True,
+        metadata={"help": "On CPU with a separate reference model (full fine-tuning): run its forward on a worker "
+                          "thread alongside the policy forward, half the intra-op threads each."},
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
     nan_policy: str = field(default="stop", metadata={"help": "On NaN/inf loss: stop (after saving) or skip."})
     debug_traceback: bool = field(default=False, metadata={"help": "Show Python tracebacks on errors."})

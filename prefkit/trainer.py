@@ -31,6 +31,7 @@ from prefkit.logprobs import compute_pair_logps
 from prefkit.models import is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
+from prefkit.overlap import run_alongside
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +192,25 @@ class PrefTrainer(Trainer):
     def pair_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         """Policy log-probs with graph plus reference log-probs when the objective needs them."""
         # accelerate autocasts (--bf16) only the prepared model's own forward, and the backbone, head and
-        # reference are called directly
+        # reference are called directly; autocast is per thread, so the reference's worker enters it too
+        def reference() -> tuple[torch.Tensor, torch.Tensor]:
+            with self.accelerator.autocast():
+                return self.reference_logps(model, batch)
+
         with self.accelerator.autocast():
-            logps = compute_pair_logps(model, batch)
-            if self.objective.needs_reference:
-                ref_chosen, ref_rejected = self.reference_logps(model, batch)
-                logps = logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-        return logps
+            if not self.objective.needs_reference:
+                return compute_pair_logps(model, batch)
+            if self._reference_alongside(batch):
+                logps, (ref_chosen, ref_rejected) = run_alongside(lambda: compute_pair_logps(model, batch), reference)
+            else:
+                logps = compute_pair_logps(model, batch)
+                ref_chosen, ref_rejected = reference()
+        return logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+
+    def _reference_alongside(self, batch: PairBatch) -> bool:
+        """--overlap_reference applies: a separate reference (not a ZeRO-3 engine) on a CPU with threads to split."""
+        return (self.args.overlap_reference and self.args.device.type == "cpu" and self.ref_model is not None
+                and batch.ref_chosen is None and not is_deepspeed_zero3_enabled() and torch.get_num_threads() > 1)
 
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
