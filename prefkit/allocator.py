@@ -3,7 +3,7 @@
 glibc's malloc serves large blocks with mmap and gives them back on free, and trims the heap top once more than
 the trim threshold is free there. A training step allocates and frees the same activation-sized buffers over
 and over, so each step faults hundreds of thousands of fresh pages in again (the kernel zero-fills each one).
-A fixed mmap threshold of 32 MB (glibc's maximum dynamic value) and a 256 MB trim threshold let freed buffers be
+A fixed mmap threshold of 32 MB (glibc's maximum dynamic value) and a 64 MB trim threshold let freed buffers be
 reused as they are. Measured on job (a) of ``benchmarks/throughput.py`` (docs/performance.md): page faults fell
 from ~0.5M to ~0.18M per run and pairs/s rose by 0-30% (mean +10% over six interleaved pairs of runs), with the
 same peak RSS; TRL gains alike when given it, so the benchmark runs TRL with it too.
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20
-TRIM_THRESHOLD = 256 * 2**20
+TRIM_THRESHOLD = 64 * 2**20
 
 _done = False
 

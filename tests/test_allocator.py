@@ -29,7 +29,7 @@ def test_mallopt_gets_both_thresholds_once(monkeypatch):
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: fake)
     monkeypatch.delenv("PREFKIT_MALLOC_TUNING", raising=False)
     assert allocator.tune_cpu_malloc() and allocator.tune_cpu_malloc()
-    assert fake.calls == [(-3, 32 * 2**20), (-1, 256 * 2**20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert fake.calls == [(-3, 32 * 2**20), (-1, 64 * 2**20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 @glibc
