@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from prefkit.config import PrefConfig
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
+from prefkit.data.formats import _common_prefix
 from prefkit.errors import DataError
 from tests.conftest import make_tokenizer
 
@@ -55,6 +56,12 @@ def test_implicit_prompt_hh_transcripts(tmp_jsonl, tmp_path):
     assert row["prompt_ids"] == tok(chosen[: chosen.rfind("Assistant:") + 10]).input_ids
     assert decode(tok, row["chosen_ids"]) == "yes big </s>"
     assert decode(tok, row["rejected_ids"]) == "no </s>"
+
+
+@pytest.mark.parametrize("a, b, n", [("", "", 0), ("abc", "", 0), ("abc", "abd", 2), ("abc", "abc", 3),
+                                     ("abc", "abcde", 3), ("xbc", "abc", 0), ("a b\nc d", "a b\nc e", 6)])
+def test_common_prefix_length(a, b, n):
+    assert _common_prefix(a, b) == n == _common_prefix(b, a)
 
 
 def test_conversational_explicit_and_implicit(tmp_jsonl, tmp_path):

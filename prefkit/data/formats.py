@@ -57,11 +57,16 @@ def row_kind(row: dict) -> str:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    # bisection over slice comparisons (C speed): HH transcripts share ~1,000 characters, which a per-character
+    # Python loop spent 14% of tokenizing them on
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def split_implicit_prompt(chosen: str, rejected: str) -> int:
