@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefkit.bench.arithmetic import Problem, extract_answer, make_problem, make_splits, make_tokenizer
 from prefkit.bench.config import load_bench_config
 from prefkit.bench.generate import generate, sequence_kl
-from prefkit.bench.report import claim_verdict, summarize
-from prefkit.bench.runner import RunResult
-from prefkit.bench.tasks import _pairs_from_samples, gsm8k_answer
+from prefkit.bench.report import ci95, claim_verdict, own_best_points, shared_points, summarize
+from prefkit.bench.runner import RunResult, planned_runs, point_label
+from prefkit.bench.tasks import _pairs_from_samples, apply_variant, gsm8k_answer, pad_solution, slip_solution
 from prefkit.errors import ConfigError
 
 
@@ -109,23 +109,73 @@ def test_generate_left_padding_matches_one_by_one():
     assert all(1 <= n <= 6 for n in batched.num_tokens)
 
 
-def _summary(values: dict[str, list[float]]):
-    return summarize([RunResult(method=m, seed=i, accuracy=v) for m, vs in values.items() for i, v in enumerate(vs)])
+def _runs(values: dict[str, list[float]], point: str = "") -> list[RunResult]:
+    return [RunResult(method=m, seed=i, point=point, accuracy=v) for m, vs in values.items() for i, v in enumerate(vs)]
 
 
 def test_claim_verdicts_from_hand_numbers():
     claim = {"text": "x", "method": "A", "baseline": "B", "metric": "accuracy"}
-    s = _summary({"A": [0.50, 0.52, 0.54], "B": [0.40, 0.41, 0.42]})
-    mean, std, n = s["A"]["accuracy"]
+    runs = _runs({"A": [0.50, 0.52, 0.54], "B": [0.40, 0.41, 0.42]})
+    mean, std, n = summarize(runs)["A"]["accuracy"]
     assert (mean, n) == (pytest.approx(0.52), 3) and std == pytest.approx(0.02)
-    assert claim_verdict(s, claim).startswith("**held**")  # d = 0.11 > 2·sqrt(.02²/3 + .01²/3) = 0.0258
-    assert claim_verdict(s, {**claim, "higher_is_better": False}).startswith("**reversed**")
-    noisy = _summary({"A": [0.3, 0.6, 0.45], "B": [0.40, 0.41, 0.42]})
-    assert claim_verdict(noisy, claim).startswith("not resolved")
-    one = _summary({"A": [0.5], "B": [0.4]})
+    # paired differences 0.10, 0.11, 0.12: mean 0.11, sd 0.01, half-width t(0.975, 2)·0.01/√3 = 4.303·0.005774
+    assert ci95([0.10, 0.11, 0.12]) == (pytest.approx(0.11), pytest.approx(4.303 * 0.01 / math.sqrt(3)), 3)
+    held = claim_verdict(runs, claim)
+    assert held.startswith("**held**") and "95% CI [+0.08516, +0.1348]" in held
+    assert claim_verdict(runs, {**claim, "higher_is_better": False}).startswith("**contradicted**")
+    # differences -0.1, 0.19, 0.03: mean 0.04, sd 0.1453 → half-width 4.303·0.1453/√3 = 0.361 straddles 0
+    noisy = claim_verdict(_runs({"A": [0.3, 0.6, 0.45], "B": [0.40, 0.41, 0.42]}), claim)
+    assert noisy.startswith("not resolved") and "smallest detectable effect ±0.36" in noisy
+    one = _runs({"A": [0.5], "B": [0.4]})
     assert "one seed" in claim_verdict(one, claim)
     assert claim_verdict(one, {**claim, "method": "C"}) == "not run"
-    assert math.isclose(2 * math.sqrt(0.02**2 / 3 + 0.01**2 / 3), 0.0258, abs_tol=1e-4)
+    # a lower-is-better metric (KL) takes its direction from METRICS
+    kl = [RunResult(method=m, seed=i, kl=v) for m, vs in {"A": [0.1, 0.2, 0.3], "B": [0.5, 0.6, 0.8]}.items()
+          for i, v in enumerate(vs)]
+    assert claim_verdict(kl, {**claim, "metric": "kl"}).startswith("**held**")
+
+
+def test_sweep_points_selection_on_validation_only(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\ntask: arithmetic\nseeds: [0, 1]\nsweep: {learning_rate: [1.0e-5, 1.0e-4], beta: [0.1]}\n"
+                   "select_baseline: DPO\nmethods: {DPO: {}, SimPO: {beta: 2.0}}\n")
+    bench = load_bench_config(str(cfg))
+    assert bench.points() == [{"learning_rate": 1e-5, "beta": 0.1}, {"learning_rate": 1e-4, "beta": 0.1}]
+    assert bench.method_points("SimPO") == [{"learning_rate": 1e-5}, {"learning_rate": 1e-4}]
+    plan = planned_runs(bench)
+    assert [(m, point_label(p), s) for m, p, s in plan][:4] == [
+        ("DPO", "learning_rate=1e-05, beta=0.1", 0), ("DPO", "learning_rate=0.0001, beta=0.1", 0),
+        ("SimPO", "learning_rate=1e-05", 0), ("SimPO", "learning_rate=0.0001", 0)]
+    assert len(plan) == 8
+    lo, hi = "learning_rate=1e-05, beta=0.1", "learning_rate=0.0001, beta=0.1"
+    runs = [RunResult("DPO", s, lo, accuracy=0.9, val_accuracy=0.5) for s in (0, 1)]
+    runs += [RunResult("DPO", s, hi, accuracy=0.1, val_accuracy=0.6) for s in (0, 1)]  # best on validation
+    runs += [RunResult("SimPO", s, "learning_rate=1e-05", accuracy=0.5, val_accuracy=0.7) for s in (0, 1)]
+    runs += [RunResult("SimPO", s, "learning_rate=0.0001", accuracy=0.5, val_accuracy=0.2) for s in (0, 1)]
+    shared, label = shared_points(bench, runs)
+    assert label == hi and shared == {"DPO": hi, "SimPO": "learning_rate=0.0001"}  # test accuracy never looked at
+    assert own_best_points(bench, runs) == {"DPO": hi, "SimPO": "learning_rate=1e-05"}
+
+
+def test_pair_variants():
+    rng = random.Random(0)
+    sol = "7+5=12\n12-3=9\n9+9=18\nA:18"
+    padded = pad_solution(sol, rng, 2)
+    lines = padded.split("\n")
+    assert len(lines) == 6 and lines[-1] == "A:18" and set(lines[:-1]) <= set(sol.split("\n")[:-1])
+    assert extract_answer(padded) == 18
+    for seed in range(20):  # one slip, carried on consistently: wrong answer, same prefix up to the slip
+        slip = slip_solution(sol, random.Random(seed))
+        a, b = sol.split("\n"), slip.split("\n")
+        assert len(b) == len(a) and extract_answer(slip) != 18
+        first = next(i for i in range(len(a)) if a[i] != b[i])
+        assert a[:first] == b[:first] and all(x != y for x, y in zip(a[first:], b[first:]))
+        for line in b[:-1]:  # every later step is arithmetic that holds, except the slip itself
+            lhs, rhs = line.split("=")
+            assert (eval(lhs) == int(rhs)) == (line != b[first])
+    rows = [{"prompt": "p", "chosen": sol, "rejected": "x"}, {"prompt": "p", "chosen": sol, "rejected": "y"}]
+    assert len(apply_variant(rows, "near_duplicate", rng, 2)) == 1  # one pair per distinct chosen solution
+    assert apply_variant(rows, "pad_rejected", rng, 1)[0]["chosen"] == sol
 
 
 def test_bench_config_errors_name_the_key(tmp_path):
@@ -163,7 +213,7 @@ claims:
 """
 
 
-def test_micro_bench_end_to_end(tmp_path):
+def test_micro_bench_end_to_end(tmp_path, capsys):
     from prefkit.cli import main
 
     cfg = tmp_path / "micro.yaml"
@@ -191,4 +241,12 @@ def test_micro_bench_end_to_end(tmp_path):
     again = list(csv.DictReader((results / "results.csv").open()))
     assert [(r["method"], r["seed"]) for r in again] == [(r["method"], r["seed"]) for r in rows]
     assert [r for r in again if r["method"] == "DPO+RC"] == [r for r in rows if r["method"] == "DPO+RC"]
+    # resumable: a grid killed after its next-to-last run redoes only the last one
+    lines = (results / "runs.jsonl").read_text().splitlines()
+    (results / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    capsys.readouterr()
+    assert main(["bench", str(cfg), "--output_dir", str(tmp_path / "work"), "--results_dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs to do, 6 done earlier" in out and "(1/1) DPO seed 1" in out  # the --methods DPO rerun appended DPO last
+    assert len((results / "runs.jsonl").read_text().splitlines()) == 7
     assert sorted(p.name for p in (results / "trajectories" / "dpo_rc").iterdir()) == ["seed0.json", "seed1.json"]

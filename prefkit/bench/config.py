@@ -6,6 +6,9 @@
     task_options: {...}           # task-specific sizes (documented per task in docs/bench.md)
     seeds: [0, 1, 2]
     train: {...}                  # prefkit train options shared by all methods
+    sweep:                        # optional: a grid of train options; every method runs at every point
+      learning_rate: [1.0e-5, 3.0e-5, 1.0e-4]   # (a method's own value of a swept key wins)
+    select_baseline: DPO          # with a sweep: the method whose best validation point is the shared one
     methods:                      # name: option overrides (ordered; every method is run and reported)
       SFT only: {sft_only: true}
       DPO: {loss_type: sigmoid}
@@ -37,6 +40,25 @@ class BenchConfig:
     trajectory_methods: list[str] = field(default_factory=list)
     metric_note: str = ""
     source: str = ""
+    sweep: dict[str, list] = field(default_factory=dict)
+    select_baseline: str | None = None
+
+    def points(self) -> list[dict]:
+        """The sweep's grid points ({} alone without a sweep), in config order."""
+        grid: list[dict] = [{}]
+        for key, values in self.sweep.items():
+            grid = [{**g, key: v} for g in grid for v in values]
+        return grid
+
+    def method_points(self, method: str) -> list[dict]:
+        """The points a method runs at: its own value of a swept key wins, so duplicates collapse."""
+        own = self.methods[method]
+        out: list[dict] = []
+        for point in self.points():
+            kept = {k: v for k, v in point.items() if k not in own}
+            if kept not in out:
+                out.append(kept)
+        return out
 
     def uses_critical_tokens(self) -> bool:
         return any(m.get("critical_tokens") for m in self.methods.values())
@@ -49,7 +71,7 @@ def load_bench_config(path: str) -> BenchConfig:
     p = Path(path)
     raw = read_yaml_mapping(path, "bench config")
     allowed = {"name", "title", "task", "task_options", "seeds", "train", "methods", "claims",
-               "trajectory_methods", "metric_note"}
+               "trajectory_methods", "metric_note", "sweep", "select_baseline"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -67,6 +89,12 @@ def load_bench_config(path: str) -> BenchConfig:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")
+    sweep = raw.get("sweep") or {}
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...]")
+    select_baseline = raw.get("select_baseline")
+    if select_baseline is not None and select_baseline not in methods:
+        raise ConfigError(f"{path}: select_baseline: {select_baseline!r} is not one of the methods")
     claims = raw.get("claims") or []
     for i, c in enumerate(claims):
         missing = [k for k in ("text", "method", "baseline", "metric") if not isinstance(c, dict) or k not in c]
@@ -80,5 +108,5 @@ def load_bench_config(path: str) -> BenchConfig:
         train=dict(raw.get("train") or {}), methods={k: dict(v or {}) for k, v in methods.items()},
         task_options=dict(raw.get("task_options") or {}), claims=claims,
         trajectory_methods=list(raw.get("trajectory_methods") or []), metric_note=str(raw.get("metric_note", "")),
-        source=str(p),
+        source=str(p), sweep={k: list(v) for k, v in sweep.items()}, select_baseline=select_baseline,
     )

@@ -1,9 +1,12 @@
-"""Bench report: per-run CSV, per-method summary (mean ± std over seeds), claim verdicts, plots, and
-``benchmarks/RESULTS.md`` regenerated from every section present.
+"""Bench report: runs.jsonl (one line per run), results.csv, per-method summaries, claim verdicts with 95%
+confidence intervals, plots, and ``benchmarks/RESULTS.md`` regenerated from every section present.
 
-A claim compares one method with a baseline on one metric. With n ≥ 2 seeds each, the verdict uses the
-difference of means d and its standard error se = sqrt(s₁²/n₁ + s₂²/n₂): *held* if d > 2·se in the claimed
-direction, *reversed* if d < −2·se, otherwise *not resolved* (within seed noise). With one seed the report
+A claim compares one method with a baseline on one metric. Methods share seeds (same data order), so the
+verdict uses the per-seed paired difference d_s = method_s − baseline_s: its mean and the 95% t-interval
+mean ± t(0.975, n−1)·sd/√n. *held* if the interval lies wholly on the claimed side of 0, *contradicted* if
+wholly on the other side, otherwise *not resolved*, and then its half-width is the smallest effect the run
+could have detected. With a sweep the claims are judged twice: every method at the baseline's best
+validation point (shared), and every method at its own best validation point. With one seed the report
 states the direction only.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import csv
 import datetime
 import hashlib
+import json
 import math
 import os
 import platform
@@ -19,11 +23,12 @@ import subprocess
 from pathlib import Path
 
 from prefkit.bench.config import BenchConfig
-from prefkit.bench.runner import RunResult
+from prefkit.bench.runner import RunResult, _slug, point_label, trajectory_name
 from prefkit.bench.tasks import Setup
 
 METRICS = [  # (field, column title, percent?, higher is better?)
     ("accuracy", "answer acc.", True, True),
+    ("val_accuracy", "val. acc.", True, True),
     ("kl", "KL to ref", False, False),
     ("gen_length", "gen. length", False, None),
     ("d_logp_chosen", "Δ logp chosen", False, True),
@@ -33,6 +38,25 @@ METRICS = [  # (field, column title, percent?, higher is better?)
     ("in_band", "in band", True, True),
 ]
 
+# two-sided 95% quantiles of Student's t, df = 1..30 (beyond: the normal's 1.96)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+
+
+def ci95(values: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t-interval, n); half-width 0 for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0, n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t975(n - 1) * sd / math.sqrt(n), n
+
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
     n = len(values)
@@ -41,13 +65,20 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return mean, std, n
 
 
-def summarize(results: list[RunResult]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """method → metric → (mean, std, n) over seeds, for metrics the runs have."""
+def per_seed(results: list[RunResult], method: str, point: str, metric: str) -> dict[int, float]:
+    return {r.seed: getattr(r, metric) for r in results
+            if r.method == method and r.point == point and getattr(r, metric) is not None}
+
+
+def summarize(results: list[RunResult], chosen: dict[str, str] | None = None
+              ) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """method → metric → (mean, std, n) over seeds, at the point ``chosen[method]`` (default: the only one)."""
     out: dict[str, dict[str, tuple[float, float, int]]] = {}
     for r in results:
-        out.setdefault(r.method, {})
+        if chosen is None or chosen.get(r.method) == r.point:
+            out.setdefault(r.method, {})
     for method in out:
-        runs = [r for r in results if r.method == method]
+        runs = [r for r in results if r.method == method and (chosen is None or chosen.get(method) == r.point)]
         for field, *_ in METRICS + [("train_seconds", "", False, None)]:
             vals = [getattr(r, field) for r in runs if getattr(r, field) is not None]
             if vals:
@@ -65,22 +96,68 @@ def _fmt(stat: tuple[float, float, int] | None, pct: bool) -> str:
     return text + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
 
 
-def claim_verdict(summary: dict, claim: dict) -> str:
-    m, b, metric = claim["method"], claim["baseline"], claim["metric"]
-    if m not in summary or b not in summary or metric not in summary[m] or metric not in summary[b]:
+def paired_verdict(method: dict[int, float], baseline: dict[int, float], higher_is_better: bool = True) -> str:
+    """Verdict on ``method − baseline`` from per-seed values (paired on the seeds both have)."""
+    if not method or not baseline:
         return "not run"
-    (m1, s1, n1), (m2, s2, n2) = summary[m][metric], summary[b][metric]
-    sign = 1.0 if claim.get("higher_is_better", True) else -1.0
-    d = sign * (m1 - m2)
-    if n1 < 2 or n2 < 2:
+    sign = 1.0 if higher_is_better else -1.0
+    seeds = sorted(set(method) & set(baseline))
+    if len(seeds) < 2:
+        d = sign * (sum(method.values()) / len(method) - sum(baseline.values()) / len(baseline))
         return f"{'in the claimed direction' if d > 0 else 'not in the claimed direction'} (one seed: no error bar)"
-    se = math.sqrt(s1**2 / n1 + s2**2 / n2)
-    detail = f"difference {sign * d:+.4g}, 2·se {2 * se:.2g}"
-    if d > 2 * se:
+    mean, half, n = ci95([method[s] - baseline[s] for s in seeds])
+    detail = f"difference {mean:+.4g}, 95% CI [{mean - half:+.4g}, {mean + half:+.4g}], {n} paired seeds"
+    if sign * mean - half > 0:
         return f"**held** ({detail})"
-    if d < -2 * se:
-        return f"**reversed** ({detail})"
-    return f"not resolved ({detail})"
+    if sign * mean + half < 0:
+        return f"**contradicted** ({detail})"
+    return f"not resolved ({detail}; smallest detectable effect ±{half:.2g})"
+
+
+def _higher_is_better(claim: dict) -> bool:
+    if "higher_is_better" in claim:
+        return bool(claim["higher_is_better"])
+    return next((m[3] for m in METRICS if m[0] == claim["metric"] and m[3] is not None), True)
+
+
+def claim_verdict(results: list[RunResult], claim: dict, chosen: dict[str, str] | None = None) -> str:
+    m, b, metric = claim["method"], claim["baseline"], claim["metric"]
+    pm = chosen.get(m, "") if chosen else ""
+    pb = chosen.get(b, "") if chosen else ""
+    return paired_verdict(per_seed(results, m, pm, metric), per_seed(results, b, pb, metric), _higher_is_better(claim))
+
+
+def _restrict(bench: BenchConfig, method: str, point: dict) -> str:
+    return point_label({k: v for k, v in point.items() if k not in bench.methods.get(method, {})})
+
+
+def shared_points(bench: BenchConfig, results: list[RunResult]) -> tuple[dict[str, str], str]:
+    """Every method at the selection baseline's best validation point (its mean over seeds)."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    if not bench.sweep:
+        return dict.fromkeys(methods, ""), ""
+    base = bench.select_baseline or next(m for m in bench.methods if not bench.methods[m].get("sft_only"))
+    best, best_val = bench.points()[0], -math.inf
+    for point in bench.points():
+        vals = per_seed(results, base, _restrict(bench, base, point), "val_accuracy")
+        if vals and sum(vals.values()) / len(vals) > best_val:
+            best, best_val = point, sum(vals.values()) / len(vals)
+    chosen = {m: ("" if bench.methods.get(m, {}).get("sft_only") else _restrict(bench, m, best)) for m in methods}
+    return chosen, point_label(best)
+
+
+def own_best_points(bench: BenchConfig, results: list[RunResult]) -> dict[str, str]:
+    """Every method at its own best validation point (mean over seeds); ties go to the earlier point."""
+    chosen: dict[str, str] = {}
+    for m in dict.fromkeys(r.method for r in results):
+        best, best_val = None, -math.inf
+        for point in dict.fromkeys(r.point for r in results if r.method == m):
+            vals = per_seed(results, m, point, "val_accuracy")
+            v = sum(vals.values()) / len(vals) if vals else -math.inf
+            if best is None or v > best_val:
+                best, best_val = point, v
+        chosen[m] = best or ""
+    return chosen
 
 
 def _git_commit() -> str:
@@ -100,9 +177,7 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def _plots(bench: BenchConfig, summary: dict, results_dir: Path) -> list[str]:
-    import json
-
+def _plots(bench: BenchConfig, summary: dict, results_dir: Path, chosen: dict[str, str]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +198,8 @@ def _plots(bench: BenchConfig, summary: dict, results_dir: Path) -> list[str]:
             ax.set_xlabel("KL(π‖π_ref) on held-out prompts (nats / response)")
             ax.set_ylabel("held-out answer accuracy (%)")
         axes[0].set_title(bench.title, fontsize=9)
-        axes[1].set_title("trained methods (zoom), mean ± std over seeds", fontsize=9)
+        axes[1].set_title("trained methods (zoom), mean ± std over seeds"
+                          + (" (shared sweep point)" if bench.sweep else ""), fontsize=9)
         axes[0].legend(fontsize=7, ncol=2)
         name = "accuracy_vs_kl.png"
     else:
@@ -142,7 +218,9 @@ def _plots(bench: BenchConfig, summary: dict, results_dir: Path) -> list[str]:
     names.append(name)
 
     traj_methods = [m for m in bench.trajectory_methods if m in summary]
-    files = {m: sorted((results_dir / "trajectories" / _slug(m)).glob("seed*.json")) for m in traj_methods}
+    files = {m: [results_dir / "trajectories" / _slug(m) / trajectory_name(chosen.get(m, ""), seed)
+                 for seed in bench.seeds] for m in traj_methods}
+    files = {m: [f for f in fs if f.is_file()] for m, fs in files.items()}
     if traj_methods and not all(files.values()) and (results_dir / "chosen_trajectories.png").is_file():
         names.append("chosen_trajectories.png")  # some runs' trajectories predate their keeping: keep the plot
     elif traj_methods:
@@ -166,19 +244,30 @@ def _plots(bench: BenchConfig, summary: dict, results_dir: Path) -> list[str]:
     return names
 
 
-def _slug(name: str) -> str:
-    from prefkit.bench.runner import _slug as slug
-
-    return slug(name)
+def append_run(results_dir: Path, result: RunResult | None, *, rewrite: list[RunResult] | None = None) -> None:
+    """runs.jsonl: one JSON line per finished run (``rewrite`` replaces the file's runs first)."""
+    path = results_dir / "runs.jsonl"
+    if rewrite is not None:
+        path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rewrite))
+    if result is not None:
+        with path.open("a") as f:
+            f.write(json.dumps(result.to_dict()) + "\n")
 
 
 def read_results(results_dir: Path) -> list[RunResult]:
-    """RunResults back from results.csv (``prefkit bench --report_only`` redraws without retraining)."""
+    """RunResults back from runs.jsonl (or, for sections that predate it, results.csv)."""
+    fields = set(RunResult.__dataclass_fields__)
+    runs = results_dir / "runs.jsonl"
+    if runs.is_file():
+        return [RunResult(**{k: v for k, v in json.loads(line).items() if k in fields})
+                for line in runs.read_text().splitlines() if line.strip()]
     out = []
     with (results_dir / "results.csv").open() as f:
         for row in csv.DictReader(f):
-            vals = {k: (None if v == "" else float(v)) for k, v in row.items() if k not in ("method", "seed")}
-            out.append(RunResult(method=row["method"], seed=int(row["seed"]), **vals))
+            vals = {k: (None if v == "" else float(v)) for k, v in row.items()
+                    if k in fields and k not in ("method", "seed", "point", "commit")}
+            out.append(RunResult(method=row["method"], seed=int(row["seed"]), point=row.get("point") or "",
+                                 commit=row.get("commit") or "", **vals))
     return out
 
 
@@ -188,39 +277,95 @@ def provenance() -> dict:
             "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
 
 
+def _metrics_table(summary: dict, cols: list, chosen: dict[str, str] | None) -> list[str]:
+    point_col = chosen is not None
+    lines = ["| method | " + ("point | " if point_col else "") + " | ".join(c[1] for c in cols) + " | train s |",
+             "|---|" + ("---|" if point_col else "") + "---:|" * (len(cols) + 1)]
+    for method, s in summary.items():
+        cells = [_fmt(s.get(c[0]), c[2]) for c in cols]
+        train_s = f"{s['train_seconds'][0]:.0f}" if "train_seconds" in s else "–"
+        where = f"{chosen.get(method) or '–'} | " if point_col else ""
+        lines.append(f"| {method} | {where}" + " | ".join(cells) + f" | {train_s} |")
+    return lines
+
+
+def _sweep_table(bench: BenchConfig, results: list[RunResult], metric: str, title: str) -> list[str]:
+    points = [point_label(p) for p in bench.points()]
+    lines = [f"{title}:", "", "| method | " + " | ".join(points) + " |", "|---|" + "---:|" * len(points)]
+    for method in dict.fromkeys(r.method for r in results):
+        if bench.methods.get(method, {}).get("sft_only"):
+            continue
+        cells = []
+        for p in bench.points():
+            vals = list(per_seed(results, method, _restrict(bench, method, p), metric).values())
+            if vals:
+                mean, half, n = ci95(vals)
+                cells.append(f"{100 * mean:.1f}" + (f" ± {100 * half:.1f} (n={n})" if n > 1 else " (n=1)"))
+            else:
+                cells.append("–")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], results_dir: Path,
                  *, wall_seconds: float, prov: dict) -> Path:
-    summary = summarize(results)
     with (results_dir / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(RunResult.__dataclass_fields__))
         w.writeheader()
         for r in results:
             w.writerow(r.to_dict())
+    shared, shared_label = shared_points(bench, results)
+    summary = summarize(results, shared)
     cols = [m for m in METRICS if any(m[0] in s for s in summary.values())]
     lines = [f"## {bench.title}", ""]
     cfg_text = Path(bench.source).read_bytes() if bench.source else b""
+    commits = list(dict.fromkeys(r.commit for r in results if r.commit))
     lines += [
-        f"- command: `prefkit bench {bench.source}`; commit {prov['commit']}; config sha256 "
-        f"{hashlib.sha256(cfg_text).hexdigest()[:12]}",
+        f"- command: `prefkit bench {bench.source}`; commit {prov['commit']}"
+        + (f" (runs at {', '.join(commits)})" if commits and commits != [prov["commit"]] else "")
+        + f"; config sha256 {hashlib.sha256(cfg_text).hexdigest()[:12]}",
         f"- seeds: {bench.seeds} (method training seed: data order and initialisation of anything random; "
         "the starting model and the pairs are shared)",
         f"- machine: {prov['machine']}; wall time {wall_seconds / 60:.1f} min; {prov['date']}",
     ]
+    if bench.sweep:
+        n_planned = sum(len(bench.method_points(m)) * (1 if o.get("sft_only") else len(bench.seeds))
+                        for m, o in bench.methods.items() if not o.get("sft_only"))
+        n_done = sum(1 for r in results if not bench.methods.get(r.method, {}).get("sft_only"))
+        lines.append(f"- sweep: {bench.sweep}; {n_done} of {n_planned} planned runs done; points are picked "
+                     "on validation accuracy only (mean over seeds), never on test")
     lines += [f"- {n}" for n in setup.notes]
-    lines += ["", "| method | " + " | ".join(c[1] for c in cols) + " | train s |",
-              "|---|" + "---:|" * (len(cols) + 1)]
-    for method, s in summary.items():
-        cells = [_fmt(s.get(c[0]), c[2]) for c in cols]
-        train_s = f"{s['train_seconds'][0]:.0f}" if "train_seconds" in s else "–"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {train_s} |")
+    lines.append("")
+    if bench.sweep:
+        lines += [f"### Every method at one shared point: {shared_label} (best validation accuracy of "
+                  f"{bench.select_baseline or 'the first method'})", ""]
+    lines += _metrics_table(summary, cols, shared if bench.sweep else None)
     lines += ["", "mean ± std over seeds. " + bench.metric_note, ""]
+    own = own_best_points(bench, results) if bench.sweep else None
+    if own is not None:
+        lines += ["### Every method at its own best validation point", ""]
+        lines += _metrics_table(summarize(results, own), cols, own)
+        lines += [""]
+        lines += _sweep_table(bench, results, "val_accuracy", "Validation accuracy (%) by sweep point, mean ± 95% CI "
+                              "half-width (this selects the points)")
+        if any(r.accuracy is not None for r in results):
+            lines += _sweep_table(bench, results, "accuracy", "Held-out test accuracy (%) by sweep point, mean ± "
+                                  "95% CI half-width (reported, never used to select)")
     if bench.claims:
-        lines += ["| claim | method vs baseline | metric | verdict |", "|---|---|---|---|"]
+        if own is None:
+            lines += ["| claim | method vs baseline | metric | verdict |", "|---|---|---|---|"]
+        else:
+            lines += ["| claim | method vs baseline | metric | at the shared point | each at its own best point |",
+                      "|---|---|---|---|---|"]
         for c in bench.claims:
-            lines.append(f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | "
-                         f"{claim_verdict(summary, c)} |")
-        lines.append("")
-    for name in _plots(bench, summary, results_dir):
+            row = f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | {claim_verdict(results, c, shared)} |"
+            if own is not None:
+                row += f" {claim_verdict(results, c, own)} |"
+            lines.append(row)
+        lines += ["", "Verdicts: 95% t-interval of the per-seed paired difference (docs/bench.md); "
+                  "held / contradicted when it excludes 0, else not resolved with the smallest detectable effect.",
+                  ""]
+    for name in _plots(bench, summary, results_dir, shared):
         lines.append(f"![{name}](results/{results_dir.name}/{name})")
     lines.append("")
     section = results_dir / "section.md"

@@ -7,7 +7,12 @@ config), so the bench measures exactly what users run. Held-out metrics per run:
 - KL(π‖π_ref) on held-out prompts (:func:`prefkit.bench.generate.sequence_kl`);
 - Δ log π of held-out chosen / rejected responses (summed over tokens, after − before training), implicit-
   reward accuracy and margin (:mod:`prefkit.evaluate`);
-- in-band fraction: mean of ``db/in_band`` over the run's dynamics logs (docs/dynamics.md).
+- in-band fraction: mean of ``db/in_band`` over the run's dynamics logs (docs/dynamics.md);
+- validation accuracy (greedy, on the validation problems): what a sweep's point is picked by, never test.
+
+A run is one (method, sweep point, seed). Each finished run is appended to ``runs.jsonl`` in the results
+folder with its commit, so a grid killed at any point resumes where it stopped: runs already there are
+skipped (``--methods`` reruns the named methods instead).
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ from prefkit.bench.tasks import PREPARE, Setup
 logger = logging.getLogger("prefkit")
 
 
+def point_label(point: dict) -> str:
+    """``{"learning_rate": 3e-05}`` → ``"learning_rate=3e-05"``; ``""`` without a sweep."""
+    return ", ".join(f"{k}={v}" for k, v in point.items())
+
+
 @dataclass
 class RunResult:
     method: str
     seed: int
+    point: str = ""
     accuracy: float | None = None
+    val_accuracy: float | None = None
     kl: float | None = None
     gen_length: float | None = None
     d_logp_chosen: float | None = None
@@ -41,9 +53,14 @@ class RunResult:
     ranking_accuracy: float | None = None
     in_band: float | None = None
     train_seconds: float | None = None
+    commit: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.method, self.point, self.seed
 
 
 def _answer_metrics(model, tokenizer, setup: Setup, reference) -> dict:
@@ -54,6 +71,9 @@ def _answer_metrics(model, tokenizer, setup: Setup, reference) -> dict:
     gens = generate(model, tokenizer, setup.questions, max_new_tokens=setup.max_new_tokens, batch_size=64)
     correct = [setup.extract(t) == a for t, a in zip(gens.texts, setup.answers)]
     out = {"accuracy": sum(correct) / len(correct), "gen_length": sum(gens.num_tokens) / len(gens.num_tokens)}
+    if setup.val_questions:
+        val = generate(model, tokenizer, setup.val_questions, max_new_tokens=setup.max_new_tokens, batch_size=64)
+        out["val_accuracy"] = sum(setup.extract(t) == a for t, a in zip(val.texts, setup.val_answers)) / len(val.texts)
     if reference is not False and setup.measure_kl:
         torch.manual_seed(0)  # the same sampling noise for every method
         out["kl"] = sequence_kl(model, reference, tokenizer, setup.questions, max_new_tokens=setup.max_new_tokens,
@@ -70,8 +90,9 @@ def _dynamics_summary(run_dir: Path) -> tuple[float | None, list[tuple[int, floa
     return (sum(band) / len(band) if band else None), traj
 
 
-def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_dir: Path) -> dict:
-    options = {**bench.train, **{k: v for k, v in opts.items() if k not in BENCH_KEYS}}
+def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_dir: Path,
+                   point: dict | None = None) -> dict:
+    options = {**bench.train, **(point or {}), **{k: v for k, v in opts.items() if k not in BENCH_KEYS}}
     options.update(
         model_name_or_path=setup.model_path,
         dataset_name=setup.weighted_train_file if opts.get("critical_tokens") else setup.train_file,
@@ -84,12 +105,13 @@ def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_
     return options
 
 
-def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path) -> RunResult:
+def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path,
+            point: dict | None = None) -> RunResult:
     from prefkit.cli import options_to_argv, parse_config
     from prefkit.run import load_for_eval, train_main
 
     opts = bench.methods[method]
-    result = RunResult(method=method, seed=seed)
+    result = RunResult(method=method, seed=seed, point=point_label(point or {}))
     if opts.get("sft_only"):
         cfg = parse_config(options_to_argv({**bench.train, "model_name_or_path": setup.model_path,
                                             "output_dir": str(run_dir)}))
@@ -102,7 +124,7 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
             result.kl = 0.0
         result.d_logp_chosen = result.d_logp_rejected = 0.0
         return result
-    cfg = parse_config(options_to_argv(_train_options(bench, setup, opts, seed, run_dir)))
+    cfg = parse_config(options_to_argv(_train_options(bench, setup, opts, seed, run_dir, point)))
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
@@ -126,50 +148,62 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
     return result
 
 
+def planned_runs(bench: BenchConfig, only: list[str] | None = None) -> list[tuple[str, dict, int]]:
+    """(method, point, seed) in run order: seed-major, so a grid stopped early has whole seeds done."""
+    plan: list[tuple[str, dict, int]] = []
+    for i, seed in enumerate(bench.seeds):
+        for method, opts in bench.methods.items():
+            if (only and method not in only) or (opts.get("sft_only") and i > 0):
+                continue
+            for point in ([{}] if opts.get("sft_only") else bench.method_points(method)):
+                plan.append((method, point, seed))
+    return plan
+
+
 def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: list[str] | None = None) -> list[RunResult]:
-    """Prepare once, then every method × seed; results.jsonl is appended run by run so a crash loses little."""
-    from prefkit.bench.report import provenance, read_results, write_report
+    """Prepare once, then every (method, point, seed) not yet in runs.jsonl; each run is appended as it ends."""
+    from prefkit.bench.report import append_run, provenance, read_results, write_report
 
     t_start, prov = time.time(), provenance()  # the code that runs is the code at the start
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
+    done = read_results(results_dir) if (results_dir / "runs.jsonl").is_file() or (results_dir / "results.csv").is_file() else []
+    if only:  # a subset run replaces the named methods' runs
+        done = [r for r in done if r.method not in only]
+    done_keys = {r.key for r in done}
+    todo = [(m, p, s) for m, p, s in planned_runs(bench, only) if (m, point_label(p), s) not in done_keys]
+    print(f"[bench {bench.name}] {len(todo)} runs to do, {len(done)} done earlier", flush=True)
     print(f"[bench {bench.name}] preparing ({bench.task})", flush=True)
     setup = PREPARE[bench.task](bench, work_dir / "setup")
     for line in setup.notes:
         print(f"  {line}", flush=True)
-    results: list[RunResult] = []
-    for method, opts in bench.methods.items():
-        if only and method not in only:
-            continue
-        seeds = bench.seeds[:1] if opts.get("sft_only") else bench.seeds
-        for seed in seeds:
-            t0 = time.time()
-            run_dir = work_dir / "runs" / _slug(method) / f"seed{seed}"
-            r = run_one(bench, setup, method, seed, run_dir)
-            results.append(r)
-            if (run_dir / "chosen_trajectory.json").is_file():  # kept with the results: plots redraw without runs
-                keep = results_dir / "trajectories" / _slug(method) / f"seed{seed}.json"
-                keep.parent.mkdir(parents=True, exist_ok=True)
-                keep.write_text((run_dir / "chosen_trajectory.json").read_text())
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
-                              if isinstance(v, float) and k != "train_seconds")
-            print(f"[bench {bench.name}] {method} seed {seed}: {shown} ({time.time() - t0:.0f} s)", flush=True)
-    state = {"notes": setup.notes, "wall_seconds": time.time() - t_start, "provenance": prov}
-    state_file = results_dir / "bench_state.json"  # committed, so a later subset run can merge into it
-    if only and (results_dir / "results.csv").is_file() and state_file.is_file():
-        # a subset run adds to the earlier runs of the other methods instead of replacing them
-        earlier = json.loads(state_file.read_text())
-        kept = [r for r in read_results(results_dir) if r.method not in only]
-        order = list(bench.methods)
-        results = sorted(kept + results, key=lambda r: (order.index(r.method), r.seed))
-        state["wall_seconds"] += earlier["wall_seconds"]
-        old_commit = earlier["provenance"]["commit"]
-        if old_commit != state["provenance"]["commit"]:
-            others = "" if old_commit.endswith("(the other methods)") else " (the other methods)"
-            state["provenance"]["commit"] += f" ({', '.join(only)}); {old_commit}{others}"
+    results = list(done)
+    append_run(results_dir, None, rewrite=done)  # runs.jsonl holds exactly the kept runs
+    for n, (method, point, seed) in enumerate(todo, 1):
+        t0 = time.time()
+        label = point_label(point)
+        run_dir = work_dir / "runs" / _slug(method) / (_slug(label) or "default") / f"seed{seed}"
+        r = run_one(bench, setup, method, seed, run_dir, point)
+        r.commit = prov["commit"]
+        results.append(r)
+        append_run(results_dir, r)
+        if (run_dir / "chosen_trajectory.json").is_file():  # kept with the results: plots redraw without runs
+            keep = results_dir / "trajectories" / _slug(method) / trajectory_name(label, seed)
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text((run_dir / "chosen_trajectory.json").read_text())
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
+                          if isinstance(v, float) and k != "train_seconds")
+        where = f" [{label}]" if label else ""
+        print(f"[bench {bench.name}] ({n}/{len(todo)}) {method}{where} seed {seed}: {shown} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    state_file = results_dir / "bench_state.json"  # committed: notes and wall time survive for --report_only
+    earlier = json.loads(state_file.read_text()) if state_file.is_file() and done else {"wall_seconds": 0.0}
+    state = {"notes": setup.notes, "wall_seconds": earlier["wall_seconds"] + time.time() - t_start,
+             "provenance": prov}
     state_file.write_text(json.dumps(state))
-    write_report(bench, setup, results, results_dir, wall_seconds=state["wall_seconds"],
-                 prov=state["provenance"])
+    order = list(bench.methods)
+    results.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.point, r.seed))
+    write_report(bench, setup, results, results_dir, wall_seconds=state["wall_seconds"], prov=state["provenance"])
     return results
 
 
@@ -185,6 +219,10 @@ def report_only(bench: BenchConfig, results_dir: Path) -> None:
     setup = Setup(model_path=None, train_file="", eval_file="", notes=state["notes"])
     write_report(bench, setup, read_results(results_dir), results_dir, wall_seconds=state["wall_seconds"],
                  prov=state["provenance"])
+
+
+def trajectory_name(label: str, seed: int) -> str:
+    return f"{_slug(label)}_seed{seed}.json" if label else f"seed{seed}.json"
 
 
 def _slug(name: str) -> str:

@@ -35,6 +35,8 @@ class Setup:
     eval_file: str
     questions: list[str] = field(default_factory=list)  # held-out prompts for answer accuracy / KL
     answers: list = field(default_factory=list)
+    val_questions: list[str] = field(default_factory=list)  # what a sweep's point is picked by (never test)
+    val_answers: list = field(default_factory=list)
     extract: Callable[[str], object] | None = None
     max_new_tokens: int = 0
     measure_kl: bool = True
@@ -86,6 +88,63 @@ def _pairs_from_samples(problems, texts: list[str], k: int, max_pairs: int, rng:
             rng.shuffle(combos)
             rows += [{"prompt": p.prompt, "chosen": c, "rejected": r} for c, r in combos[:max_pairs]]
     return rows, n_both, n_correct
+
+
+def _steps(solution: str) -> tuple[list[str], str]:
+    lines = solution.split("\n")
+    return lines[:-1], lines[-1]  # worked steps, then the "A:n" line
+
+
+def pad_solution(solution: str, rng: random.Random, pad_steps: int) -> str:
+    """The same solution with ``pad_steps`` of its steps written twice (in place): longer, equally correct."""
+    steps, answer = _steps(solution)
+    if not steps:
+        return solution
+    for _ in range(pad_steps):
+        i = rng.randrange(len(steps))
+        steps.insert(i, steps[i])
+    return "\n".join(steps + [answer])
+
+
+STEP = re.compile(r"^(-?\d+)([+-])(\d+)=(-?\d+)$")
+
+
+def slip_solution(solution: str, rng: random.Random) -> str:
+    """A near-duplicate with one arithmetic slip: one step's result is off by 1–3 and the later steps carry
+    the wrong value on consistently, so the final answer is wrong and only the tail from that step differs."""
+    steps, _ = _steps(solution)
+    parsed = [STEP.match(s) for s in steps]
+    if not steps or not all(parsed):
+        return solution
+    i = rng.randrange(len(steps))
+    out, acc = steps[:i], int(parsed[i].group(1))
+    for j in range(i, len(steps)):
+        _, op, n, _ = parsed[j].groups()
+        new = acc + int(n) if op == "+" else acc - int(n)
+        if j == i:
+            new += rng.choice([-3, -2, -1, 1, 2, 3])
+        out.append(f"{acc}{op}{n}={new}")
+        acc = new
+    return "\n".join(out + [f"A:{acc}"])
+
+
+PAIR_VARIANTS = ("onpolicy", "pad_chosen", "pad_rejected", "near_duplicate")
+
+
+def apply_variant(rows: list[dict], variant: str, rng: random.Random, pad_steps: int) -> list[dict]:
+    """Task variants where one mechanism has something to act on (docs/bench.md): a systematic length gap
+    (POET) or near-duplicate pairs that differ from one step on (likelihood displacement, RC)."""
+    if variant == "onpolicy":
+        return rows
+    if variant == "near_duplicate":  # one pair per distinct chosen solution: a slip of it is the rejected
+        seen, out = set(), []
+        for r in rows:
+            if (r["prompt"], r["chosen"]) not in seen:
+                seen.add((r["prompt"], r["chosen"]))
+                out.append({**r, "rejected": slip_solution(r["chosen"], rng)})
+        return out
+    side = "chosen" if variant == "pad_chosen" else "rejected"
+    return [{**r, side: pad_solution(r[side], rng, pad_steps)} for r in rows]
 
 
 def _finetune_copy(model_path: str, tokenizer, problems_and_solutions, out: Path, steps: int, seed: int) -> str:
@@ -141,6 +200,18 @@ def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
     tokenizer = make_tokenizer()
     sft_dir = work / "sft"
     notes: list[str] = []
+    variant = str(o.get("pair_variant", "onpolicy"))
+    if variant not in PAIR_VARIANTS:
+        raise ConfigError(f"{bench.source}: task_options.pair_variant: must be one of {', '.join(PAIR_VARIANTS)}, "
+                          f"got {variant!r}")
+    if o.get("sft_from"):  # another arithmetic bench's SFT model (same task options): trained once, shared
+        sft_dir = work.parent.parent / str(o["sft_from"]) / "setup" / "sft"
+        if not (sft_dir / "config.json").is_file():
+            raise ConfigError(f"{bench.source}: task_options.sft_from: no SFT model at {sft_dir}; run "
+                              f"`prefkit bench` on the {o['sft_from']} config first")
+        work.mkdir(parents=True, exist_ok=True)
+        if (sft_dir.parent / "sft_history.json").is_file() and not (work / "sft_history.json").is_file():
+            (work / "sft_history.json").write_text((sft_dir.parent / "sft_history.json").read_text())
     if not (sft_dir / "config.json").is_file():
         torch.manual_seed(int(o.get("model_seed", 0)))
         model = make_model(tokenizer, hidden_size=int(o.get("hidden_size", 192)), num_layers=int(o.get("num_layers", 4)),
@@ -176,18 +247,31 @@ def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
                         do_sample=True, temperature=temperature, num_return_sequences=k)
         rows, n_both, n_correct = _pairs_from_samples(probs, gens.texts, k, int(o.get("pairs_per_problem", 2)),
                                                       rng, extract_answer, bool(o.get("reference_fallback", False)))
+        rows = apply_variant(rows, variant, random.Random(int(o.get("sample_seed", 0)) + 1), int(o.get("pad_steps", 2)))
         files[split] = _write_jsonl(work / name, rows)
         notes.append(f"{split} problems: {len(probs)}, {k} samples each at T={temperature}: "
                      f"{100 * n_correct / (k * len(probs)):.1f}% correct; {n_both} problems with both a correct "
                      f"and an incorrect sample → {len(rows)} pairs")
+        if variant != "onpolicy":
+            notes.append(f"{split} pairs: variant {variant}: {_length_gap_note(rows)}")
     setup = Setup(
         model_path=str(sft_dir), train_file=files["pref"], eval_file=files["val"],
         questions=[p.prompt for p in splits["test"]], answers=[p.answer for p in splits["test"]],
+        val_questions=[p.prompt for p in splits["val"]], val_answers=[p.answer for p in splits["val"]],
         extract=extract_answer, max_new_tokens=max_new, notes=notes,
     )
     if bench.uses_critical_tokens():
         setup.weighted_train_file, setup.weighted_eval_file = _critical_weights(setup, tokenizer, work, bench)
     return setup
+
+
+def _length_gap_note(rows: list[dict]) -> str:
+    if not rows:
+        return "no pairs"
+    gap = [len(r["chosen"]) - len(r["rejected"]) for r in rows]
+    equal = sum(g == 0 for g in gap) / len(gap)
+    return (f"chosen − rejected length {sum(gap) / len(gap):+.1f} characters on average, equal length in "
+            f"{100 * equal:.0f}% of pairs")
 
 
 # ---- preference (HH-RLHF) ----------------------------------------------------------------------------------
