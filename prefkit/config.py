@@ -127,6 +127,19 @@ class PrefConfig(TrainingArguments):
     )
     reward_calibration: bool = field(default=False, metadata={"help": "RC: rescale d_w/d_l into the band."})
     rc_ema: float = field(default=0.98, metadata={"help": "EMA decay of RC statistics."})
+    rc_scores: str = field(
+        default="mean",
+        metadata={"help": "RC's scores z, whose gradient norms set r* = |s_l|/|s_w| (and the incentives d = dl/dz): "
+                          "mean (length-averaged log-probs, the authors') or sum (summed log-probs)."},
+    )
+    rc_target: str = field(
+        default="centre",
+        metadata={"help": "RC's aim: centre (move d_w/d_l to r* every step, the authors') or band (leave it while "
+                          "inside the disentanglement band, else move it to the nearest edge)."},
+    )
+    rc_norm_steps: int = field(
+        default=1, metadata={"help": "Refresh RC's score norms every N optimizer steps (1: every step, the authors')."}
+    )
 
     # ---- run ---------------------------------------------------------------------------------------
     precompute_ref_log_probs: bool = field(
@@ -203,14 +216,29 @@ def validate_config(cfg: PrefConfig) -> None:
         bad("dynamics_steps", f"must be >= 0, got {cfg.dynamics_steps}")
     if cfg.dynamics_params not in ("auto", "lm_head", "last_block", "lora", "trainable"):
         bad("dynamics_params", f"must be auto, lm_head, last_block, lora or trainable, got {cfg.dynamics_params!r}")
-    if not 0.0 <= cfg.rc_ema < 1.0:
-        bad("rc_ema", f"must be in [0, 1), got {cfg.rc_ema}")
+    _check_rc(cfg, bad)
     if cfg.nan_policy not in ("stop", "skip"):
         bad("nan_policy", f"must be stop or skip, got {cfg.nan_policy!r}")
     if cfg.lora_r <= 0:
         bad("lora_r", f"must be positive, got {cfg.lora_r}")
     validate_objective_config(cfg)
     _check_zero3(cfg, bad)
+
+
+def _check_rc(cfg: PrefConfig, bad) -> None:
+    if not 0.0 <= cfg.rc_ema < 1.0:
+        bad("rc_ema", f"must be in [0, 1), got {cfg.rc_ema}")
+    if cfg.rc_scores not in ("mean", "sum"):
+        bad("rc_scores", f"must be mean or sum, got {cfg.rc_scores!r}")
+    if cfg.rc_target not in ("centre", "band"):
+        bad("rc_target", f"must be centre or band, got {cfg.rc_target!r}")
+    if cfg.rc_norm_steps < 1:
+        bad("rc_norm_steps", f"must be a positive integer, got {cfg.rc_norm_steps}")
+    if not cfg.reward_calibration:
+        # an RC option without RC would run plain training under an RC label: refused, not ignored
+        for f in dataclasses.fields(PrefConfig):
+            if f.name.startswith("rc_") and getattr(cfg, f.name) != f.default:
+                bad(f.name, "has no effect without --reward_calibration true; add it or drop this option")
 
 
 def _check_zero3(cfg: PrefConfig, bad) -> None:

@@ -2,12 +2,18 @@
 objective without changing it.
 
 Log-domain EMAs of the batch-mean d_w, d_l give r = d_w/d_l; of ‖s_w‖, ‖s_l‖ give r* = ‖s_l‖/‖s_w‖ (the band's
-geometric centre). α = sqrt(r*/r) (no gradient) scales the chosen gradient by α and the rejected one by 1/α,
-so the effective ratio becomes r*. Statistics are gathered over an optimizer step's micro-batches and
-committed once per step (averaged over micro-batches and processes), so α is the same on every rank and a
-run with gradient accumulation matches a multi-process run with the same global batch. Applied per token as x̂ = sg(x) + α·(x − sg(x)): the forward value is
-bit-for-bit x (x − sg(x) is exactly 0), unlike α·x + (1−α)·sg(x), which rounds. The EMAs start from the first
-observed value (no bias correction needed); α = 1 until both statistics have been seen.
+geometric centre); a linear EMA of ρ = cos(s_w, s_l) gives the band [ρ·r*, r*/ρ]. The calibrated ratio is
+α²·r, with α (no gradient) scaling the chosen gradient and 1/α the rejected one:
+
+- target ``centre`` (the authors'): α = sqrt(r*/r), every step;
+- target ``band``: α = 1 while r is inside the band, else the ratio moves to the nearest edge
+  (α = sqrt(edge/r)); with ρ ≤ 0 every ratio is inside, so α = 1.
+
+Statistics are gathered over an optimizer step's micro-batches and committed once per step (averaged over
+micro-batches and processes), so α is the same on every rank and a run with gradient accumulation matches a
+multi-process run with the same global batch. Applied per token as x̂ = sg(x) + α·(x − sg(x)): the forward
+value is bit-for-bit x (x − sg(x) is exactly 0), unlike α·x + (1−α)·sg(x), which rounds. The EMAs start from
+the first observed value (no bias correction needed); α = 1 until all statistics the target needs have been seen.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from prefkit.dynamics.incentives import Incentives
 from prefkit.dynamics.scores import ScoreStats
 from prefkit.objectives.types import PairLogps
 
-_KEYS = ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l")
+_KEYS = ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos")
+TARGETS = ("centre", "band")
 
 
 def _scaled(x: Tensor, a: float) -> Tensor:
@@ -30,13 +37,28 @@ def _scaled(x: Tensor, a: float) -> Tensor:
     return sg + a * (x - sg)
 
 
+def calibration_log_shift(log_r: float, log_r_star: float, cos: float | None, target: str) -> float:
+    """log(α²): how far RC moves log(d_w/d_l). ``cos`` is needed only by the ``band`` target."""
+    if target == "centre":
+        return log_r_star - log_r
+    if cos is None or cos <= 0:
+        return 0.0  # no cosine yet, or ρ ≤ 0: the band is (0, ∞)
+    half = -math.log(min(cos, 1.0))
+    lower, upper = log_r_star - half, log_r_star + half
+    return min(max(0.0, lower - log_r), upper - log_r)
+
+
 class RewardCalibrator:
-    def __init__(self, ema: float = 0.98, reduce_mean: Callable[[Tensor], Tensor] | None = None):
+    def __init__(self, ema: float = 0.98, reduce_mean: Callable[[Tensor], Tensor] | None = None,
+                 target: str = "centre"):
+        if target not in TARGETS:
+            raise ValueError(f"RC target must be one of {TARGETS}, got {target!r}")
         self.ema = ema
+        self.target = target
         # under distributed training every rank must use the same α: batch means are reduced across ranks
         self.reduce_mean = reduce_mean or (lambda t: t)
         self.state: dict[str, float | None] = dict.fromkeys(_KEYS)
-        self.pending: dict[str, list[float]] = {"incentives": [], "scores": []}
+        self.pending: dict[str, list[list[float]]] = {"incentives": [], "scores": []}
 
     def _push(self, key: str, value: float) -> None:
         if not math.isfinite(value):
@@ -49,31 +71,56 @@ class RewardCalibrator:
         self.pending["incentives"].append([inc.d_w.double().mean().item(), inc.d_l.double().mean().item(), 1.0])
 
     def update_scores(self, stats: ScoreStats) -> None:
-        self.pending["scores"].append([stats.norm_chosen, stats.norm_rejected, 1.0])
+        self.pending["scores"].append([stats.norm_chosen, stats.norm_rejected, stats.cos, 1.0])
 
     def commit(self) -> None:
         """Fold the step's statistics into the EMAs: averaged over micro-batches, then over processes.
 
-        Every process calls this at the same step boundaries, with the same pending kinds."""
-        for kind, keys in (("incentives", ("log_d_w", "log_d_l")), ("scores", ("log_norm_w", "log_norm_l"))):
+        Every process calls this at the same step boundaries and reduces both kinds (zeros when it has none),
+        so the collectives match even where only some ranks measured."""
+        for kind, width in (("incentives", 3), ("scores", 4)):
             rows = self.pending[kind]
-            local = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(3, dtype=torch.float64)
+            local = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(width, dtype=torch.float64)
             total = self.reduce_mean(local)
-            if total[2] <= 0:
+            if total[-1] <= 0:
                 continue
-            a, b = (total[:2] / total[2]).tolist()
-            if a > 0 and b > 0:  # a log-domain ratio needs both positive
-                self._push(keys[0], math.log(a))
-                self._push(keys[1], math.log(b))
+            means = (total[:-1] / total[-1]).tolist()
+            a, b = means[:2]
+            if not (a > 0 and b > 0):  # a log-domain ratio needs both positive
+                continue
+            if kind == "incentives":
+                self._push("log_d_w", math.log(a))
+                self._push("log_d_l", math.log(b))
+            else:
+                self._push("log_norm_w", math.log(a))
+                self._push("log_norm_l", math.log(b))
+                self._push("cos", means[2])
         self.pending = {"incentives": [], "scores": []}
 
-    def alpha(self) -> float:
+    def _logs(self) -> tuple[float, float] | None:
         s = self.state
-        if any(v is None for v in s.values()):
+        if any(s[k] is None for k in _KEYS[:4]):
+            return None
+        return s["log_d_w"] - s["log_d_l"], s["log_norm_l"] - s["log_norm_w"]
+
+    def alpha(self) -> float:
+        logs = self._logs()
+        if logs is None:
             return 1.0
-        log_r = s["log_d_w"] - s["log_d_l"]
-        log_r_star = s["log_norm_l"] - s["log_norm_w"]
-        return math.exp(0.5 * (log_r_star - log_r))
+        return math.exp(0.5 * calibration_log_shift(*logs, self.state["cos"], self.target))
+
+    def metrics(self) -> dict[str, float]:
+        """rc/alpha always; the EMA ratio r, target r* and whether r is inside the band once they are known."""
+        out = {"rc/alpha": self.alpha()}
+        logs = self._logs()
+        if logs is not None:
+            log_r, log_r_star = logs
+            out["rc/ratio"] = math.exp(log_r)
+            out["rc/target"] = math.exp(log_r_star)
+            cos = self.state["cos"]
+            if cos is not None:
+                out["rc/in_band"] = float(calibration_log_shift(log_r, log_r_star, cos, "band") == 0.0)
+        return out
 
     def apply(self, logps: PairLogps) -> PairLogps:
         a = self.alpha()

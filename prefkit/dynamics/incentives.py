@@ -26,7 +26,10 @@ class Incentives:
         return self.d_w / self.d_l.clamp(min=eps)
 
 
-def compute_incentives(objective, logps: PairLogps) -> Incentives:
+def compute_incentives(objective, logps: PairLogps, reduction: str | None = None) -> Incentives:
+    """Per-pair d_w, d_l with respect to summed or mean scores (``reduction``; default: the objective's own).
+
+    The pair (z, d) must match the score norms it is compared with: mean scores give s/T and d·T per pair."""
     with torch.enable_grad():
         pw = logps.chosen.detach().clone().requires_grad_(True)
         pl = logps.rejected.detach().clone().requires_grad_(True)
@@ -41,7 +44,7 @@ def compute_incentives(objective, logps: PairLogps) -> Incentives:
     gl = torch.zeros_like(pl) if gl is None else gl
     mw, ml = objective.kept_masks(logps)
     b = logps.batch_size  # the loss is a batch mean; incentives are per pair
-    if objective.score_reduction == "mean":
+    if (reduction or objective.score_reduction) == "mean":
         cw = cl = torch.ones(b, dtype=gw.dtype, device=gw.device)
     else:
         cw, cl = mw.sum(1).clamp(min=1).to(gw.dtype), ml.sum(1).clamp(min=1).to(gw.dtype)

@@ -1,9 +1,9 @@
 """DynamicsMonitor: the trainer's single hook into preference dynamics (arXiv 2604.18239).
 
-Every step, before backward: RC (if on) updates its EMAs from this batch's incentives; every
-``dynamics_steps`` steps the diagnostics are computed and returned as metrics (names below). RC needs score
-norms too: they are refreshed every ``dynamics_steps`` steps, or every ``RC_SCORE_EVERY`` steps when
-diagnostics are off, trading freshness for the cost of two partial backward passes.
+Every step, before backward: RC (if on) records this batch's incentives for its EMAs and, every
+``rc_norm_steps`` steps, the score norms (two partial backward passes), both w.r.t. the ``rc_scores`` scores.
+Every ``dynamics_steps`` steps the diagnostics, w.r.t. the objective's own scores, are computed and returned
+as metrics (names below); where both fall on one step with the same scores, the norms are computed once.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from prefkit.objectives.types import LossOutput, PairLogps
 
 logger = logging.getLogger("prefkit")
 
-RC_SCORE_EVERY = 10
-
 
 class DynamicsMonitor:
     def __init__(
@@ -39,8 +37,9 @@ class DynamicsMonitor:
     ):
         self.objective = objective
         self.every = cfg.dynamics_steps
-        self.rc = RewardCalibrator(cfg.rc_ema, reduce_mean) if cfg.reward_calibration else None
-        self.score_every = self.every or RC_SCORE_EVERY
+        self.rc = RewardCalibrator(cfg.rc_ema, reduce_mean, cfg.rc_target) if cfg.reward_calibration else None
+        self.rc_every = cfg.rc_norm_steps
+        self.rc_scores = cfg.rc_scores
         self.params = select_params(model, cfg.dynamics_params) if (self.every or self.rc) else []
         self.probe = probe_batch
         self.logps_fn = logps_fn
@@ -74,21 +73,29 @@ class DynamicsMonitor:
         log_now = bool(self.every) and step % self.every == 0
         if not log_now and self.rc is None:
             return {}
-        inc = compute_incentives(self.objective, logps)
+        own = self.objective.score_reduction
+        rc_norms = self.rc is not None and step % self.rc_every == 0
         stats: ScoreStats | None = None
-        if log_now or step % self.score_every == 0:
+        rc_stats: ScoreStats | None = None
+        if log_now or rc_norms:
             source = logps
             if self.unwrap is not None and batch is not None:
                 with torch.enable_grad():
                     source = self.logps_fn(self.unwrap(model), batch)
-            stats = score_stats(source, self.params, self.objective.kept_masks(source), self.objective.score_reduction)
+            masks = self.objective.kept_masks(source)
+            if log_now:
+                stats = score_stats(source, self.params, masks, own)
+            if rc_norms:
+                rc_stats = stats if stats is not None and own == self.rc_scores else score_stats(
+                    source, self.params, masks, self.rc_scores)
         metrics: dict[str, float] = {}
         if self.rc is not None:
-            self.rc.update_incentives(inc)
-            if stats is not None:
-                self.rc.update_scores(stats)
-            metrics["rc/alpha"] = self.rc.alpha()
+            self.rc.update_incentives(compute_incentives(self.objective, logps, self.rc_scores))
+            if rc_stats is not None:
+                self.rc.update_scores(rc_stats)
+            metrics.update(self.rc.metrics())
         if log_now and stats is not None:
+            inc = compute_incentives(self.objective, logps)
             ratio = inc.ratio()
             lower, upper = band_edges(stats.norm_chosen, stats.norm_rejected, stats.cos)
             metrics.update({
