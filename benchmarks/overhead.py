@@ -8,7 +8,8 @@ Reports, as a share of one plain DPO step (reference forward + policy forward + 
   the log-probs) for DPO, ADPO static/adaptive, POET;
 - diagnostics: incentives + score norms (auto = last block) + the probe-batch forward, per logged step, and
   amortised at --dynamics_steps 10;
-- RC: incentives and calibration every step + score norms every 10 steps (amortised).
+- RC: incentives and calibration every step + score norms (mean scores, the defaults) every step
+  (--rc_norm_steps 1), and amortised at --rc_norm_steps 10.
 Results go to benchmarks/out/overhead-<time>.{json,md} with the commit and machine.
 """
 
@@ -70,9 +71,10 @@ def measure(model, batch, probe, objectives, params) -> dict[str, float]:
             compute_pair_logps(model, probe)
 
     out["diagnostics"] = timed(diagnostics)
-    t_inc = timed(lambda: compute_incentives(dpo, lp), reps=5)
-    t_scores = timed(lambda: score_stats(lp, params, masks, "sum"))
-    out["rc"] = t_inc + t_scores / 10
+    t_inc = timed(lambda: compute_incentives(dpo, lp, "mean"), reps=5)
+    t_scores = timed(lambda: score_stats(lp, params, masks, "mean"))
+    out["rc"] = t_inc + t_scores
+    out["rc at --rc_norm_steps 10"] = t_inc + t_scores / 10
     return out
 
 
@@ -100,7 +102,7 @@ def main() -> None:
     }
     objectives = {k: build_objective(c) for k, c in configs.items()}
     params = select_params(model, "auto")
-    rows = {k: [] for k in ["step", "diagnostics", "rc"] + [f"objective: {k}" for k in objectives]}
+    rows = {k: [] for k in ["step", "diagnostics", "rc", "rc at --rc_norm_steps 10"] + [f"objective: {k}" for k in objectives]}
     for batch in batches:
         for k, v in measure(model, batch, probe, objectives, params).items():
             rows[k].append(v)
