@@ -1,4 +1,4 @@
-"""Command line: `prefkit train | eval | plot | critical-tokens | bench`.
+"""Command line: `prefkit train | eval | plot | critical-tokens | pairs | bench`.
 
 Options are PrefConfig fields (TrainingArguments / DPOConfig names); ``--config run.yaml`` supplies a base
 and command-line options override it. Errors print one line and exit non-zero; ``--debug`` shows tracebacks.
@@ -161,6 +161,12 @@ def _pop_option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _cmd_pairs(argv: list[str]) -> int:
+    from prefkit.pairs.cli import pairs_main
+
+    return pairs_main(argv)
+
+
 def _cmd_bench(argv: list[str]) -> int:
     from prefkit.bench.cli import bench_main
 
@@ -172,6 +178,7 @@ COMMANDS = {
     "eval": (_cmd_eval, "preference metrics of a trained model on a dataset, as JSON"),
     "plot": (_cmd_plot, "plot metrics.jsonl of one or more runs"),
     "critical-tokens": (_cmd_critical_tokens, "cADPO token weights from a positive and a negative model"),
+    "pairs": (_cmd_pairs, "sample completions, score them (checker, reward model, your code) and write pairs"),
     "bench": (_cmd_bench, "train a grid of methods x seeds on one task and write a comparison report"),
 }
 

@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prefkit.errors import ConfigError
+from prefkit.pairs.scorers import last_match
 
 CHARS = list("0123456789+-=?:\nQA")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -64,9 +65,10 @@ def make_splits(seed: int, sizes: dict[str, int], num_terms: int, digits: int) -
 
 
 def extract_answer(text: str) -> int | None:
-    """The integer after the last ``A:``; None when the solution gives no final answer."""
-    found = ANSWER.findall(text)
-    return int(found[-1]) if found else None
+    """The integer after the last ``A:``; None when the solution gives no final answer. The same extraction as
+    the ``regex:A:(-?\\d+)`` scorer of `prefkit pairs` (its :func:`~prefkit.pairs.scorers.last_match`)."""
+    found = last_match(ANSWER, text)
+    return int(found) if found is not None else None
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

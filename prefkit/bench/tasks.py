@@ -73,20 +73,20 @@ def _data_path(bench: BenchConfig, key: str) -> Path:
 def _pairs_from_samples(problems, texts: list[str], k: int, max_pairs: int, rng: random.Random, extract,
                         reference_fallback: bool = False):
     """Up to ``max_pairs`` (correct, incorrect) pairs per problem from its k samples; counts for the report.
-    With ``reference_fallback`` a problem with no correct sample pairs its reference solution instead."""
+    With ``reference_fallback`` a problem with no correct sample pairs its reference solution instead.
+    Pairing is prefkit.pairs' ``all`` rule with a random cap (the same code as `prefkit pairs`)."""
+    from prefkit.pairs.pairing import FALLBACK, pair_samples
+
     rows, n_both, n_correct = [], 0, 0
     for i, p in enumerate(problems):
-        samples = list(dict.fromkeys(texts[i * k : (i + 1) * k]))  # distinct, in order
-        good = [s for s in samples if extract(s) == p.answer]
-        bad = [s for s in samples if extract(s) != p.answer]
-        if not good and reference_fallback:
-            good = [p.solution]
-        n_correct += sum(extract(s) == p.answer for s in texts[i * k : (i + 1) * k])
-        if good and bad:
+        samples = texts[i * k : (i + 1) * k]
+        scores = [float(extract(s) == p.answer) for s in samples]
+        n_correct += int(sum(scores))
+        got = pair_samples(samples, scores, pairing="all", rng=rng, max_pairs=max_pairs, fallback=reference_fallback)
+        if got.pairs:
             n_both += 1
-            combos = list(itertools.product(good, bad))
-            rng.shuffle(combos)
-            rows += [{"prompt": p.prompt, "chosen": c, "rejected": r} for c, r in combos[:max_pairs]]
+            text = {**dict(enumerate(samples)), FALLBACK: p.solution}
+            rows += [{"prompt": p.prompt, "chosen": text[c], "rejected": text[r]} for c, r in got.pairs]
     return rows, n_both, n_correct
 
 

@@ -1,0 +1,95 @@
+"""`prefkit pairs`: sample k completions per prompt from a model, score them, write standard pairs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from prefkit.errors import ConfigError
+from prefkit.pairs.pairing import PAIRINGS
+from prefkit.pairs.pipeline import PairOptions, SampleOptions, make_pairs, write_outputs
+from prefkit.pairs.sample import BACKENDS, check_backend
+from prefkit.pairs.scorers import SPECS, build_scorer
+
+logger = logging.getLogger("prefkit")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, like every prefkit error
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="prefkit pairs", description="Sample, score and pair completions of a model (docs/pairs.md).")
+    p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet/CSV file, save_to_disk dir or hub dataset")
+    p.add_argument("--prompts_split", default="train")
+    p.add_argument("--prompt_field", default="prompt", help="column with the prompt (text or messages)")
+    p.add_argument("--max_prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--num_samples", type=int, default=4, help="completions per prompt (k)")
+    p.add_argument("--scorer", required=True, help=SPECS)
+    p.add_argument("--reference_field", default="answer", help="row field that math/regex compare against")
+    p.add_argument("--pairing", default="best_worst", choices=PAIRINGS)
+    p.add_argument("--max_pairs_per_prompt", type=int, default=None)
+    p.add_argument("--correct_threshold", type=float, default=1.0, help="score from which a sample counts correct")
+    p.add_argument("--reference_fallback", default=None,
+                   help="field with a reference solution, paired as chosen when no sample is correct")
+    p.add_argument("--output", required=True, help="pairs JSONL; the summary goes to <output>.summary.json")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--backend", default="hf", choices=BACKENDS)
+    p.add_argument("--apply_chat_template", default="auto", choices=("auto", "true", "false"))
+    p.add_argument("--model_dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--use_cpu", action="store_true", help="generate on the CPU even when a GPU is present")
+    p.add_argument("--trust_remote_code", action="store_true")
+    return p
+
+
+def check_args(a: argparse.Namespace) -> None:
+    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("batch_size", 1)):
+        if getattr(a, name) < low:
+            raise ConfigError(f"--{name}: must be at least {low}, got {getattr(a, name)}")
+    if a.num_samples < 2:
+        raise ConfigError("--num_samples: pairs need at least 2 samples per prompt")
+    if a.temperature < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise ConfigError(f"--top_p: must be in (0, 1], got {a.top_p}")
+    if a.max_pairs_per_prompt is not None and a.max_pairs_per_prompt < 1:
+        raise ConfigError(f"--max_pairs_per_prompt: must be at least 1, got {a.max_pairs_per_prompt}")
+    check_backend(a.backend)
+
+
+def pairs_main(argv: list[str]) -> int:
+    import torch
+
+    from prefkit.data import load_rows
+    from prefkit.models import choose_dtype, load_causal_lm, load_tokenizer, resolve_model_path
+
+    a = build_parser().parse_args(argv)
+    check_args(a)
+    scorer = build_scorer(a.scorer, reference_field=a.reference_field)  # a bad spec fails before any loading
+    rows = load_rows(a.prompts, a.prompts_split, trust_remote_code=a.trust_remote_code)
+    rows = [dict(r) for r in (rows if a.max_prompts is None else rows.select(range(min(a.max_prompts, len(rows)))))]
+    path = resolve_model_path(a.model_name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=a.trust_remote_code)
+    model = None
+    if a.backend == "hf":
+        device = torch.device("cuda" if torch.cuda.is_available() and not a.use_cpu else "cpu")
+        model = load_causal_lm(path, dtype=choose_dtype(a.model_dtype, device),
+                               trust_remote_code=a.trust_remote_code).to(device)
+    sopts = SampleOptions(num_samples=a.num_samples, temperature=a.temperature, top_p=a.top_p,
+                          max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size, backend=a.backend,
+                          apply_chat_template=a.apply_chat_template)
+    popts = PairOptions(pairing=a.pairing, max_pairs_per_prompt=a.max_pairs_per_prompt,
+                        correct_threshold=a.correct_threshold, reference_fallback=a.reference_fallback)
+    logger.info("sampling %d x %d completions from %s", len(rows), a.num_samples, a.model_name_or_path or path)
+    pairs, summary = make_pairs(model, tokenizer, rows, scorer, sopts, popts, source=a.prompts,
+                                model_name=a.model_name_or_path or path)
+    summary_path = write_outputs(pairs, summary, a.output)
+    print(summary.text())
+    print(f"pairs:   {a.output}\nsummary: {summary_path}")
+    return 0
