@@ -73,7 +73,7 @@ def pairs_main(argv: list[str]) -> int:
     check_args(a)
     scorer = build_scorer(a.scorer, reference_field=a.reference_field)  # a bad spec fails before any loading
     rows = load_rows(a.prompts, a.prompts_split, trust_remote_code=a.trust_remote_code)
-    rows = [dict(r) for r in (rows if a.max_prompts is None else rows.select(range(min(a.max_prompts, len(rows)))))]
+    rows = [dict(r) for r in rows][: a.max_prompts]  # a file mixing text and messages prompts is a plain list
     path = resolve_model_path(a.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=a.trust_remote_code)
     model = None

@@ -74,7 +74,7 @@ def final_number(text: str) -> Decimal | None:
     else the last number in the text."""
     boxed = _last_boxed(text)
     if boxed is not None:
-        found = _NUMBER.findall(boxed.replace("\\!", "").replace("\\,", ""))
+        found = _NUMBER.findall(boxed.replace("{,}", ",").replace("\\!", "").replace("\\,", ""))
         return normalize_number(found[-1]) if found else None
     if "####" in text:
         found = _NUMBER.findall(text.rsplit("####", 1)[1])
