@@ -141,6 +141,20 @@ class PrefConfig(TrainingArguments):
         default=1, metadata={"help": "Refresh RC's score norms every N optimizer steps (1: every step, the authors')."}
     )
 
+    # ---- semi-online rounds (prefkit.online; docs/pairs.md) ----------------------------------------------
+    rounds: int = field(default=0, metadata={"help": "Semi-online training: R rounds of sample → score → pair → "
+                                                     "train from the current policy (0: train on dataset_name)."})
+    online_prompts: str | None = field(default=None, metadata={"help": "Prompts for --rounds (prefkit pairs' format)."})
+    online_scorer: str | None = field(
+        default=None, metadata={"help": "Scorer for --rounds: math | regex:P | python:mod:fn | reward_model:PATH."}
+    )
+    samples_per_round: int = field(default=64, metadata={"help": "Prompts sampled per round (cycling the file)."})
+    online_num_samples: int = field(default=4, metadata={"help": "Completions per prompt per round (k)."})
+    online_pairing: str = field(default="best_worst", metadata={"help": "best_worst | all | random."})
+    online_max_new_tokens: int = field(default=256, metadata={"help": "Max generated tokens per completion."})
+    online_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for --rounds."})
+    online_reference_field: str = field(default="answer", metadata={"help": "Reference field for math/regex."})
+
     # ---- run ---------------------------------------------------------------------------------------
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Compute reference log-probs once and cache them on disk."}

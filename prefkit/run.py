@@ -141,6 +141,10 @@ def train_main(cfg: PrefConfig) -> dict:
     from prefkit.plot import plot_runs
     from prefkit.trainer import PrefTrainer, peak_memory_mb
 
+    if cfg.rounds or cfg.online_prompts or cfg.online_scorer:
+        from prefkit.online import train_rounds
+
+        return train_rounds(cfg)
     validate_config(cfg)
     check_output_dir(cfg)
     checkpoint = resolve_checkpoint(cfg)

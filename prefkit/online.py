@@ -1,0 +1,236 @@
+"""Semi-online training (`prefkit train --rounds R`, arXiv 2506.21495): every round samples pairs from the
+current policy with prefkit.pairs' code, trains on them with the configured objective, and logs the round.
+
+- Round r takes ``samples_per_round`` prompts, cycling through ``online_prompts`` in file order, and samples
+  them with seed ``seed + 1000·r + rank``; ``--max_steps`` / ``--num_train_epochs`` apply to each round.
+- The reference is the starting model (a LoRA run's adapters disabled, a frozen copy otherwise, or
+  ``ref_model_name_or_path``) in every round.
+- A round ends with a checkpoint: ``round-<r>/`` holds its pairs, summary, metrics.jsonl, the policy
+  (``from_pretrained``-loadable) and its trainable weights; ``round-<r>/ROUND_COMPLETE`` is written last.
+  ``--resume_from_checkpoint latest`` restarts after the last complete round and gives the same pairs and
+  curve as a run that was never stopped (each round's sampling and training are seeded and start from the
+  saved weights; optimizer and schedule start afresh every round).
+- Under ``accelerate launch`` every rank samples and scores a shard of the round's prompts; the pairs are
+  gathered (``accelerate.utils.gather_object``) and every rank trains on all of them.
+
+PrefTrainer knows nothing of rounds: each round is one ordinary PrefTrainer run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import SaveStrategy
+
+from prefkit.config import PrefConfig, validate_config
+from prefkit.errors import ConfigError
+from prefkit.pairs.pairing import PAIRINGS
+from prefkit.pairs.pipeline import PairOptions, SampleOptions, Summary, make_pairs, write_outputs
+
+logger = logging.getLogger("prefkit")
+
+ROUND_MARKER = "ROUND_COMPLETE"
+TRAINABLE_FILE = "policy_trainable.safetensors"
+ROUNDS_LOG = "rounds.jsonl"
+
+
+def validate_online(cfg: PrefConfig) -> None:
+    def bad(option: str, msg: str) -> None:
+        raise ConfigError(f"--{option}: {msg}")
+
+    if cfg.rounds < 1:
+        bad("rounds", f"must be at least 1 with --online_prompts/--online_scorer, got {cfg.rounds}")
+    if not cfg.online_prompts:
+        bad("online_prompts", "required with --rounds (a prompts file like `prefkit pairs --prompts`)")
+    if not cfg.online_scorer:
+        bad("online_scorer", "required with --rounds (math | regex:P | python:mod:fn | reward_model:PATH)")
+    if cfg.samples_per_round < 1:
+        bad("samples_per_round", f"must be at least 1, got {cfg.samples_per_round}")
+    if cfg.online_num_samples < 2:
+        bad("online_num_samples", f"pairs need at least 2 samples per prompt, got {cfg.online_num_samples}")
+    if cfg.online_pairing not in PAIRINGS:
+        bad("online_pairing", f"must be one of {', '.join(PAIRINGS)}, got {cfg.online_pairing!r}")
+    if cfg.online_max_new_tokens < 1:
+        bad("online_max_new_tokens", f"must be at least 1, got {cfg.online_max_new_tokens}")
+    if cfg.online_temperature < 0:
+        bad("online_temperature", f"must be >= 0, got {cfg.online_temperature}")
+    if cfg.dataset_name:
+        bad("dataset_name", "--rounds trains on pairs it samples itself; drop --dataset_name")
+    if cfg.precompute_ref_log_probs:
+        bad("precompute_ref_log_probs", "not supported with --rounds (the pairs change every round)")
+    if getattr(cfg, "sync_ref_model", False):
+        bad("sync_ref_model", "not supported with --rounds yet: the reference is the starting model")
+
+
+def finished_rounds(out: Path) -> int:
+    """The last round r such that rounds 1..r all completed."""
+    r = 0
+    while (out / f"round-{r + 1}" / ROUND_MARKER).is_file():
+        r += 1
+    return r
+
+
+def round_prompts(rows: list[dict], r: int, n: int) -> list[dict]:
+    """Round r's prompts: the next ``n`` rows of the file, cycling."""
+    return [rows[((r - 1) * n + i) % len(rows)] for i in range(n)]
+
+
+def merge_summaries(parts: list[dict]) -> Summary:
+    """One summary from the ranks' summaries (counts add up; shares and speed recomputed)."""
+    s = Summary(backend=parts[0]["backend"])
+    for key in ("prompts", "samples", "nan_dropped", "duplicates", "correct", "prompts_with_pair", "pairs",
+                "tied_pairs", "reference_fallbacks", "generated_tokens"):
+        setattr(s, key, sum(p[key] for p in parts))
+    for p in parts:
+        for k, v in p["score_histogram"].items():
+            s.score_histogram[k] = s.score_histogram.get(k, 0) + v
+    s.generation_seconds = max(p["generation_seconds"] for p in parts)  # ranks run side by side
+    s.tokens_per_second = s.generated_tokens / s.generation_seconds if s.generation_seconds > 0 else 0.0
+    s.share_correct = s.correct / max(s.samples - s.nan_dropped, 1)
+    return s
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _round_record(r: int, summary: Summary, train_metrics: dict, logs: list[dict], seconds: float) -> dict:
+    last = {k: v for rec in logs for k, v in rec.items() if k not in ("step", "epoch")}
+    keep = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected")
+    return {
+        "round": r, "prompts": summary.prompts, "samples": summary.samples, "share_correct": summary.share_correct,
+        "prompts_with_pair": summary.prompts_with_pair, "pairs": summary.pairs, "tied_pairs": summary.tied_pairs,
+        "nan_dropped": summary.nan_dropped, "generation_tokens_per_second": summary.tokens_per_second,
+        "generation_seconds": summary.generation_seconds, "train_loss": train_metrics.get("train_loss"),
+        "train_seconds": train_metrics.get("train_runtime"), "round_seconds": seconds,
+        **{k: last[k] for k in keep if k in last},
+    }
+
+
+def _round_config(cfg: PrefConfig, round_dir: Path) -> PrefConfig:
+    """The run's options for one round's PrefTrainer: its own output dir, no mid-round checkpoints (rounds
+    are the unit of resumption). A shallow copy: re-running TrainingArguments' __post_init__ is not needed."""
+    rcfg = copy.copy(cfg)
+    rcfg.output_dir, rcfg.save_strategy, rcfg.resume_from_checkpoint = str(round_dir), SaveStrategy.NO, None
+    return rcfg
+
+
+def train_rounds(cfg: PrefConfig) -> dict:
+    """Run (or resume) R rounds; returns the rounds' records."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from prefkit.data import load_rows, prepare_dataset
+    from prefkit.models import choose_dtype, is_peft_model, load_causal_lm, resolve_model_path
+    from prefkit.pairs.scorers import build_scorer
+    from prefkit.run import CONFIG_FILE, check_output_dir, load_model_and_tokenizer, resolved_config_dict
+    from prefkit.trainer import PrefTrainer, _reference_copy
+
+    validate_config(cfg)
+    validate_online(cfg)
+    out = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint:
+        done = finished_rounds(out)
+        logger.info("resuming after round %d of %d", done, cfg.rounds)
+    else:
+        check_output_dir(cfg)
+        done = 0
+    scorer = build_scorer(cfg.online_scorer, reference_field=cfg.online_reference_field)
+    rows = [dict(r) for r in load_rows(cfg.online_prompts, trust_remote_code=cfg.trust_remote_code)]
+    if not rows:
+        raise ConfigError(f"--online_prompts: {cfg.online_prompts} holds no prompts")
+    state = PartialState()
+    model_path, model, tokenizer = load_model_and_tokenizer(cfg)
+    device = torch.device(cfg.device)
+    model.to(device)
+    if cfg.ref_model_name_or_path:
+        ref_model = load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dtype=choose_dtype(cfg.model_dtype),
+                                   trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    else:  # copied before any round's weights are loaded: the reference stays the starting model
+        ref_model = None if is_peft_model(model) else _reference_copy(model)
+    if done:
+        model.load_state_dict(load_file(str(out / f"round-{done}" / TRAINABLE_FILE)), strict=False)
+    out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
+        log_path = out / ROUNDS_LOG
+        if log_path.exists():  # drop records of rounds past the one resumed from
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["round"] <= done]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+    records = []
+    for r in range(done + 1, cfg.rounds + 1):
+        t0 = time.time()
+        round_dir = out / f"round-{r}"
+        todo = round_prompts(rows, r, cfg.samples_per_round)[state.process_index :: state.num_processes]
+        seed = cfg.seed + 1000 * r + state.process_index
+        sopts = SampleOptions(num_samples=cfg.online_num_samples, temperature=cfg.online_temperature,
+                              max_new_tokens=cfg.online_max_new_tokens, seed=seed,
+                              batch_size=cfg.per_device_eval_batch_size)
+        pairs, summary = make_pairs(model, tokenizer, todo, scorer, sopts, PairOptions(pairing=cfg.online_pairing),
+                                    source=cfg.online_prompts, model_name=f"{cfg.model_name_or_path or model_path}"
+                                    f"@round-{r - 1}", rng=random.Random(seed))
+        pairs = gather_object(pairs) if state.num_processes > 1 else pairs
+        parts = gather_object([summary.to_dict()]) if state.num_processes > 1 else [summary.to_dict()]
+        summary = merge_summaries(parts)
+        pairs_file = round_dir / "pairs.jsonl"
+        if state.is_main_process:
+            write_outputs(pairs, summary, str(pairs_file))
+        state.wait_for_everyone()
+        logger.info("round %d/%d: %d prompts, %.1f%% correct, %d pairs, %.1f tokens/s", r, cfg.rounds,
+                    summary.prompts, 100 * summary.share_correct, summary.pairs, summary.tokens_per_second)
+        train_metrics: dict = {}
+        if pairs:
+            rcfg = _round_config(cfg, round_dir)
+            if state.is_main_process and (round_dir / "metrics.jsonl").exists():
+                (round_dir / "metrics.jsonl").unlink()  # a killed round's partial curve
+            ds, report = prepare_dataset(load_rows(str(pairs_file)), tokenizer, rcfg, source=str(pairs_file))
+            trainer = PrefTrainer(model=model, args=rcfg, train_dataset=ds, processing_class=tokenizer,
+                                  ref_model=ref_model)
+            train_metrics = dict(trainer.train().metrics)
+            trainer.save_model(str(round_dir))
+        else:
+            logger.warning("round %d: no pairs (every prompt's samples tied); the policy is unchanged", r)
+        if state.is_main_process:
+            save_file(_trainable_state(model), str(round_dir / TRAINABLE_FILE))
+            logs = []
+            if (round_dir / "metrics.jsonl").is_file():
+                logs = [json.loads(ln) for ln in (round_dir / "metrics.jsonl").read_text().splitlines() if ln]
+            record = _round_record(r, summary, train_metrics, logs, time.time() - t0)
+            with (out / ROUNDS_LOG).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            _write_atomic(round_dir / ROUND_MARKER, str(r))
+            records.append(record)
+            print(f"round {r}/{cfg.rounds}: share correct {100 * record['share_correct']:.1f}%, "
+                  f"{record['pairs']} pairs, train loss {_fmt(record['train_loss'])}, "
+                  f"{record['generation_tokens_per_second']:.1f} tokens/s, {record['round_seconds']:.1f} s", flush=True)
+        state.wait_for_everyone()
+    if state.is_main_process:
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        print(f"\nmodel:  {out}  ({'LoRA adapter' if is_peft_model(model) else 'full model'})\n"
+              f"rounds: {out / ROUNDS_LOG}")
+    return {"rounds": records}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"

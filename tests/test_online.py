@@ -1,0 +1,94 @@
+"""`prefkit train --rounds`: two rounds log, the reference stays the starting model, and a run stopped at a round
+boundary (with a half-written next round) resumes to the same pairs and curve as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from prefkit.cli import main
+from prefkit.online import ROUND_MARKER, finished_rounds, merge_summaries, round_prompts
+
+PROMPTS = [{"prompt": p} for p in ("what is the cat ?", "the dog ran", "is it good ?", "a big red cat", "hello")]
+
+
+@pytest.fixture
+def length_scorer(tmp_path, monkeypatch):
+    (tmp_path / "round_scorers.py").write_text(
+        "def length(prompt, completion, row):\n    return float(len(completion.split()))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "python:round_scorers:length"
+    sys.modules.pop("round_scorers", None)
+
+
+def _args(model_dir, prompts, out, scorer, rounds, *extra):
+    return ["train", "--model_name_or_path", str(model_dir), "--online_prompts", str(prompts), "--online_scorer",
+            scorer, "--rounds", str(rounds), "--samples_per_round", "3", "--online_num_samples", "4",
+            "--online_max_new_tokens", "6", "--online_pairing", "all", "--output_dir", str(out), "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--logging_steps", "1", "--learning_rate", "5e-3",
+            "--max_length", "64", "--seed", "3", "--use_cpu", "true", "--report_to", "none", *extra]
+
+
+def _curve(run, r):
+    return [(x["step"], x["loss"], x["rewards/chosen"]) for x in map(json.loads, (run / f"round-{r}" / "metrics.jsonl")
+                                                                        .read_text().splitlines()) if "loss" in x]
+
+
+def test_rounds_log_and_resume_at_a_round_boundary(model_dir, tmp_jsonl, tmp_path, length_scorer):
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    full = tmp_path / "full"
+    assert main(_args(model_dir, prompts, full, length_scorer, 2)) == 0
+    records = [json.loads(ln) for ln in (full / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert r["pairs"] > 0 and r["prompts"] == 3 and 0 <= r["share_correct"] <= 1
+        assert r["train_loss"] is not None and r["generation_tokens_per_second"] > 0
+    # round 2 continues from round 1's policy but scores against the starting model: its first log (taken
+    # before round 2's first update) already shows non-zero implicit rewards
+    assert abs(_curve(full, 2)[0][2]) > 1e-6
+    assert (full / "config.json").is_file() and (full / "round-2" / "config.json").is_file()
+
+    # stopped after round 1, killed while round 2 was being written, resumed
+    part = tmp_path / "part"
+    assert main(_args(model_dir, prompts, part, length_scorer, 1)) == 0
+    assert finished_rounds(part) == 1
+    (part / "round-2").mkdir()
+    (part / "round-2" / "pairs.jsonl").write_text('{"prompt": "half')
+    (part / "round-2" / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0, "rewards/chosen": 9.0}\n')
+    assert main(_args(model_dir, prompts, part, length_scorer, 2, "--resume_from_checkpoint", "latest")) == 0
+    for r in (1, 2):
+        assert (part / f"round-{r}" / "pairs.jsonl").read_text() == (full / f"round-{r}" / "pairs.jsonl").read_text()
+        got, want = _curve(part, r), _curve(full, r)
+        assert [s for s, _, _ in got] == [s for s, _, _ in want] == [1, 2]
+        assert [l for _, l, _ in got] == pytest.approx([l for _, l, _ in want], abs=1e-6)
+    resumed = [json.loads(ln) for ln in (part / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["pairs"], r["share_correct"]) for r in resumed] == \
+        [(r["round"], r["pairs"], r["share_correct"]) for r in records]
+    assert (part / "round-2" / ROUND_MARKER).is_file()
+    shutil.rmtree(part)
+
+
+def test_rounds_options_are_checked(model_dir, tmp_jsonl, tmp_path, capsys):
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    out = tmp_path / "run"
+    assert main(_args(model_dir, prompts, out, "bogus", 1)) == 2
+    assert main(_args(model_dir, prompts, out, "math", 0)) == 2
+    assert main(_args(model_dir, prompts, out, "math", 1, "--dataset_name", str(prompts))) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("prefkit: error:")]
+    assert "unknown spec 'bogus'" in err[0] and "--rounds" in err[1] and "--dataset_name" in err[2]
+
+
+def test_round_prompts_cycle_and_summaries_merge():
+    rows = [{"i": i} for i in range(5)]
+    assert [r["i"] for r in round_prompts(rows, 1, 3)] == [0, 1, 2]
+    assert [r["i"] for r in round_prompts(rows, 2, 3)] == [3, 4, 0]
+    a = dict(prompts=2, samples=8, nan_dropped=0, duplicates=1, correct=2, prompts_with_pair=1, pairs=2,
+             tied_pairs=0, reference_fallbacks=0, generated_tokens=40, generation_seconds=2.0,
+             score_histogram={"0": 6, "1": 2}, backend="hf")
+    b = {**a, "correct": 6, "generation_seconds": 4.0, "score_histogram": {"1": 6, "0": 2}}
+    s = merge_summaries([a, b])
+    assert (s.samples, s.correct, s.share_correct, s.tokens_per_second) == (16, 8, 0.5, 20.0)
+    assert s.score_histogram == {"0": 8, "1": 8}
