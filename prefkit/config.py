@@ -154,6 +154,7 @@ class PrefConfig(TrainingArguments):
     online_max_new_tokens: int = field(default=256, metadata={"help": "Max generated tokens per completion."})
     online_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for --rounds."})
     online_reference_field: str = field(default="answer", metadata={"help": "Reference field for math/regex."})
+    online_prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (text or messages)."})
 
     # ---- run ---------------------------------------------------------------------------------------
     precompute_ref_log_probs: bool = field(

@@ -187,7 +187,7 @@ def train_rounds(cfg: PrefConfig) -> dict:
                               max_new_tokens=cfg.online_max_new_tokens, seed=seed,
                               batch_size=cfg.per_device_eval_batch_size)
         pairs, summary = make_pairs(model, tokenizer, todo, scorer, sopts, PairOptions(pairing=cfg.online_pairing),
-                                    source=cfg.online_prompts, model_name=f"{cfg.model_name_or_path or model_path}"
+                                    prompt_field=cfg.online_prompt_field, source=cfg.online_prompts, model_name=f"{cfg.model_name_or_path or model_path}"
                                     f"@round-{r - 1}", rng=random.Random(seed))
         pairs = gather_object(pairs) if state.num_processes > 1 else pairs
         parts = gather_object([summary.to_dict()]) if state.num_processes > 1 else [summary.to_dict()]

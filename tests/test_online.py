@@ -4,6 +4,7 @@ boundary (with a half-written next round) resumes to the same pairs and curve as
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -92,3 +93,19 @@ def test_round_prompts_cycle_and_summaries_merge():
     s = merge_summaries([a, b])
     assert (s.samples, s.correct, s.share_correct, s.tokens_per_second) == (16, 8, 0.5, 20.0)
     assert s.score_histogram == {"0": 8, "1": 8}
+
+
+def test_rounds_under_two_gloo_processes_gather_every_ranks_pairs(model_dir, tmp_jsonl, tmp_path, length_scorer,
+                                                                  monkeypatch):
+    """Each rank samples its shard of the round's prompts (3 prompts: 2 on rank 0, 1 on rank 1); every pair
+    reaches the pairs file and both ranks train on all of them."""
+    from tests.test_distributed import _launch
+
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    out = tmp_path / "ddp"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    _launch(_args(model_dir, prompts, out, length_scorer, 1))
+    (record,) = [json.loads(ln) for ln in (out / "rounds.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    assert record["prompts"] == 3 and record["samples"] == 12 and record["pairs"] == len(rows) > 0
+    assert {r["seed"] for r in rows} <= {3 + 1000, 3 + 1001} and record["train_loss"] is not None
