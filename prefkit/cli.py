@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from prefkit.errors import ConfigError, PrefkitError
+from prefkit.errors import ConfigError, PrefkitError, one_line
 
 # `prefkit train` with no model and no data runs the embedded default: SmolLM2-135M-Instruct + LoRA on the
 # bundled HH-RLHF sample, sized to finish in about 10 minutes on 2 CPU cores.
@@ -52,6 +52,8 @@ def options_to_argv(data: dict) -> list[str]:
         argv.append(f"--{key}")
         if isinstance(value, list):
             argv.extend(str(v) for v in value)
+        elif isinstance(value, dict):  # TrainingArguments reads its dict options from JSON text
+            argv.append(json.dumps(value))
         elif isinstance(value, bool):
             argv.append("true" if value else "false")
         else:
@@ -74,7 +76,9 @@ def read_yaml_mapping(path: str, label: str) -> dict:
 
 
 def _yaml_to_argv(path: str) -> list[str]:
-    return options_to_argv(read_yaml_mapping(path, "--config"))
+    from prefkit.trl_compat import yaml_env
+
+    return options_to_argv(yaml_env(read_yaml_mapping(path, "--config")))
 
 
 def _check_known(argv: list[str], known: list[str], where: str) -> None:
@@ -91,15 +95,23 @@ def parse_config(argv: list[str], *, demo: bool = False):
     from transformers import HfArgumentParser
 
     from prefkit.config import PrefConfig, option_names
+    from prefkit.trl_compat import normalize_argv
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # argparse would print its usage and exit
+            raise ConfigError(message)
 
     argv = list(argv)
     base: list[str] = []
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a YAML file")
-        base = _yaml_to_argv(argv[i + 1])
-        del argv[i : i + 2]
+    for i, tok in enumerate(argv):
+        if tok == "--config" or tok.startswith("--config="):
+            path = tok.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else None)
+            if not path:
+                raise ConfigError("--config needs a YAML file")
+            base = normalize_argv(_yaml_to_argv(path))
+            del argv[i : i + (1 if "=" in tok else 2)]
+            break
+    argv = normalize_argv(argv)
     known = option_names()
     _check_known(base, known, " in the --config file")
     _check_known(argv, known, "")
@@ -109,11 +121,11 @@ def parse_config(argv: list[str], *, demo: bool = False):
         for key, value in DEMO_DEFAULTS.items():
             if key not in given:
                 preset += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    parser = HfArgumentParser(PrefConfig)
+    parser = Parser(PrefConfig)
     try:
         (cfg,) = parser.parse_args_into_dataclasses(args=preset + base + argv)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    except (ValueError, TypeError, ImportError) as e:  # TrainingArguments' own checks
+        raise ConfigError(one_line(e)) from e
     return cfg
 
 

@@ -31,10 +31,23 @@ class PrefConfig(TrainingArguments):
         default=None,
         metadata={"help": "Reference model if it is not the starting policy (e.g. an SFT model)."},
     )
-    model_dtype: str = field(
+    dtype: str = field(
         default="auto",
-        metadata={"help": "auto | float32 | bfloat16 | float16. auto: fp32 for full fine-tuning (trained weights; "
-                          "--bf16 gives bf16 speed), bf16 for a LoRA run's frozen base where bf16 matmul is fast."},
+        metadata={"help": "auto | float32 | bfloat16 | float16 (alias --model_dtype). auto: fp32 for full fine-tuning "
+                          "(trained weights; --bf16 gives bf16 speed), bf16 for a LoRA run's frozen base where bf16 "
+                          "matmul is fast."},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention of the loaded model (eager, sdpa, flash_attention_2, …). Packed pairs need sdpa, "
+                          "so another choice turns --pack_pairs off; one other than eager also turns --share_prompt "
+                          "off (its 4D mask needs eager or sdpa)."},
+    )
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, else EOS)."})
+    disable_dropout: bool = field(
+        default=False,
+        metadata={"help": "Set every dropout of policy and reference to 0 (TRL's default is true; LoRA dropout too)."},
     )
     bf16: bool | None = field(
         default=None,
@@ -50,15 +63,34 @@ class PrefConfig(TrainingArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules (peft names)."}
     )
+    lora_target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "LoRA target parameters (peft target_parameters, e.g. MoE experts)."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved alongside the adapter (e.g. lm_head)."}
+    )
+    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "peft task type; prefkit trains CAUSAL_LM."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale alpha/sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bit (bitsandbytes, CUDA)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bit (bitsandbytes, CUDA)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type: nf4 or fp4."})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested (double) 4-bit quantization."})
+    bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "Storage dtype of 4-bit weights."})
 
     # ---- data --------------------------------------------------------------------------------------
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "JSONL/JSON/Parquet/CSV file (.gz ok), datasets.save_to_disk dir, or hub dataset."},
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration (name)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (alias --dataset_train_split)."})
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Held-out pairs (same formats)."})
-    eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name."})
+    eval_split: str = field(
+        default="test",
+        metadata={"help": "Split of eval_dataset_name (alias --dataset_test_split); with --eval_strategy and no "
+                          "other held-out set, this split of dataset_name when it has one."},
+    )
     eval_split_size: float = field(
         default=0.0,
         metadata={"help": "Held-out share (<1) or count (>=1) split off the training data when no eval set."},
@@ -166,6 +198,9 @@ class PrefConfig(TrainingArguments):
         metadata={"help": "On CPU with a separate reference model (full fine-tuning): run its forward on a worker "
                           "thread alongside the policy forward, half the intra-op threads each."},
     )
+    ignore_bias_buffers: bool = field(
+        default=False, metadata={"help": "DDP: do not sync boolean buffers (TRL's fix for some LM mask buffers)."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
     nan_policy: str = field(default="stop", metadata={"help": "On NaN/inf loss: stop (after saving) or skip."})
     debug_traceback: bool = field(default=False, metadata={"help": "Show Python tracebacks on errors."})
@@ -182,12 +217,16 @@ class PrefConfig(TrainingArguments):
             self.lora_target_modules = [s.strip() for s in self.lora_target_modules.split(",") if s.strip()]
         if self.output_dir is None:
             self.output_dir = "outputs/prefkit"
+        if self.attn_implementation not in (None, "sdpa"):  # the user's attention wins over the default layouts
+            self.pack_pairs = False  # packed pairs run prefkit's sdpa-based segment attention
+            if self.attn_implementation != "eager":
+                self.share_prompt = False  # its per-pair 4D mask needs eager or sdpa
         device_type = default_device_type(self.use_cpu)
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_is_fast(device_type)
             if self.bf16 and device_type == "cpu":
                 self.use_cpu = True  # transformers refuses bf16 without a GPU unless told the CPU is meant
-        weights = choose_dtype(self.model_dtype, torch.device(device_type), trained=not self.use_peft)
+        weights = choose_dtype(self.dtype, torch.device(device_type), trained=not self.use_peft)
         if self.pad_to_multiple_of is None and device_type == "cpu" and (self.bf16 or weights != torch.float32):
             self.pad_to_multiple_of = CPU_SHAPE_MULTIPLE
         if not torch.cuda.is_available():
@@ -221,8 +260,8 @@ def validate_config(cfg: PrefConfig) -> None:
         bad("max_prompt_length", f"({cfg.max_prompt_length}) must be smaller than --max_length ({cfg.max_length})")
     if cfg.truncation_mode not in ("keep_end", "keep_start"):
         bad("truncation_mode", f"must be keep_end or keep_start, got {cfg.truncation_mode!r}")
-    if cfg.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        bad("model_dtype", f"must be auto, float32, bfloat16 or float16, got {cfg.model_dtype!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad("dtype", f"must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
         bad("pad_to_multiple_of", f"must be a positive integer, got {cfg.pad_to_multiple_of}")
     if cfg.eval_split_size < 0:
@@ -236,6 +275,11 @@ def validate_config(cfg: PrefConfig) -> None:
         bad("nan_policy", f"must be stop or skip, got {cfg.nan_policy!r}")
     if cfg.lora_r <= 0:
         bad("lora_r", f"must be positive, got {cfg.lora_r}")
+    if cfg.lora_task_type != "CAUSAL_LM":
+        bad("lora_task_type", f"prefkit trains causal LMs: must be CAUSAL_LM, got {cfg.lora_task_type!r}")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.use_peft:
+        bad("load_in_4bit" if cfg.load_in_4bit else "load_in_8bit",
+            "quantized weights cannot be trained directly; add --use_peft (QLoRA)")
     validate_objective_config(cfg)
     _check_zero3(cfg, bad)
 

@@ -37,7 +37,7 @@ def critical_tokens_main(argv: list[str]) -> int:
     if cfg.dataset_name is None:
         raise ConfigError("--dataset_name: required for critical-tokens")
     tokenizer = load_tokenizer(resolve_model_path(own.tokenizer or own.positive_model))
-    dtype = choose_dtype(cfg.model_dtype)
+    dtype = choose_dtype(cfg.dtype)
     device = torch.device(cfg.device)
     pos = load_causal_lm(resolve_model_path(own.positive_model), dtype=dtype).to(device).eval()
     neg = load_causal_lm(resolve_model_path(own.negative_model), dtype=dtype).to(device).eval()

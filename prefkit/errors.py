@@ -32,3 +32,8 @@ class TrainingFault(PrefkitError):
     """A numerical fault during training (NaN/inf loss or gradient)."""
 
     exit_code = 3
+
+
+def one_line(e: BaseException) -> str:
+    """A library exception's message on one line (transformers' validation messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -152,11 +152,17 @@ def _check_weights(path: str, allow_pickle: bool) -> None:
         )
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, *, trust_remote_code: bool = False, revision: str | None = None, pad_token: str | None = None
+) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as e:
         raise ModelError(f"{path}: cannot load a tokenizer ({e})") from e
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise ModelError(f"--pad_token: {pad_token!r} is not a token of the tokenizer of {path}")
+        tokenizer.pad_token = pad_token
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"{path}: the tokenizer has neither a pad nor an EOS token")
@@ -166,12 +172,16 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
 
 
 def load_causal_lm(
-    path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle: bool = False
+    path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle: bool = False,
+    **load_kwargs,
 ) -> PreTrainedModel:
-    """Load a causal LM, refusing pickled weights and models that are not causal LMs with a clear message."""
+    """Load a causal LM, refusing pickled weights and models that are not causal LMs with a clear message.
+    ``load_kwargs`` (revision, attn_implementation, quantization_config) go to ``from_pretrained``."""
     _check_weights(path, allow_pickle)
+    load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            revision=load_kwargs.get("revision"))
     except Exception as e:
         raise ModelError(f"{path}: not a model directory or known model id ({e})") from e
     try:
@@ -180,6 +190,7 @@ def load_causal_lm(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
+            **load_kwargs,
         )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -193,14 +204,39 @@ def load_causal_lm(
 
 
 def apply_lora(
-    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str]
+    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str], **lora_kwargs
 ) -> PreTrainedModel:
-    """Wrap ``model`` with fresh LoRA adapters; the reference is the same model with adapters disabled."""
+    """Wrap ``model`` with fresh LoRA adapters; the reference is the same model with adapters disabled.
+    ``lora_kwargs`` (use_rslora, use_dora, modules_to_save, target_parameters) go to peft's ``LoraConfig``."""
     from peft import LoraConfig, get_peft_model
 
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        **lora_kwargs)
     return get_peft_model(model, config)
+
+
+def quantization_config(cfg) -> object | None:
+    """bitsandbytes' config for --load_in_4bit / --load_in_8bit (None without them); ModelError where bitsandbytes
+    cannot run (it needs the package and a CUDA device)."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    flag = "--load_in_4bit" if cfg.load_in_4bit else "--load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"{flag} needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
+    if not torch.cuda.is_available() or cfg.use_cpu:
+        raise ModelError(f"{flag}: bitsandbytes quantization runs on CUDA GPUs only; drop the option on this machine "
+                         "(LoRA with --dtype bfloat16 is the closest memory saving)")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # as TRL: matmuls in the weights' dtype
+    compute = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant, bnb_4bit_quant_storage=cfg.bnb_4bit_quant_storage,
+    )
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:

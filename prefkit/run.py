@@ -14,8 +14,9 @@ from transformers import set_seed
 
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
+from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
-from prefkit.errors import ConfigError, DataError, ModelError
+from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
 from prefkit.models import (
     apply_lora,
@@ -24,6 +25,7 @@ from prefkit.models import (
     is_peft_model,
     load_causal_lm,
     load_tokenizer,
+    quantization_config,
     resolve_model_path,
 )
 from prefkit.refcache import attach_reference_logps
@@ -79,30 +81,64 @@ def resolve_checkpoint(cfg: PrefConfig) -> str | None:
 
 def load_model_and_tokenizer(cfg: PrefConfig):
     path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    revision = cfg.model_revision if cfg.model_revision != "main" else None
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, revision=revision,
+                               pad_token=cfg.pad_token)
     # LoRA trains only its adapters (peft keeps them in fp32), so the frozen base may be bf16
-    dtype = choose_dtype(cfg.model_dtype, torch.device(default_device_type(cfg.use_cpu)), trained=not cfg.use_peft)
-    model = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    device = torch.device(default_device_type(cfg.use_cpu))
+    dtype = choose_dtype(cfg.dtype, device, trained=not cfg.use_peft)
+    quantized = quantization_config(cfg)
+    model = load_causal_lm(
+        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, revision=revision,
+        attn_implementation=cfg.attn_implementation, quantization_config=quantized,
+        device_map={"": torch.cuda.current_device()} if quantized is not None else None,
+    )
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.ignore_bias_buffers:  # TRL's DDP fix: boolean buffers (causal masks) are not synchronised
+        model._ddp_params_and_buffers_to_ignore = [n for n, b in model.named_buffers() if b.dtype == torch.bool]
     if cfg.use_peft:
+        if quantized is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.activation_checkpointing))
         set_seed(cfg.seed)  # --seed decides the LoRA initialisation, whatever ran before (launchers use the RNG)
         model = apply_lora(
-            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=cfg.lora_modules_to_save,
+            **({"target_parameters": cfg.lora_target_parameters} if cfg.lora_target_parameters else {}),
         )
     return path, model, tokenizer
+
+
+def eval_dataset_source(cfg: PrefConfig) -> str | None:
+    """Where held-out pairs are read from: --eval_dataset_name, else (as `trl dpo` does when asked to evaluate)
+    dataset_name's --eval_split split; None when they are split off the training data or not wanted. Refuses
+    --eval_strategy without any held-out set, saying how to get one."""
+    if cfg.eval_dataset_name or cfg.eval_split_size > 0 or cfg.eval_strategy == "no":
+        return cfg.eval_dataset_name
+    name = cfg.dataset_name or bundled_sample_path()
+    if not has_split(name, cfg.eval_split):
+        raise ConfigError(
+            f"--eval_strategy {cfg.eval_strategy.value}: needs held-out pairs and {name} has no {cfg.eval_split!r} "
+            "split; pass --eval_split_size 0.1 (split them off the training data), --eval_dataset_name FILE, "
+            "--dataset_test_split SPLIT, or --eval_strategy no"
+        )
+    return name
 
 
 def load_data(cfg: PrefConfig, tokenizer) -> LoadedData:
     name = cfg.dataset_name or bundled_sample_path()
     reports: dict[str, SkipReport] = {}
-    rows = load_rows(name, cfg.dataset_split, trust_remote_code=cfg.trust_remote_code)
+    rows = load_rows(name, cfg.dataset_split, trust_remote_code=cfg.trust_remote_code, config_name=cfg.dataset_config)
     train, reports["train"] = prepare_dataset(rows, tokenizer, cfg, source=name, max_samples=cfg.max_train_samples)
     evald = None
-    if cfg.eval_dataset_name:
-        erows = load_rows(cfg.eval_dataset_name, cfg.eval_split, trust_remote_code=cfg.trust_remote_code)
+    eval_source = eval_dataset_source(cfg)
+    if eval_source:
+        erows = load_rows(eval_source, cfg.eval_split, trust_remote_code=cfg.trust_remote_code,
+                          config_name=cfg.dataset_config if eval_source == name else None)
         evald, reports["eval"] = prepare_dataset(
-            erows, tokenizer, cfg, source=cfg.eval_dataset_name, max_samples=cfg.max_eval_samples
+            erows, tokenizer, cfg, source=eval_source, max_samples=cfg.max_eval_samples
         )
     elif cfg.eval_split_size > 0:
         train, evald = split_train_eval(train, cfg.eval_split_size, cfg.seed)
@@ -147,6 +183,7 @@ def train_main(cfg: PrefConfig) -> dict:
         return train_rounds(cfg)
     validate_config(cfg)
     check_output_dir(cfg)
+    eval_dataset_source(cfg)  # before the model loads
     checkpoint = resolve_checkpoint(cfg)
     t0 = time.time()
     model_path, model, tokenizer = load_model_and_tokenizer(cfg)
@@ -157,12 +194,13 @@ def train_main(cfg: PrefConfig) -> dict:
     if cfg.ref_model_name_or_path:
         ref_path = resolve_model_path(cfg.ref_model_name_or_path)
         ref_model = load_causal_lm(
-            ref_path, dtype=choose_dtype(cfg.model_dtype), trust_remote_code=cfg.trust_remote_code,
+            ref_path, dtype=choose_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
         )
     collator = PairCollator.for_config(cfg, tokenizer, training=False)
     device = torch.device(cfg.device)
-    model.to(device)
+    if not getattr(model, "is_quantized", False):  # bitsandbytes placed it at load and refuses .to
+        model.to(device)
 
     # Before training the policy *is* the reference (unless a separate one is given): one scoring pass on
     # the held-out pairs serves as "before" metrics and as reference scores for "after".
@@ -182,9 +220,13 @@ def train_main(cfg: PrefConfig) -> dict:
             train_ds, ref_model if ref_model is not None else model, tokenizer, cfg,
             model_path=cfg.ref_model_name_or_path or model_path,
         )
-    trainer = PrefTrainer(
-        model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model
-    )
+    try:
+        trainer = PrefTrainer(
+            model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model,
+            eval_dataset=data.eval if cfg.eval_strategy != "no" else None,
+        )
+    except (ValueError, ImportError) as e:  # Trainer's own checks of the options
+        raise ConfigError(one_line(e)) from e
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -246,7 +288,7 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None) -> dict:
 def load_for_eval(cfg: PrefConfig):
     """(model, tokenizer, reference) where reference is 'adapter', a model, or None."""
     path = Path(cfg.model_name_or_path)
-    dtype = choose_dtype(cfg.model_dtype)
+    dtype = choose_dtype(cfg.dtype)
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 

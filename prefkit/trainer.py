@@ -128,6 +128,11 @@ class PrefTrainer(Trainer):
                 _precast_linears(ref_model, args.autocast_dtype)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+        if args.disable_dropout:  # as TRL: noisy policy log-probs against a dropout-free reference bias the margin
+            for m in [model, *([ref_model] if ref_model is not None else [])]:
+                for mod in m.modules():
+                    if isinstance(mod, nn.Dropout):
+                        mod.p = 0.0
         self.ref_model = ref_model
         metrics_cb = MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl")
         super().__init__(

@@ -78,8 +78,25 @@ def _with_index(ds: Dataset) -> Dataset:
     return ds.add_column(ROW, list(range(len(ds))))
 
 
-def load_rows(name: str, split: str = "train", *, trust_remote_code: bool = False) -> Dataset:
-    """Rows of a preference dataset with a ``__row__`` column; raises DataError with file and line."""
+def has_split(name: str, split: str) -> bool:
+    """Whether a ``save_to_disk`` directory or a cached hub dataset has ``split`` (a single file has only one)."""
+    path = Path(name)
+    if path.is_file():
+        return False
+    if path.is_dir():
+        return (path / "dataset_dict.json").is_file() and split in json.loads(
+            (path / "dataset_dict.json").read_text()).get("splits", [])
+    try:
+        return split in datasets.get_dataset_split_names(name)
+    except Exception:  # offline or unknown: load_rows names the problem
+        return True
+
+
+def load_rows(
+    name: str, split: str = "train", *, trust_remote_code: bool = False, config_name: str | None = None
+) -> Dataset:
+    """Rows of a preference dataset with a ``__row__`` column; raises DataError with file and line.
+    ``config_name`` is a hub dataset's configuration (``load_dataset``'s ``name``)."""
     path = Path(name)
     if path.is_file():
         suffix, gz = _suffixes(path)
@@ -110,7 +127,7 @@ def load_rows(name: str, split: str = "train", *, trust_remote_code: bool = Fals
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise DataError("file or directory does not exist", source=name)
     try:
-        ds = datasets.load_dataset(name, split=split, trust_remote_code=trust_remote_code)
+        ds = datasets.load_dataset(name, config_name, split=split, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise DataError(
             f"no such file or directory, and not loadable as a hub dataset (offline or unknown: {e})", source=name

@@ -1,0 +1,202 @@
+"""`trl dpo` command lines and YAML files, read the way TRL's parser (transformers' HfArgumentParser) reads them.
+
+TRL parses ``ScriptArguments``, ``DPOConfig``, ``ModelConfig`` and ``DatasetMixtureConfig``; prefkit has one
+``PrefConfig``. :func:`normalize_argv` rewrites a command line into PrefConfig's spelling before it is parsed:
+
+- ``--flag=value`` → ``--flag value``; ``--hyphen-ated`` → ``--hyphen_ated``;
+- a bare boolean ``--flag`` → ``--flag true``; ``--no_<flag>`` → ``--flag false`` (HfArgumentParser offers the
+  negation only for flags that default to true; here it works for every boolean);
+- TRL names that prefkit spells differently (:data:`ALIASES`) and ``warmup_ratio`` (transformers 5 folded it
+  into ``warmup_steps``: a value below 1 is a ratio);
+- a TRL option prefkit does not implement is refused with one line saying what to do (:data:`REFUSED`),
+  unless it is given its "off" value, which changes nothing.
+
+Every field of TRL's dataclasses is a PrefConfig field, an alias, a translation or a refusal; the tests walk
+TRL's fields so a new one shows up as a failing test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+from prefkit.errors import ConfigError
+
+# TRL name → PrefConfig field with the same meaning
+ALIASES: dict[str, str] = {
+    "model_dtype": "dtype",  # prefkit's earlier name
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split",
+    "test_split_size": "eval_split_size",  # DatasetMixtureConfig
+    "padding_free": "pack_pairs",  # prefkit's packing is padding-free (one row, attention per pair)
+    "streaming": "dataset_streaming",  # DatasetMixtureConfig
+    # transformers 5 renamed these; the TRL spelling would print a deprecation warning on every run
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+# TRL name → (PrefConfig field, what the value becomes)
+TRANSLATED: dict[str, str] = {
+    "warmup_ratio": "warmup_steps",
+}
+
+_OFF = frozenset({"false", "0", "no", "none", "null", "", "[]", "{}"})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # what to do instead; one line
+
+    def message(self, name: str, value: str) -> str:
+        return f"--{name} {value}: not supported by prefkit; {self.reason}"
+
+
+REFUSED: dict[str, Refusal] = {
+    "use_liger_kernel": Refusal("prefkit always applies the LM head at response tokens only, in chunks, without "
+                                "full logits; drop the option"),
+    "liger_kernel_config": Refusal("prefkit does not use Liger kernels (see --use_liger_kernel); drop the option"),
+    "model_init_kwargs": Refusal("use --dtype, --attn_implementation, --model_revision and --trust_remote_code"),
+    "router_aux_loss_coef": Refusal("prefkit adds no MoE router auxiliary loss; drop the option"),
+    "dataset_num_proc": Refusal("prefkit tokenizes in batches in one process (fast tokenizers use threads); "
+                                "drop the option"),
+    "precompute_ref_batch_size": Refusal("reference log-probs are precomputed in batches of "
+                                         "--per_device_eval_batch_size; set that instead"),
+    "activation_offloading": Refusal("use --gradient_checkpointing to save activation memory"),
+    "dataset_streaming": Refusal("prefkit tokenizes and checks the whole dataset before training; cap it with "
+                                 "--max_train_samples N instead"),
+    "ld_alpha": Refusal("LD-DPO is not implemented yet"),
+    "f_divergence_type": Refusal("f-divergence DPO is not implemented yet"),
+    "f_alpha_divergence_coef": Refusal("f-divergence DPO is not implemented yet"),
+    "use_weighting": Refusal("WPO weighting is not implemented yet"),
+    "sync_ref_model": Refusal("TR-DPO is not implemented yet"),
+    "ref_model_mixup_alpha": Refusal("TR-DPO is not implemented yet"),
+    "ref_model_sync_steps": Refusal("TR-DPO is not implemented yet"),
+    "datasets": Refusal("give one dataset with --dataset_name (concatenate the files beforehand) and held-out "
+                        "pairs with --eval_dataset_name or --eval_split_size"),
+}
+
+
+def _is_off(value: str | None) -> bool:
+    return value is None or value.strip().lower() in _OFF
+
+
+def _field_types() -> dict[str, object]:
+    """Option name → the argparse type HfArgumentParser gives it (string_to_bool for booleans)."""
+    from transformers import HfArgumentParser
+
+    from prefkit.config import PrefConfig
+
+    types: dict[str, object] = {}
+    for a in HfArgumentParser(PrefConfig)._actions:
+        types.setdefault(a.dest, a.type)  # a --no_<flag> action (same dest, no type) comes after its flag
+    return types
+
+
+def _check_finite(name: str, values: list[str]) -> None:
+    for v in values:
+        try:
+            x = float(v)
+        except ValueError:
+            continue  # argparse names the option whose value is not a number
+        if not math.isfinite(x):
+            raise ConfigError(f"--{name}: must be a finite number, got {v}")
+
+
+def _is_option(tok: str) -> bool:
+    return tok.startswith("--") and len(tok) > 2 and not tok[2].isdigit()
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """A `trl dpo` / HfArgumentParser command line in PrefConfig's spelling (see the module docstring)."""
+    from transformers.hf_argparser import string_to_bool
+
+    types = _field_types()
+    bools = {name for name, t in types.items() if t is string_to_bool}
+    # split --flag=value and unify spellings first, so that every later step sees whole options
+    toks: list[str] = []
+    for tok in argv:
+        if _is_option(tok):
+            name, eq, value = tok[2:].partition("=")
+            toks.append("--" + name.replace("-", "_"))
+            if eq:
+                toks.append(value)
+        else:
+            toks.append(tok)
+    out: list[str] = []
+    i = 0
+    while i < len(toks):
+        tok = toks[i]
+        if not _is_option(tok):
+            out.append(tok)
+            i += 1
+            continue
+        name = tok[2:]
+        values: list[str] = []
+        i += 1
+        while i < len(toks) and not _is_option(toks[i]):
+            values.append(toks[i])
+            i += 1
+        negated = name.startswith("no_") and ALIASES.get(name[3:], name[3:]) in bools
+        if negated:
+            if values:
+                raise ConfigError(f"--{name} takes no value (it means --{name[3:]} false)")
+            name, values = name[3:], ["false"]
+        name = ALIASES.get(name, name)
+        if name in REFUSED:
+            shown = " ".join(values) or "true"
+            if not (values and all(_is_off(v) for v in values)):
+                raise ConfigError(REFUSED[name].message(name, shown))
+            continue  # its "off" value: nothing to do
+        if name in TRANSLATED:
+            name, values = TRANSLATED[name], [_warmup_ratio(values)]
+        if name in bools and not values:
+            values = ["true"]
+        if types.get(name) in (float, int):
+            _check_finite(name, values)
+        out += ["--" + name, *values]
+    return out
+
+
+def _warmup_ratio(values: list[str]) -> str:
+    try:
+        ratio = float(values[0]) if len(values) == 1 else float("nan")
+    except ValueError:
+        ratio = float("nan")
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"--warmup_ratio: must be a number in [0, 1), got {' '.join(values) or 'nothing'}")
+    return repr(ratio)  # transformers 5: warmup_steps below 1 is a share of the training steps
+
+
+def yaml_env(data: dict) -> dict:
+    """TRL's YAML may set environment variables under ``env:``; set them and return the rest of the mapping."""
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise ConfigError("--config: `env` must be a mapping of NAME: value")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+    return data
+
+
+def accepted(name: str) -> bool:
+    """Whether a TRL option name is understood: a PrefConfig field, an alias or a translation (not a refusal)."""
+    from prefkit.config import option_names
+
+    return name in option_names() or name in ALIASES or name in TRANSLATED
+
+
+def refusals_table_markdown() -> str:
+    """The docs table of refused TRL options, generated from :data:`REFUSED` so the two never drift."""
+    lines = ["| TRL option | what to do instead |", "|---|---|"]
+    lines += [f"| `{name}` | {r.reason} |" for name, r in REFUSED.items()]
+    return "\n".join(lines)
+
+
+def trl_fields() -> dict[str, list[str]]:
+    """Field names of the dataclasses `trl dpo` parses, by class (needs trl; used by the tests and docs)."""
+    from trl import DPOConfig, ModelConfig, ScriptArguments
+    from trl.scripts.utils import DatasetMixtureConfig
+
+    return {c.__name__: [f.name for f in dataclasses.fields(c) if f.init]
+            for c in (ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig)}
