@@ -281,6 +281,7 @@ def validate_config(cfg: PrefConfig) -> None:
         bad("load_in_4bit" if cfg.load_in_4bit else "load_in_8bit",
             "quantized weights cannot be trained directly; add --use_peft (QLoRA)")
     validate_objective_config(cfg)
+    _check_loggers(cfg, bad)
     _check_zero3(cfg, bad)
 
 
@@ -298,6 +299,25 @@ def _check_rc(cfg: PrefConfig, bad) -> None:
         for f in dataclasses.fields(PrefConfig):
             if f.name.startswith("rc_") and getattr(cfg, f.name) != f.default:
                 bad(f.name, "has no effect without --reward_calibration true; add it or drop this option")
+
+
+# --report_to name → the package to install, where it differs
+_LOGGER_PACKAGES = {"azure_ml": "azureml-core", "neptune": "neptune", "flyte": "flytekit", "kubeflow": "kubeflow"}
+
+
+def _check_loggers(cfg: PrefConfig, bad) -> None:
+    """A --report_to logger whose package is missing fails here, on one line, instead of in Trainer's start-up."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    available = set(get_available_reporting_integrations())
+    for name in cfg.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            bad("report_to", f"unknown logger {name!r}; one of {', '.join(INTEGRATION_TO_CALLBACK)}, all or none")
+        if name not in available:
+            bad("report_to", f"{name} is not installed: pip install {_LOGGER_PACKAGES.get(name, name.replace('_', '-'))}")
 
 
 def _check_zero3(cfg: PrefConfig, bad) -> None:

@@ -34,11 +34,18 @@ def test_demo_preset_applies_only_without_model_and_data(tmp_path):
     (["train", "--granularity", "adaptive", "--num_segments", "0", "--dataset_name", "x"], "--num_segments"),
     (["train", "--pad_to_multiple_of", "0", "--dataset_name", "x"], "--pad_to_multiple_of: must be a positive integer, got 0"),
     (["train", "--dataset_name", "/no/such/file.jsonl", "--model_name_or_path", "/no/model"], "prefkit: error"),
+    (["train", "--learning_rate", "nan", "--dataset_name", "x"], "--learning_rate: must be a finite number, got nan"),
+    (["train", "--beta=inf", "--dataset_name", "x"], "--beta: must be a finite number, got inf"),
+    # TrainingArguments' own validation, on one line
+    (["train", "--load_best_model_at_end", "--eval_strategy", "steps", "--save_strategy", "epoch",
+      "--dataset_name", "x"], "prefkit: error: --load_best_model_at_end requires"),
+    (["train", "--lr_scheduler_type", "bogus", "--dataset_name", "x"], "invalid choice: 'bogus'"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys, argv, match):
     code = main(argv + ["--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code != 0 and match in err and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if "error" in ln] == [err.splitlines()[-1]]
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
