@@ -126,7 +126,27 @@ class PrefConfig(TrainingArguments):
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust DPO / EXO / AOT ε."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO / CPO-SimPO target reward margin γ."})
     cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the chosen NLL term in CPO."})
-    rpo_alpha: float | None = field(default=None, metadata={"help": "Add rpo_alpha x chosen NLL (RPO)."})
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "RPO: add rpo_alpha x chosen NLL; the same as --loss_type sigmoid sft "
+                                        "--loss_weights 1 rpo_alpha (TRL 1.16's spelling)."}
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LD-DPO: weight α in [0, 1] of the longer response's tokens past the shorter one's length."},
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence."},
+    )
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of --f_divergence_type alpha_divergence."})
+    use_weighting: bool = field(
+        default=False, metadata={"help": "WPO: weight each pair's loss by its on-policy probability (detached)."}
+    )
+    sync_ref_model: bool = field(
+        default=False, metadata={"help": "TR-DPO: every ref_model_sync_steps, ref ← α·policy + (1−α)·ref."}
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mix-up weight α of the policy."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: optimizer steps between syncs."})
     discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP temperature τ."})
     granularity: str = field(
         default="response",
@@ -329,7 +349,8 @@ def _check_zero3(cfg: PrefConfig, bad) -> None:
         return
     engines = "ZeRO-2 or FSDP2 (examples/accelerate/)"
     for option, value in (("precompute_ref_log_probs", cfg.precompute_ref_log_probs),
-                          ("eval_dataset_name", cfg.eval_dataset_name), ("eval_split_size", cfg.eval_split_size)):
+                          ("eval_dataset_name", cfg.eval_dataset_name), ("eval_split_size", cfg.eval_split_size),
+                          ("sync_ref_model", cfg.sync_ref_model)):
         if value:
             bad(option, "runs a model outside DeepSpeed's engine, which is not supported under ZeRO-3: use "
                 f"{engines}, or score held-out pairs afterwards with `prefkit eval`")

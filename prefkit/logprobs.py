@@ -24,22 +24,28 @@ class _TokenLogprob(torch.autograd.Function):
     """log softmax(h W^T + b)[y] per row, chunked; backward recomputes logits chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,  # type: ignore[override]
+                want_sq: bool = False) -> tuple[Tensor, Tensor]:
         # logits in at least float32: bf16 log-softmax over a large vocabulary loses the small terms
         ctx.compute_dtype = torch.promote_types(weight.dtype, torch.float32)
         # backward recomputes the logits under the forward's autocast, as torch.amp.custom_bwd would
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         out = torch.empty(hidden.shape[0], dtype=ctx.compute_dtype, device=hidden.device)
+        sq = torch.empty(hidden.shape[0] if want_sq else 0, dtype=ctx.compute_dtype, device=hidden.device)
         for s in range(0, hidden.shape[0], CHUNK_TOKENS):
             logits = F.linear(hidden[s : s + CHUNK_TOKENS], weight, bias).to(ctx.compute_dtype)
             tgt = targets[s : s + CHUNK_TOKENS]
-            out[s : s + CHUNK_TOKENS] = logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+            lse = logits.logsumexp(dim=1)
+            out[s : s + CHUNK_TOKENS] = logits.gather(1, tgt[:, None]).squeeze(1) - lse
+            if want_sq:  # log Σ_v p_v² = logsumexp(2·logits) − 2·logsumexp(logits), for WPO's weights
+                sq[s : s + CHUNK_TOKENS] = (2 * logits).logsumexp(dim=1) - 2 * lse
         ctx.save_for_backward(hidden, weight, bias, targets)
-        return out
+        ctx.mark_non_differentiable(sq)
+        return out, sq
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor, _grad_sq: Tensor | None = None):  # type: ignore[override]
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -53,6 +59,7 @@ class _TokenLogprob(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
             None,
         )
 
@@ -76,14 +83,23 @@ def _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_
 
 def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
     """log p(target | hidden) for (N, H) hidden states; fused for plain linear heads."""
+    return token_logprobs_and_sq(hidden, head, targets)[0]
+
+
+def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want_sq: bool = False
+                          ) -> tuple[Tensor, Tensor | None]:
+    """(log p(target), log Σ_v p_v² or None) per row; the second, without gradient, only when ``want_sq``."""
     if type(head) is not nn.Linear:
         logits = head(hidden).float()
-        return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+        lse = logits.logsumexp(dim=1)
+        sq = ((2 * logits).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
+        return logits.gather(1, targets[:, None]).squeeze(1) - lse, sq
     n = hidden.shape[0]
     pad = -n % CPU_SHAPE_MULTIPLE if _kernels_per_shape(hidden, head.weight) else 0
     if pad:  # zero rows predicting token 0, dropped below: a few repeated shapes instead of a new one per batch
         hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
-    return _TokenLogprob.apply(hidden, head.weight, head.bias, targets)[:n]
+    out, sq = _TokenLogprob.apply(hidden, head.weight, head.bias, targets, want_sq)
+    return out[:n], sq[:n] if want_sq else None
 
 
 def _kernels_per_shape(hidden: Tensor, weight: Tensor) -> bool:
@@ -135,8 +151,9 @@ def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return rows, pos, pred, mask
 
 
-def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
-    """Policy per-token log-probs of chosen and rejected (ref fields left None), one forward for both."""
+def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = False) -> PairLogps:
+    """Policy per-token log-probs of chosen and rejected (ref fields left None), one forward for both;
+    ``want_sq`` adds log Σ_v p_v² per token (WPO's weights) as ``chosen_sq`` / ``rejected_sq``."""
     rows, pos, pred, mask = _response_index(batch)
     targets = batch.input_ids[rows[mask], pos[mask]]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
@@ -151,13 +168,16 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
     if parts is not None:
         backbone, head = parts
         hidden = backbone(**inputs)[0]
-        token_lp = token_logprobs_from_hidden(hidden[rows[mask], pred[mask]], head, targets)
+        token_lp, token_sq = token_logprobs_and_sq(hidden[rows[mask], pred[mask]], head, targets, want_sq)
     else:
         logits = model(**inputs).logits
         sel = logits[rows[mask], pred[mask]].float()
-        token_lp = sel.gather(1, targets[:, None]).squeeze(1) - sel.logsumexp(dim=1)
+        lse = sel.logsumexp(dim=1)
+        token_lp = sel.gather(1, targets[:, None]).squeeze(1) - lse
+        token_sq = ((2 * sel).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
     per_token = torch.zeros(mask.shape, dtype=token_lp.dtype, device=token_lp.device)
     per_token = per_token.masked_scatter(mask, token_lp)
+    sq = None if token_sq is None else torch.zeros_like(per_token).masked_scatter(mask, token_sq.to(per_token.dtype))
     b = batch.num_pairs
     return PairLogps(
         chosen=per_token[:b],
@@ -166,6 +186,8 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch) -> PairLogps:
         rejected_mask=mask[b:],
         chosen_weights=batch.chosen_weights,
         rejected_weights=batch.rejected_weights,
+        chosen_sq=None if sq is None else sq[:b],
+        rejected_sq=None if sq is None else sq[b:],
     )
 
 

@@ -95,6 +95,26 @@ class MetricsFileCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+class SyncReferenceCallback(TrainerCallback):
+    """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656, eq. 3, soft update): every ``ref_model_sync_steps``
+    optimizer steps, ref ← α·policy + (1 − α)·ref with α = ``ref_model_mixup_alpha`` (TRL's semantics)."""
+
+    def __init__(self, trainer: PrefTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            mix_into_reference(self.trainer.accelerator.unwrap_model(self.trainer.model), self.trainer.ref_model,
+                               args.ref_model_mixup_alpha)
+
+
+@torch.no_grad()
+def mix_into_reference(policy: nn.Module, ref: nn.Module, alpha: float) -> None:
+    """ref ← α·policy + (1 − α)·ref, parameter by parameter (same architecture)."""
+    for p_ref, p in zip(ref.parameters(), policy.parameters(), strict=True):
+        p_ref.mul_(1.0 - alpha).add_(p.to(p_ref.dtype), alpha=alpha)
+
+
 class PrefTrainer(Trainer):
     """Preference-optimisation trainer, used like TRL's DPOTrainer.
 
@@ -161,6 +181,11 @@ class PrefTrainer(Trainer):
             unwrap=self.accelerator.unwrap_model if self.accelerator.num_processes > 1 else None,
         )
         self._stats: dict[str, list[float]] = defaultdict(list)
+        if args.sync_ref_model:
+            if self.ref_model is None:
+                raise ConfigError("--sync_ref_model needs a separate reference model to update (not a peft model "
+                                  "with adapters disabled, not precomputed reference log-probs)")
+            self.add_callback(SyncReferenceCallback(self))
 
     def _prepared(self, dataset, tokenizer, args: PrefConfig, name: str):
         if dataset is None or "prompt_ids" in dataset.column_names:
@@ -176,7 +201,7 @@ class PrefTrainer(Trainer):
 
     def _probe_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         with self.accelerator.autocast():
-            return compute_pair_logps(model, batch.to(self.args.device))
+            return compute_pair_logps(model, batch.to(self.args.device), want_sq=self.objective.spec.use_weighting)
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
@@ -202,13 +227,15 @@ class PrefTrainer(Trainer):
             with self.accelerator.autocast():
                 return self.reference_logps(model, batch)
 
+        sq = self.objective.spec.use_weighting
         with self.accelerator.autocast():
             if not self.objective.needs_reference:
-                return compute_pair_logps(model, batch)
+                return compute_pair_logps(model, batch, want_sq=sq)
             if self._reference_alongside(batch):
-                logps, (ref_chosen, ref_rejected) = run_alongside(lambda: compute_pair_logps(model, batch), reference)
+                logps, (ref_chosen, ref_rejected) = run_alongside(
+                    lambda: compute_pair_logps(model, batch, want_sq=sq), reference)
             else:
-                logps = compute_pair_logps(model, batch)
+                logps = compute_pair_logps(model, batch, want_sq=sq)
                 ref_chosen, ref_rejected = reference()
         return logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 

@@ -66,13 +66,6 @@ REFUSED: dict[str, Refusal] = {
     "activation_offloading": Refusal("use --gradient_checkpointing to save activation memory"),
     "dataset_streaming": Refusal("prefkit tokenizes and checks the whole dataset before training; cap it with "
                                  "--max_train_samples N instead"),
-    "ld_alpha": Refusal("LD-DPO is not implemented yet"),
-    "f_divergence_type": Refusal("f-divergence DPO is not implemented yet"),
-    "f_alpha_divergence_coef": Refusal("f-divergence DPO is not implemented yet"),
-    "use_weighting": Refusal("WPO weighting is not implemented yet"),
-    "sync_ref_model": Refusal("TR-DPO is not implemented yet"),
-    "ref_model_mixup_alpha": Refusal("TR-DPO is not implemented yet"),
-    "ref_model_sync_steps": Refusal("TR-DPO is not implemented yet"),
     "datasets": Refusal("give one dataset with --dataset_name (concatenate the files beforehand) and held-out "
                         "pairs with --eval_dataset_name or --eval_split_size"),
 }

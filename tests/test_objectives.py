@@ -207,7 +207,7 @@ def test_token_weights_scale_rejected_log_ratios():
 
 
 def test_rpo_and_loss_weights_combine():
-    nll = sum(-sum(p) / len(p) for p in PW) / 2
+    nll = -sum(sum(p) for p in PW) / sum(len(p) for p in PW)  # token mean over the batch, as TRL's sft
     combo = ObjectiveSpec(loss_type=("sigmoid", "hinge"), loss_weights=(0.3, 0.7), params=LinkParams(beta=BETA),
                           rpo_alpha=0.5)
     expected = 0.3 * loss_of(spec()) + 0.7 * loss_of(spec("hinge")) + 0.5 * nll

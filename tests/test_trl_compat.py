@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from pathlib import Path
 
@@ -227,3 +228,22 @@ def test_gradient_checkpointing_same_values_and_gradients(tiny_llama, tiny_token
         assert all("lora_" in n for n in grads0)
     for n in grads0:
         torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["--loss_type", "sft"], ["--loss_type", "sigmoid_norm"], ["--loss_type", "aot_unpaired"],
+    ["--loss_type", "sigmoid", "--ld_alpha", "0.5", "--f_divergence_type", "js_divergence", "--use_weighting",
+     "--sync_ref_model", "--ref_model_sync_steps", "1", "--rpo_alpha", "0.5"],
+])
+def test_trl_116_losses_and_options_train(tmp_path, model_dir, extra):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(dict(zip(("prompt", "chosen", "rejected"), r))) + "\n"
+                            for r in zip(*_pairs(8).values())))
+    out = tmp_path / "o"
+    argv = ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
+            "--output_dir", str(out), *extra]
+    assert main(argv) == 0
+    losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -23,7 +23,18 @@ PAIRS = [
     ("a dog ran", " home quickly", " under the blue mat slowly"),
 ]
 TRL_LOSSES = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-              "apo_zero", "apo_down", "discopop"]
+              "apo_zero", "apo_down", "discopop", "sigmoid_norm", "aot_unpaired", "sft"]
+# TRL 1.16 objective options: (loss types, DPOConfig / ObjectiveSpec options, LinkParams options)
+TRL_OPTIONS = {
+    "ld_alpha": (["sigmoid"], {"ld_alpha": 0.4}, {}),
+    "ld_alpha_ipo": (["ipo"], {"ld_alpha": 0.4}, {}),
+    "forward_kl": (["sigmoid"], {}, {"f_divergence_type": "forward_kl"}),
+    "js_divergence": (["hinge"], {}, {"f_divergence_type": "js_divergence"}),
+    "alpha_divergence": (["sigmoid_norm"], {}, {"f_divergence_type": "alpha_divergence",
+                                                "f_alpha_divergence_coef": 0.3}),
+    "wpo": (["sigmoid"], {"use_weighting": True}, {}),
+    "sigmoid_sft": (["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}, {}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +60,20 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("loss_type", TRL_LOSSES)
 def test_loss_equals_trl(setup, loss_type):
+    eps = 0.1 if loss_type in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0
+    _compare(setup, [loss_type], {}, {"label_smoothing": eps})
+
+
+@pytest.mark.parametrize("name", sorted(TRL_OPTIONS))
+def test_option_equals_trl(setup, name):
+    loss_types, options, params = TRL_OPTIONS[name]
+    _compare(setup, loss_types, options, params)
+
+
+def _compare(setup, loss_types, options, params):
     tok, ref, policy, ds, out = setup
-    eps = 0.1 if loss_type in ("robust", "exo_pair", "aot") else 0.0
-    args = trl.DPOConfig(output_dir=str(out), loss_type=[loss_type], beta=0.2, label_smoothing=eps,
-                         report_to="none", per_device_train_batch_size=4, use_cpu=True, max_length=64)
+    args = trl.DPOConfig(output_dir=str(out), loss_type=loss_types, beta=0.2, report_to="none",
+                         per_device_train_batch_size=4, use_cpu=True, max_length=64, **options, **params)
     trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     feats = [trainer.train_dataset[i] for i in range(len(PAIRS))]
     trl_batch = trainer.data_collator(feats)
@@ -65,7 +86,7 @@ def test_loss_equals_trl(setup, loss_type):
           "row_id": i} for i, f in enumerate(feats)]
     )
     with torch.no_grad():
-        lp = compute_pair_logps(policy, batch)
+        lp = compute_pair_logps(policy, batch, want_sq=options.get("use_weighting", False))
         # TRL's reference pass runs its fused head in float32 (≈5e-4 off an exact log-softmax on these sums), so the
         # reference log-probs are taken from TRL's own reference forward; the policy side is prefkit's.
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
@@ -78,7 +99,11 @@ def test_loss_equals_trl(setup, loss_type):
     ref_tok = shifted[rows, cols] * torch.cat([lp.chosen_mask, lp.rejected_mask])
     b = len(PAIRS)
     lp = lp.replace(ref_chosen=ref_tok[:b], ref_rejected=ref_tok[b:])
-    objective = build_objective(ObjectiveSpec(loss_type=(loss_type,), params=LinkParams(beta=0.2, label_smoothing=eps)))
+    weights = options.get("loss_weights")
+    objective = build_objective(ObjectiveSpec(
+        loss_type=tuple(loss_types), loss_weights=tuple(weights) if weights else None,
+        params=LinkParams(beta=0.2, **params), ld_alpha=options.get("ld_alpha"),
+        use_weighting=options.get("use_weighting", False)))
     out_ = objective(lp)
     assert out_.loss.item() == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
     ours = out_.stats.metrics()

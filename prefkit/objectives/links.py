@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
 
 @dataclass(frozen=True)
 class LinkParams:
@@ -21,6 +23,8 @@ class LinkParams:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
 
 @dataclass
@@ -51,29 +55,62 @@ class UnitScores:
         return total / count.clamp(min=1)
 
 
+def f_scores(u: UnitScores, p: LinkParams) -> tuple[Tensor, Tensor]:
+    """f-DPO (Wang et al. 2023, arXiv 2309.16240, Thm. 1): the implicit reward of a response is f′(π/π_ref) for the
+    f-divergence regularising the policy; reverse KL (f′(t) = log t + 1, constants cancel) gives the log-ratio
+    of DPO. forward KL: 1 − 1/t; Jensen-Shannon: log 2t/(t+1); α-divergence: (t^(α−1) − 1)/(α−1) (TRL's forms)."""
+    lc, lr = u.logratio_chosen, u.logratio_rejected
+    kind, a = p.f_divergence_type, p.f_alpha_divergence_coef
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(a - 1.0) < 1e-6):
+        return lc, lr
+    if kind == "forward_kl":
+        return 1 - torch.exp(-lc), 1 - torch.exp(-lr)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(lc), math.log(2) + F.logsigmoid(lr)
+    # exp clamped, as TRL, so that a large log-ratio stays finite
+    return (torch.exp(((a - 1) * lc).clamp(max=80.0)) - 1) / (a - 1), (torch.exp(((a - 1) * lr).clamp(max=80.0)) - 1) / (a - 1)
+
+
+def margin(u: UnitScores, p: LinkParams) -> Tensor:
+    """h: the implicit-reward margin / β, chosen − rejected (the log-ratio margin under reverse KL)."""
+    if p.f_divergence_type == "reverse_kl":
+        return u.delta
+    sc, sr = f_scores(u, p)
+    return sc - sr
+
+
 def sigmoid(u: UnitScores, p: LinkParams) -> Tensor:
     """DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): −log σ(β·h); with label smoothing ε the
     conservative DPO of Mitchell (2023): −(1−ε)·log σ(β·h) − ε·log σ(−β·h)."""
-    z = p.beta * u.delta
+    z = p.beta * margin(u, p)
+    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+def sigmoid_norm(u: UnitScores, p: LinkParams) -> Tensor:
+    """Length-normalised DPO (TRL's ``sigmoid_norm``; SimPO's per-token normalisation, arXiv 2405.14734, with the
+    reference kept): −log σ(β·h̄), h̄ the margin of *mean* token log-ratios; label smoothing as ``sigmoid``."""
+    sc, sr = f_scores(u, p)
+    z = p.beta * (u.mean(sc, u.count_chosen) - u.mean(sr, u.count_rejected))
     return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
 
 
 def robust(u: UnitScores, p: LinkParams) -> Tensor:
     """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409, eq. 9): unbiased under label-flip rate ε."""
-    z = p.beta * u.delta
+    z = p.beta * margin(u, p)
     eps = p.label_smoothing
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
 def hinge(u: UnitScores, p: LinkParams) -> Tensor:
     """SLiC-HF (Zhao et al. 2023, arXiv 2305.10425, eq. 2) on log-ratios: max(0, 1 − β·h)."""
-    return torch.relu(1 - p.beta * u.delta)
+    return torch.relu(1 - p.beta * margin(u, p))
 
 
 def ipo(u: UnitScores, p: LinkParams) -> Tensor:
     """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h̄ − 1/(2β))², h̄ the margin of *mean* token
     log-ratios (TRL's normalisation, confirmed by the IPO authors)."""
-    h = u.mean(u.logratio_chosen, u.count_chosen) - u.mean(u.logratio_rejected, u.count_rejected)
+    sc, sr = f_scores(u, p)
+    h = u.mean(sc, u.count_chosen) - u.mean(sr, u.count_rejected)
     return (h - 1 / (2 * p.beta)) ** 2
 
 
@@ -81,7 +118,7 @@ def exo_pair(u: UnitScores, p: LinkParams) -> Tensor:
     """EXO (Ji et al. 2024, arXiv 2402.00856, eq. 16): KL(p_θ ‖ p_ε) over {chosen, rejected}, ε = label_smoothing
     (TRL's default 1e-3 when 0 is given, since log ε must be finite)."""
     eps = p.label_smoothing or 1e-3
-    z = p.beta * u.delta
+    z = p.beta * margin(u, p)
     qw, ql = torch.sigmoid(z), torch.sigmoid(-z)
     return qw * (F.logsigmoid(z) - math.log1p(-eps)) + ql * (F.logsigmoid(-z) - math.log(eps))
 
@@ -113,6 +150,19 @@ def aot(u: UnitScores, p: LinkParams) -> Tensor:
     return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
 
 
+def aot_unpaired(u: UnitScores, p: LinkParams) -> Tensor:
+    """AOT for unpaired data (arXiv 2406.05882, eq. 8): DPO on the batch-sorted chosen log-ratios minus the
+    batch-sorted rejected ones — the chosen log-ratio distribution dominates the rejected one."""
+    z = p.beta * (torch.sort(u.logratio_chosen, dim=0).values - torch.sort(u.logratio_rejected, dim=0).values)
+    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+def sft(u: UnitScores, p: LinkParams) -> Tensor:
+    """Supervised NLL of the chosen responses (TRL's ``sft``; with weight α the RPO term of Pang et al. 2024,
+    arXiv 2404.19733): −Σ log π(y_w) / Σ |y_w| over the batch's kept chosen tokens. A *batch* link: a scalar."""
+    return -u.policy_chosen.sum() / u.count_chosen.sum().clamp(min=1)
+
+
 def apo_zero(u: UnitScores, p: LinkParams) -> Tensor:
     """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7): raise chosen, lower rejected likelihood:
     1 − σ(r_w) + σ(r_l)."""
@@ -127,7 +177,7 @@ def apo_down(u: UnitScores, p: LinkParams) -> Tensor:
 def discopop(u: UnitScores, p: LinkParams) -> Tensor:
     """DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, arXiv 2406.08414, eq. 5):
     blend of logistic and exponential losses, mixed by σ(β·h/τ)."""
-    z = p.beta * u.delta
+    z = p.beta * margin(u, p)
     mix = torch.sigmoid(z / p.discopop_tau)
     return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
 

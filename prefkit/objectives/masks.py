@@ -23,3 +23,20 @@ def weighted(values: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:
     """Zero outside the mask; multiplied by per-token weights where given (cADPO, arXiv 2411.19943 eq. 5)."""
     out = values.masked_fill(~mask, 0.0)
     return out if weights is None else out * weights.to(out.dtype)
+
+
+def ld_weights(chosen_mask: Tensor, rejected_mask: Tensor, alpha: float,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """LD-DPO (Liu et al. 2024, arXiv 2409.06411, eq. 8): token weights 1 on the first min(|y_w|, |y_l|) response
+    tokens and α on the longer response's tail, so that the excess length counts α-fold in every score (policy
+    and reference alike). α = 1 is DPO; α = 0 drops the tail, which is POET's truncation."""
+    keep = torch.minimum(chosen_mask.sum(1), rejected_mask.sum(1))
+    cols = torch.arange(chosen_mask.shape[1], device=chosen_mask.device)
+    tail = cols[None, :] >= keep[:, None]
+    w = torch.ones(tail.shape, dtype=dtype, device=tail.device).masked_fill(tail, alpha)
+    return w, w
+
+
+def combine_weights(a: Tensor | None, b: Tensor) -> Tensor:
+    """Product of two per-token weightings (cADPO's and LD-DPO's), either possibly absent."""
+    return b if a is None else a.to(b.dtype) * b

@@ -2,7 +2,7 @@
 
     token log-probs → masks/weights (POET, cADPO) → feedback units (granularity) → per-unit scores
     → link loss per unit → sum (ADPO paper) or mean over units → mean over pairs → Σ_k w_k·loss_k
-    (+ chosen NLL for cpo / orpo / rpo_alpha)
+    (+ chosen NLL for cpo / orpo; rpo_alpha is the ``sft`` link with weight rpo_alpha, as in TRL 1.16)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from prefkit.objectives.granularity import assign_units, unit_sums
 from prefkit.objectives.links import LinkParams, UnitScores
-from prefkit.objectives.masks import poet_masks, weighted
+from prefkit.objectives.masks import combine_weights, ld_weights, poet_masks, weighted
 from prefkit.objectives.registry import LINKS
 from prefkit.objectives.types import LossOutput, LossStats, PairLogps
 
@@ -31,13 +31,16 @@ class ObjectiveSpec:
     poet: bool = False
     cpo_alpha: float = 1.0
     rpo_alpha: float | None = None
+    ld_alpha: float | None = None
+    use_weighting: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> ObjectiveSpec:
         return cls(
             loss_type=tuple(cfg.loss_type),
             loss_weights=tuple(cfg.loss_weights) if cfg.loss_weights else None,
-            params=LinkParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.discopop_tau),
+            params=LinkParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.discopop_tau,
+                              cfg.f_divergence_type, cfg.f_alpha_divergence_coef),
             granularity=cfg.granularity,
             window_size=cfg.window_size,
             num_segments=cfg.num_segments,
@@ -45,6 +48,8 @@ class ObjectiveSpec:
             poet=cfg.poet,
             cpo_alpha=cfg.cpo_alpha,
             rpo_alpha=cfg.rpo_alpha,
+            ld_alpha=cfg.ld_alpha,
+            use_weighting=cfg.use_weighting,
         )
 
 
@@ -55,6 +60,9 @@ class Objective:
         self.spec = spec
         self.links = [LINKS[t] for t in spec.loss_type]
         self.weights = spec.loss_weights or (1.0,) * len(spec.loss_type)
+        if spec.rpo_alpha:  # TRL 1.16 spells RPO loss_type [sigmoid, sft] with loss_weights [1, α]
+            self.links = [*self.links, LINKS["sft"]]
+            self.weights = (*self.weights, spec.rpo_alpha)
         self.needs_reference = any(s.needs_reference for s in self.links)
         self.score_reduction = "mean" if any(s.length_normalized for s in self.links) else "sum"
 
@@ -65,7 +73,7 @@ class Objective:
         return logps.chosen_mask, logps.rejected_mask
 
     def _nll_weight(self) -> float:
-        w = self.spec.rpo_alpha or 0.0
+        w = 0.0
         for spec, lw in zip(self.links, self.weights):
             if spec.nll_weight == "cpo_alpha":
                 w += lw * self.spec.cpo_alpha
@@ -78,6 +86,10 @@ class Objective:
         mw, ml = self.kept_masks(logps)
         units = assign_units(mw, ml, s.granularity, s.window_size, s.num_segments)
         n = units.num_units
+        wc, wr = logps.chosen_weights, logps.rejected_weights
+        if s.ld_alpha is not None:
+            ldc, ldr = ld_weights(mw, ml, s.ld_alpha, logps.chosen.dtype)
+            wc, wr = combine_weights(wc, ldc), combine_weights(wr, ldr)
 
         def sums(values: Tensor | None, mask: Tensor, weights: Tensor | None, index: Tensor) -> Tensor:
             if values is None:
@@ -85,20 +97,26 @@ class Objective:
             return unit_sums(weighted(values, mask, weights), index, n)
 
         u = UnitScores(
-            policy_chosen=sums(logps.chosen, mw, logps.chosen_weights, units.chosen),
-            policy_rejected=sums(logps.rejected, ml, logps.rejected_weights, units.rejected),
-            ref_chosen=sums(logps.ref_chosen, mw, logps.chosen_weights, units.chosen),
-            ref_rejected=sums(logps.ref_rejected, ml, logps.rejected_weights, units.rejected),
+            policy_chosen=sums(logps.chosen, mw, wc, units.chosen),
+            policy_rejected=sums(logps.rejected, ml, wr, units.rejected),
+            ref_chosen=sums(logps.ref_chosen, mw, wc, units.chosen),
+            ref_rejected=sums(logps.ref_rejected, ml, wr, units.rejected),
             count_chosen=unit_sums(mw.to(logps.chosen.dtype), units.chosen, n),
             count_rejected=unit_sums(ml.to(logps.chosen.dtype), units.rejected, n),
         )
         valid = units.valid.to(logps.chosen.dtype)
+        pair_w = wpo_weights(logps, mw, ml) if s.use_weighting else None
         loss = logps.chosen.new_zeros(())
         for spec, w in zip(self.links, self.weights):
+            if spec.batch_level:
+                loss = loss + w * spec.fn(u, s.params)
+                continue
             per_unit = spec.fn(u, s.params) * valid
             per_pair = per_unit.sum(1)
             if s.unit_reduction == "mean":
                 per_pair = per_pair / valid.sum(1)
+            if pair_w is not None:
+                per_pair = per_pair * pair_w
             loss = loss + w * per_pair.mean()
         len_w = mw.sum(1).clamp(min=1)
         nll = -(logps.chosen * mw).sum(1) / len_w  # mean token NLL of the kept chosen tokens
@@ -112,7 +130,8 @@ class Objective:
         with torch.no_grad():
             pw, pl = u.policy_chosen.sum(1), u.policy_rejected.sum(1)
             first = self.links[0]
-            if first.needs_reference:
+            # sft alone needs no reference, but TRL logs implicit rewards whenever one is at hand
+            if first.needs_reference or (first.batch_level and logps.ref_chosen is not None):
                 rw, rl = beta * (pw - u.ref_chosen.sum(1)), beta * (pl - u.ref_rejected.sum(1))
             elif first.length_normalized:
                 rw = beta * pw / u.count_chosen.sum(1).clamp(min=1)
@@ -123,6 +142,20 @@ class Objective:
             if self.spec.granularity == "adaptive":
                 extra["objective/effective_m"] = mu.detach()
             return LossStats(rw.detach(), rl.detach(), pw.detach(), pl.detach(), mu.detach(), extra)
+
+
+def wpo_weights(logps: PairLogps, chosen_mask: Tensor, rejected_mask: Tensor) -> Tensor:
+    """WPO (Zhou et al. 2024, arXiv 2406.11827, eq. 2 with TRL's alignment): per pair, the detached product over
+    chosen and rejected of exp(mean over kept tokens of log π(y_t) − log Σ_v π(v)²), the probability of the
+    response under the current policy relative to the policy's own sampling sharpness."""
+    if logps.chosen_sq is None or logps.rejected_sq is None:
+        raise ValueError("--use_weighting needs log Σ p² per token: compute the log-probs with want_sq=True")
+
+    def mean_aligned(lp: Tensor, sq: Tensor, mask: Tensor) -> Tensor:
+        return ((lp.detach() - sq) * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    return torch.exp(mean_aligned(logps.chosen, logps.chosen_sq, chosen_mask)
+                     + mean_aligned(logps.rejected, logps.rejected_sq, rejected_mask))
 
 
 def build_objective(cfg_or_spec) -> Objective:

@@ -14,6 +14,7 @@ class PairLogps:
     ``chosen``/``rejected`` are (B, T) policy log-probs (T = the longer response in the batch), 0 where the
     mask is False. ``ref_*`` are the reference model's, same layout (None for reference-free objectives).
     ``*_weights`` are optional per-token weights (cADPO critical-token weights), 1 where absent.
+    ``*_sq`` are log Σ_v π(v)² per token, present only when the objective needs them (WPO).
     """
 
     chosen: Tensor
@@ -24,6 +25,8 @@ class PairLogps:
     ref_rejected: Tensor | None = None
     chosen_weights: Tensor | None = None
     rejected_weights: Tensor | None = None
+    chosen_sq: Tensor | None = None  # log Σ_v π(v)² per token (no grad), for WPO's weights
+    rejected_sq: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
