@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or "--debug_traceback" in argv
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="prefkit: %(message)s", stream=sys.stderr)
+    from prefkit.quiet import quiet_known_noise
+
+    quiet_known_noise()
     for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not argv or argv[0] in ("-h", "--help"):

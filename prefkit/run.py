@@ -12,6 +12,7 @@ import torch
 import yaml
 from transformers import set_seed
 
+from prefkit.card import write_model_card
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
 from prefkit.data.load import has_split
@@ -244,6 +245,9 @@ def train_main(cfg: PrefConfig) -> dict:
         (Path(cfg.output_dir) / "eval_results.json").write_text(
             json.dumps({"before": before.to_dict() if before else None, "after": after.to_dict()}, indent=2)
         )
+    if trainer.is_world_process_zero():  # after save_model, whose peft save writes a placeholder README.md
+        write_model_card(cfg, cfg.output_dir, model_path=model_path, is_adapter=is_peft_model(model),
+                         train_metrics=metrics, eval_after=after.to_dict() if after else None)
     plots = plot_runs([cfg.output_dir], str(Path(cfg.output_dir) / "plots"))
     print("\n" + report_table(before, after), flush=True)
     for name, rep in data.reports.items():

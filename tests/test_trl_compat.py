@@ -147,6 +147,10 @@ def test_trl_style_yaml_and_model_config_flags(tmp_path, model_dir, hub_like_dat
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert adapter["use_rslora"] is True and adapter["r"] == 8
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    card = (tmp_path / "out" / "README.md").read_text()  # prefkit's card, not peft's placeholder
+    assert "[More Information Needed]" not in card and "library_name: peft" in card and "- prefkit" in card
+    assert "loss_type: sigmoid" in card and "@inproceedings{rafailov2023direct" in card
+    assert "AutoPeftModelForCausalLM" in card and "transformers:" in card
 
 
 def test_eval_strategy_without_eval_set_says_how_to_get_one(tmp_path, model_dir, capsys):
@@ -247,3 +251,59 @@ def test_trl_116_losses_and_options_train(tmp_path, model_dir, extra):
     assert main(argv) == 0
     losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_card_names_the_embedded_default_by_hub_id(tmp_path):
+    from prefkit.card import DEFAULT_MODEL_ID, base_model_id
+
+    assert base_model_id(None) == DEFAULT_MODEL_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_id("/cache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf") == DEFAULT_MODEL_ID
+    assert base_model_id("Qwen/Qwen2-0.5B-Instruct") == "Qwen/Qwen2-0.5B-Instruct"
+    local = tmp_path / "m"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen2-0.5B-Instruct"}))
+    assert base_model_id(str(local)) == "Qwen/Qwen2-0.5B-Instruct"
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))
+    assert base_model_id(str(local)) is None  # a local path is never written as base_model
+
+
+def test_known_noise_is_filtered_and_real_warnings_kept():
+    import logging
+    import warnings
+
+    from prefkit.quiet import quiet_known_noise
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    ds = logging.getLogger("DeepSpeed")
+    handler = Keep()
+    ds.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_known_noise()
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use x", FutureWarning, stacklevel=1)
+            warnings.warn("`use_cache=True` is incompatible with something", FutureWarning, stacklevel=1)
+            warnings.warn("a real user warning", UserWarning, stacklevel=1)
+            ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+            ds.warning("DeepSpeed found a real problem")
+    finally:
+        ds.removeHandler(handler)
+        for f in list(ds.filters):
+            ds.removeFilter(f)
+    assert [str(w.message) for w in caught] == ["`use_cache=True` is incompatible with something", "a real user warning"]
+    assert seen == ["DeepSpeed found a real problem"]
+
+
+def test_jsonl_with_a_utf8_byte_order_mark(tmp_path):
+    from prefkit.data import load_rows
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "e", '
+                     b'"rejected": "f"}\n')
+    rows = load_rows(str(path))
+    assert rows["prompt"] == ["a", "d"] and rows["__row__"] == [1, 2]

@@ -37,7 +37,8 @@ def _read_jsonl(path: Path, gz: bool) -> Dataset:
     rows: list[dict] = []
     for lineno, line in enumerate(io.BytesIO(raw), start=1):
         try:
-            text = line.decode("utf-8")
+            # utf-8-sig on line 1: Windows tools (Notepad, PowerShell) start UTF-8 files with a byte-order mark
+            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"invalid UTF-8 at byte {e.start} of the line", source=f"{path}:{lineno}") from e
         if not text.strip():
