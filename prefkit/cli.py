@@ -90,16 +90,10 @@ def _check_known(argv: list[str], known: list[str], where: str) -> None:
             raise ConfigError(f"unknown option --{name}{where}{hint}")
 
 
-def parse_config(argv: list[str], *, demo: bool = False):
-    """PrefConfig from a YAML base (``--config``) and command-line overrides; demo preset under both."""
-    from transformers import HfArgumentParser
-
-    from prefkit.config import PrefConfig, option_names
+def _split_config(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(options from the ``--config`` YAML, the command-line options without ``--config FILE``), both in
+    prefkit's spelling."""
     from prefkit.trl_compat import normalize_argv
-
-    class Parser(HfArgumentParser):
-        def error(self, message: str):  # argparse would print its usage and exit
-            raise ConfigError(message)
 
     argv = list(argv)
     base: list[str] = []
@@ -111,7 +105,26 @@ def parse_config(argv: list[str], *, demo: bool = False):
             base = normalize_argv(_yaml_to_argv(path))
             del argv[i : i + (1 if "=" in tok else 2)]
             break
-    argv = normalize_argv(argv)
+    return base, normalize_argv(argv)
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The option names a user set, on the command line or in the ``--config`` file."""
+    base, argv = _split_config(argv)
+    return {name for name in map(_option_token, base + argv) if name is not None}
+
+
+def parse_config(argv: list[str], *, demo: bool = False):
+    """PrefConfig from a YAML base (``--config``) and command-line overrides; demo preset under both."""
+    from transformers import HfArgumentParser
+
+    from prefkit.config import PrefConfig, option_names
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # argparse would print its usage and exit
+            raise ConfigError(message)
+
+    base, argv = _split_config(argv)
     known = option_names()
     _check_known(base, known, " in the --config file")
     _check_known(argv, known, "")
@@ -141,7 +154,7 @@ def _cmd_eval(argv: list[str]) -> int:
 
     output_file = _pop_option(argv, "output_file")
     cfg = parse_config(argv + ([] if "--output_dir" in argv else ["--output_dir", "outputs/eval"]))
-    print(json.dumps(eval_main(cfg, output_file), indent=2))
+    print(json.dumps(eval_main(cfg, output_file, given=given_options(argv)), indent=2))
     return 0
 
 

@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from prefkit.critical_tokens import critical_token_weights, pair_weights
 from prefkit.data import PairCollator, load_rows, prepare_dataset
 from prefkit.errors import ConfigError
-from prefkit.models import choose_dtype, load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 
 
 def critical_tokens_main(argv: list[str]) -> int:
     from prefkit.cli import parse_config
+    from prefkit.run import weight_dtype
 
     p = argparse.ArgumentParser(prog="prefkit critical-tokens", description=__doc__.splitlines()[0])
     p.add_argument("--positive_model", required=True, help="model fine-tuned on correct solutions")
@@ -37,7 +38,7 @@ def critical_tokens_main(argv: list[str]) -> int:
     if cfg.dataset_name is None:
         raise ConfigError("--dataset_name: required for critical-tokens")
     tokenizer = load_tokenizer(resolve_model_path(own.tokenizer or own.positive_model))
-    dtype = choose_dtype(cfg.dtype)
+    dtype = weight_dtype(cfg)
     device = torch.device(cfg.device)
     pos = load_causal_lm(resolve_model_path(own.positive_model), dtype=dtype).to(device).eval()
     neg = load_causal_lm(resolve_model_path(own.negative_model), dtype=dtype).to(device).eval()

@@ -86,8 +86,7 @@ def load_model_and_tokenizer(cfg: PrefConfig):
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, revision=revision,
                                pad_token=cfg.pad_token)
     # LoRA trains only its adapters (peft keeps them in fp32), so the frozen base may be bf16
-    device = torch.device(default_device_type(cfg.use_cpu))
-    dtype = choose_dtype(cfg.dtype, device, trained=not cfg.use_peft)
+    dtype = weight_dtype(cfg, trained=not cfg.use_peft)
     quantized = quantization_config(cfg)
     model = load_causal_lm(
         path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, revision=revision,
@@ -195,7 +194,7 @@ def train_main(cfg: PrefConfig) -> dict:
     if cfg.ref_model_name_or_path:
         ref_path = resolve_model_path(cfg.ref_model_name_or_path)
         ref_model = load_causal_lm(
-            ref_path, dtype=choose_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+            ref_path, dtype=weight_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
         )
     collator = PairCollator.for_config(cfg, tokenizer, training=False)
@@ -260,14 +259,14 @@ def train_main(cfg: PrefConfig) -> dict:
     return {"train": metrics, "before": before, "after": after}
 
 
-def eval_main(cfg: PrefConfig, output_file: str | None = None) -> dict:
-    """`prefkit eval`: metrics of a trained model (or adapter) on a preference dataset, as JSON."""
+def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str] | frozenset = frozenset()) -> dict:
+    """`prefkit eval`: metrics of a trained model (or adapter) on a preference dataset, as JSON. A run's saved
+    ``beta`` applies unless ``given`` (the options the user set) names it; the reference is the run's."""
     path = cfg.model_name_or_path
     if path is None:
         raise ConfigError("--model_name_or_path: required for eval (a trained output dir or a model)")
-    saved = Path(path) / CONFIG_FILE
-    if saved.is_file():
-        cfg.beta = yaml.safe_load(saved.read_text()).get("beta", cfg.beta)
+    if "beta" not in given:
+        cfg.beta = saved_run_config(path).get("beta", cfg.beta)
     model, tokenizer, reference = load_for_eval(cfg)
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
     ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name or "bundled sample",
@@ -289,11 +288,26 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None) -> dict:
     return result
 
 
+def weight_dtype(cfg: PrefConfig, *, trained: bool = False) -> torch.dtype:
+    """The one dtype rule for every model prefkit loads: the rule of the device it will run on."""
+    return choose_dtype(cfg.dtype, torch.device(default_device_type(cfg.use_cpu)), trained=trained)
+
+
+def saved_run_config(path: str) -> dict:
+    """The options a prefkit run saved in its output dir ({} for any other model)."""
+    saved = Path(path) / CONFIG_FILE
+    return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+
+
 def load_for_eval(cfg: PrefConfig):
-    """(model, tokenizer, reference) where reference is 'adapter', a model, or None."""
+    """(model, tokenizer, reference). The reference is the run's: ``--ref_model_name_or_path`` when set, else
+    the one the run trained against (its saved ``ref_model_name_or_path``), else the adapter disabled
+    ('adapter') for an adapter dir, or the model a full run started from; None when none is known."""
     path = Path(cfg.model_name_or_path)
-    dtype = choose_dtype(cfg.dtype)
-    if (path / "adapter_config.json").is_file():
+    saved = saved_run_config(str(path))
+    dtype = weight_dtype(cfg)
+    is_adapter = (path / "adapter_config.json").is_file()
+    if is_adapter:
         from peft import AutoPeftModelForCausalLM
 
         try:
@@ -301,23 +315,18 @@ def load_for_eval(cfg: PrefConfig):
         except Exception as e:
             raise ModelError(f"{path}: cannot load the adapter and its base model ({e})") from e
         tokenizer = load_tokenizer(str(path))
-        reference: object = "adapter"
     else:
         resolved = resolve_model_path(str(path))
         model = load_causal_lm(resolved, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                allow_pickle=cfg.allow_pickle)
         tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-        ref_name = cfg.ref_model_name_or_path
-        saved = path / CONFIG_FILE
-        if ref_name is None and saved.is_file():
-            ref_name = yaml.safe_load(saved.read_text()).get("model_name_or_path")
-        reference = (
-            load_causal_lm(resolve_model_path(ref_name), dtype=dtype, allow_pickle=cfg.allow_pickle)
-            if ref_name
-            else None
-        )
+    ref_name = cfg.ref_model_name_or_path or saved.get("ref_model_name_or_path")
+    ref_name = ref_name or (None if is_adapter else saved.get("model_name_or_path"))
+    reference: object = "adapter" if is_adapter and ref_name is None else None
+    if ref_name:
+        reference = load_causal_lm(resolve_model_path(ref_name), dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                   allow_pickle=cfg.allow_pickle)
     model.to(cfg.device)
     if reference is not None and reference != "adapter":
         reference.to(cfg.device)
     return model, tokenizer, reference
-

@@ -1,0 +1,87 @@
+"""`prefkit eval` of a saved run: explicit options win over the saved ones, the reference is the run's, and
+every model is loaded under one dtype rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prefkit.run
+from prefkit.cli import main
+from tests.conftest import _small
+from tests.test_train_e2e import write_pairs
+
+
+@pytest.fixture
+def saved_run(tmp_path: Path, model_dir: Path, tiny_tokenizer) -> tuple[Path, Path]:
+    """A full-model run dir trained from model_dir with --ref_model_name_or_path R and --beta 0.5 (weights
+    perturbed so the implicit rewards are not 0); returns (run dir, R)."""
+    torch.manual_seed(1)
+    ref = tmp_path / "sft"
+    LlamaForCausalLM(LlamaConfig(**_small(len(tiny_tokenizer)))).save_pretrained(ref)
+    tiny_tokenizer.save_pretrained(ref)
+    run = tmp_path / "run"
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    model.save_pretrained(run)
+    tiny_tokenizer.save_pretrained(run)
+    saved = {"beta": 0.5, "model_name_or_path": str(model_dir), "ref_model_name_or_path": str(ref)}
+    (run / prefkit.run.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    return run, ref
+
+
+def _eval(run: Path, data: Path, capsys, *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "--model_name_or_path", str(run), "--dataset_name", str(data), "--max_length", "64",
+                 "--output_file", str(run.parent / "e.json"), *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_explicit_beta_wins_over_the_saved_one(tmp_path, saved_run, capsys):
+    run, _ = saved_run
+    data = write_pairs(tmp_path / "p.jsonl", 6)
+    saved = _eval(run, data, capsys)
+    explicit = _eval(run, data, capsys, "--beta", "0.1")  # 0.1 is also the default: given is what counts
+    assert saved["reward_margin"] != 0
+    assert explicit["reward_margin"] == pytest.approx(saved["reward_margin"] * 0.1 / 0.5, rel=1e-5)
+
+
+def test_eval_of_a_full_model_uses_the_runs_reference_model(tmp_path, saved_run, capsys, monkeypatch):
+    run, ref = saved_run
+    loaded: list[str] = []
+    real = prefkit.run.load_causal_lm
+
+    def recording(path, **kw):
+        loaded.append(str(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(prefkit.run, "load_causal_lm", recording)
+    _eval(run, write_pairs(tmp_path / "p.jsonl", 4), capsys)
+    assert loaded == [str(run), str(ref)]
+
+
+def test_one_dtype_rule_for_every_model_loaded(tmp_path, model_dir, monkeypatch):
+    """--use_cpu on a host whose GPU has fast bf16 but whose CPU has not: frozen models load in fp32 (the rule
+    of the device they run on), not in the GPU's bf16."""
+    import prefkit.models
+    from prefkit.config import PrefConfig
+
+    cfg = PrefConfig(output_dir=str(tmp_path / "o"), use_cpu=True, model_name_or_path=str(model_dir))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(prefkit.models, "bf16_is_fast", lambda device_type: device_type == "cuda")
+    dtypes: list[torch.dtype] = []
+    real = prefkit.run.load_causal_lm
+
+    def recording(path, *, dtype, **kw):
+        dtypes.append(dtype)
+        return real(path, dtype=dtype, **kw)
+
+    monkeypatch.setattr(prefkit.run, "load_causal_lm", recording)
+    model, _, _ = prefkit.run.load_for_eval(cfg)
+    assert dtypes == [torch.float32] and model.dtype == torch.float32
