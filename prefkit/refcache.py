@@ -1,7 +1,8 @@
 """Reference log-probs computed once and cached on disk (``--precompute_ref_log_probs true``).
 
 Per-token (not summed) reference log-probs are stored, so every granularity, POET and token weighting works
-on them. The cache key covers the reference model, the tokenized pairs and the collation settings, so a
+on them. The cache key covers the reference model (its files or hub id, revision, weight dtypes, and whether
+it is a peft model with adapters disabled), the tokenized pairs and the collation settings, so a
 second run with the same inputs skips the reference pass entirely.
 
 Under a multi-process launch the pass is sharded: every rank computes a contiguous 1/N of the pairs, the
@@ -45,9 +46,21 @@ def _model_identity(model_path: str) -> str:
     return model_path
 
 
-def cache_key(ds: Dataset, model_path: str, static_eos_padding: bool, autocast: torch.dtype | None = None) -> str:
+def _reference_identity(model: nn.Module) -> str:
+    """What of the loaded reference changes its log-probs beyond its path: the weight dtypes (a LoRA base loaded
+    in bf16 vs fp32), whether it is a peft model run with its adapters disabled, and the hub revision (the
+    commit transformers resolved; None for a local directory)."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    config = getattr(model, "config", None)
+    return json.dumps({"dtypes": dtypes, "adapter_disabled": is_peft_model(model),
+                       "revision": getattr(config, "_commit_hash", None)})
+
+
+def cache_key(ds: Dataset, model_path: str, static_eos_padding: bool, autocast: torch.dtype | None = None, *,
+              reference: nn.Module) -> str:
     h = hashlib.sha256()
     h.update(_model_identity(model_path).encode())
+    h.update(_reference_identity(reference).encode())
     h.update(f"eos_pad={static_eos_padding}".encode())
     if autocast is not None:  # the reference pass runs under the training's autocast
         h.update(f"autocast={autocast}".encode())
@@ -96,7 +109,7 @@ def attach_reference_logps(
     """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the cache when the key matches."""
     collator = PairCollator.for_config(cfg, tokenizer)
     autocast = cfg.autocast_dtype
-    key = cache_key(ds, model_path, collator.static_eos_padding, autocast)
+    key = cache_key(ds, model_path, collator.static_eos_padding, autocast, reference=ref_model)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"
     path = path / key
     state = PartialState()
