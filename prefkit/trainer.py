@@ -247,10 +247,13 @@ class PrefTrainer(Trainer):
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
         out = self.objective(self.monitor.calibrate(logps, self.state.global_step) if model.training else logps)
-        if not torch.isfinite(out.loss):
-            self._numerical_fault(inputs)
-            # --nan_policy skip: a detached zero contributes no gradient, so this batch changes nothing
-            out.loss = torch.zeros((), device=out.loss.device, requires_grad=True)
+        local_ok = bool(torch.isfinite(out.loss))
+        if not self._everywhere(local_ok):
+            self._numerical_fault(inputs, what="loss" if not local_ok else "loss on another process")
+            # --nan_policy skip, agreed by every process: a zero that keeps the graph, so backward still reaches
+            # every parameter (DDP, FSDP and DeepSpeed wait for all of them) and adds nothing; and no statistics
+            out.loss = sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in (logps.chosen, logps.rejected)) * 0.0
+            return (out.loss, out) if return_outputs else out.loss
         mode = "train" if model.training else "eval"
         for k, v in out.stats.metrics().items():
             self._stats[f"{mode}:{k}"].append(v)
@@ -262,10 +265,19 @@ class PrefTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+        local_ok = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+        if not self._everywhere(local_ok):  # FSDP shards gradients: each process sees only its part
             self._numerical_fault(inputs, what="gradient")
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
         return loss
+
+    def _everywhere(self, ok: bool) -> bool:
+        """``ok`` on every process (one tiny all-gather per call under a multi-process launch): the processes
+        must take the same branch, or they wait for each other in different collectives."""
+        if self.accelerator.num_processes == 1:
+            return ok
+        flags = self.accelerator.gather(torch.tensor([float(ok)], device=self.args.device))
+        return bool(flags.min() > 0)
 
     def _numerical_fault(self, batch: PairBatch, what: str = "loss") -> None:
         rows = batch.row_ids.tolist()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,33 @@ def test_zero3_reference_is_reloaded_from_the_policy_path(monkeypatch, model_dir
     tiny_llama.name_or_path = ""
     with pytest.raises(ConfigError, match="pass ref_model= explicitly"):
         trainer._reference_copy(tiny_llama)
+
+
+def test_nan_skip_on_one_rank_is_agreed_by_both(tmp_path, model_dir):
+    """--nan_policy skip with a NaN loss on rank 1 only: both ranks skip that batch (a finite flag is
+    all-reduced) and take the same zero-gradient step, so the run finishes, every rank says it skipped, and no
+    NaN statistic is logged."""
+    data = write_pairs(tmp_path / "p.jsonl", 24)
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "-m", "tests.poison_rank",
+           "1", "2", *_args(model_dir, data, out, "--per_device_train_batch_size", "2", "--nan_policy", "skip",
+                            "--eval_split_size", "0")]
+    # ranks that disagree hang in a collective: kill the whole process group, not only the launcher
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the ranks hung (they disagreed about skipping the batch)")
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "non-finite loss at step 1" in stderr and "non-finite loss on another process at step 1" in stderr
+    assert stderr.count("skipping this batch") == 2, stderr[-4000:]
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    values = [v for r in recs for v in r.values() if isinstance(v, float)]
+    assert values and all(v == v and abs(v) != float("inf") for v in values)
+    skipped = next(r for r in recs if r["step"] == 2 and "loss" in r)
+    assert "rewards/margins" not in skipped  # the only batch of step 2 was skipped: no statistic to log
