@@ -192,7 +192,9 @@ class PrefTrainer(Trainer):
             return dataset
         if "__row__" not in dataset.column_names:
             dataset = dataset.add_column("__row__", list(range(len(dataset))))
-        prepared, self.skip_reports[name] = prepare_dataset(dataset, tokenizer, args, source=f"{name} dataset")
+        prepared, report = prepare_dataset(dataset, tokenizer, args, source=f"{name} dataset")
+        self.skip_reports[name] = report
+        (logger.warning if report.skipped else logger.info)("%s dataset: %s", name, report.summary())
         return prepared
 
     # -------------------------------------------------------------------------------------------------

@@ -174,3 +174,22 @@ def test_bf16_reference_copy_keeps_linear_weights_in_bf16_with_the_same_logps(tm
         got, want = compute_pair_logps(ref, batch), compute_pair_logps(fp32_copy.eval(), batch)
     assert torch.equal(got.chosen, want.chosen) and torch.equal(got.rejected, want.rejected)
     assert trainer(copy.deepcopy(fp32_copy), False).ref_model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+def test_trainer_logs_the_rows_it_skips_when_preparing_raw_rows(tmp_path: Path, tiny_llama, tiny_tokenizer, caplog):
+    import logging
+
+    from datasets import Dataset
+
+    from prefkit import PrefConfig, PrefTrainer
+
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 6).read_text().splitlines()]
+    rows[2]["rejected"] = rows[2]["chosen"]
+    args = PrefConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, use_cpu=True, report_to="none",
+                      max_length=64, dynamics_steps=0)
+    with caplog.at_level(logging.INFO, logger="prefkit"):
+        trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tiny_tokenizer)
+    assert trainer.skip_reports["train"].kept == 5
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("train dataset: 5 of 6 pairs kept; skipped: 1 chosen identical to rejected" in m for m in warned), warned
