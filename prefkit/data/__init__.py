@@ -1,8 +1,7 @@
 """Data stage: load → validate → format → tokenize → collate."""
 
 from prefkit.data.collate import PairCollator
-from prefkit.data.load import load_rows
-from prefkit.data.sample import bundled_license_path, bundled_sample_path
+from prefkit.data.load import bundled_sample_path, load_rows
 from prefkit.data.tokenize import prepare_dataset, split_train_eval
 from prefkit.data.types import PairBatch, SkipReport
 
@@ -10,7 +9,6 @@ __all__ = [
     "PairBatch",
     "PairCollator",
     "SkipReport",
-    "bundled_license_path",
     "bundled_sample_path",
     "load_rows",
     "prepare_dataset",

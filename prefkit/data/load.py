@@ -17,6 +17,8 @@ from datasets import Dataset, DatasetDict
 from prefkit.errors import DataError
 
 ROW = "__row__"
+# the HH-RLHF helpful-base sample (MIT, Anthropic; licence beside it) that the embedded demo trains on
+BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "resources" / "hh_rlhf_helpful_base_sample.jsonl"
 _TABULAR = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -151,3 +153,7 @@ def _read_json_file(path: Path) -> Dataset:
     for i, r in enumerate(data):
         r[ROW] = i
     return _from_rows(data, str(path))
+
+
+def bundled_sample_path() -> str:
+    return str(BUNDLED_SAMPLE)

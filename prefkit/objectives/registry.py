@@ -79,10 +79,6 @@ LINKS: dict[str, LinkSpec] = {
 # z = summed, z̄ = mean policy token log-prob.
 
 
-def needs_reference(loss_types: list[str]) -> bool:
-    return any(LINKS[t].needs_reference for t in loss_types if t in LINKS)
-
-
 def _suggest(name: str) -> str:
     close = difflib.get_close_matches(name, list(LINKS), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
