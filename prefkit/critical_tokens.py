@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prefkit.logprobs import response_positions
+
 
 @torch.no_grad()
 def critical_token_weights(
@@ -27,10 +29,7 @@ def critical_token_weights(
     lp = pos_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     ln = neg_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     contrast = torch.softmax(2 * lp - ln, dim=-1)
-    width = int(response_len.max().item())
-    j = torch.arange(width, device=input_ids.device)
-    mask = j[None, :] < response_len[:, None]
-    pos = (response_start[:, None] + j[None, :]).clamp(max=input_ids.shape[1] - 1)
+    pos, mask = response_positions(response_start, response_len, input_ids.shape[1])
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(pos)
     targets = input_ids[rows, pos]
     s = contrast[rows, (pos - 1).clamp(min=0)].gather(-1, targets[..., None]).squeeze(-1)

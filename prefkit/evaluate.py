@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefkit.data import PairCollator
-from prefkit.logprobs import compute_pair_logps
+from prefkit.logprobs import compute_pair_logps, eval_mode
 
 
 @dataclass
@@ -55,11 +55,9 @@ def score_pairs(
     model: nn.Module, dataset, collator: PairCollator, *, batch_size: int = 8, desc: str = "scoring"
 ) -> PairScores:
     """One no-grad forward per batch over a prepared dataset (columns prompt_ids, chosen_ids, rejected_ids)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {"cs": [], "rs": [], "cl": [], "rl": []}
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(rows).to(device)
@@ -68,8 +66,6 @@ def score_pairs(
             parts["rs"].append(lp.rejected.sum(1).cpu())
             parts["cl"].append(lp.chosen_mask.sum(1).cpu())
             parts["rl"].append(lp.rejected_mask.sum(1).cpu())
-    finally:
-        model.train(was_training)
     cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
     return PairScores(cat["cs"].double(), cat["rs"].double(), cat["cl"], cat["rl"])
 

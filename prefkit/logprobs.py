@@ -8,6 +8,9 @@ vocabularies those logits dominate activation memory.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -135,14 +138,20 @@ def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+def response_positions(response_start: Tensor, response_len: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """(position, mask), response-aligned (R, T), T the longest response: position of each response's j-th token
+    in its row (clamped into the row past the response's end, where mask is False)."""
+    width = int(response_len.max().item()) if response_len.numel() else 0
+    j = torch.arange(width, device=response_len.device)
+    mask = j[None, :] < response_len[:, None]
+    return (response_start[:, None] + j[None, :]).clamp(max=seq_len - 1), mask
+
+
 def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row, target position, predicting position, mask) of every response token, response-aligned (2B, T)."""
     lengths = batch.response_len
     dev = lengths.device
-    width = int(lengths.max().item()) if lengths.numel() else 0
-    j = torch.arange(width, device=dev)
-    mask = j[None, :] < lengths[:, None]
-    pos = (batch.response_start[:, None] + j[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
+    pos, mask = response_positions(batch.response_start, lengths, batch.input_ids.shape[1])
     row = batch.response_row if batch.response_row is not None else torch.arange(lengths.shape[0], device=dev)
     rows = row[:, None].expand_as(pos)
     pred = pos - 1  # position p is predicted from the output at p - 1 ...
@@ -196,3 +205,14 @@ def _is_distributed_wrapper(model: nn.Module) -> bool:
     # forward, so under any multi-process engine the model is called as a whole.
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (dropout off) for the block, then back in the mode it was in, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

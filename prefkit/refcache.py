@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefkit.config import PrefConfig
 from prefkit.data import PairCollator
-from prefkit.logprobs import compute_pair_logps
+from prefkit.logprobs import compute_pair_logps, eval_mode
 from prefkit.models import cache_root, is_peft_model
 
 logger = logging.getLogger(__name__)
@@ -76,18 +76,13 @@ def compute_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollato
     when given (the dtype the training's --bf16 / --fp16 autocasts to)."""
     out: dict[str, list[list[float]]] = {c: [] for c in COLUMNS}
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     ctx = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
-    try:
-        with ctx, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            for start in tqdm(range(0, len(ds), batch_size), desc="reference log-probs", leave=False):
-                batch = collator([ds[i] for i in range(start, min(start + batch_size, len(ds)))]).to(device)
-                lp = compute_pair_logps(model, batch)
-                for tok, mask, col in ((lp.chosen, lp.chosen_mask, COLUMNS[0]), (lp.rejected, lp.rejected_mask, COLUMNS[1])):
-                    out[col].extend(t[m].tolist() for t, m in zip(tok.cpu(), mask.cpu()))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), ctx, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        for start in tqdm(range(0, len(ds), batch_size), desc="reference log-probs", leave=False):
+            batch = collator([ds[i] for i in range(start, min(start + batch_size, len(ds)))]).to(device)
+            lp = compute_pair_logps(model, batch)
+            for tok, mask, col in ((lp.chosen, lp.chosen_mask, COLUMNS[0]), (lp.rejected, lp.rejected_mask, COLUMNS[1])):
+                out[col].extend(t[m].tolist() for t, m in zip(tok.cpu(), mask.cpu()))
     return out
 
 

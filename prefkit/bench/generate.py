@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from prefkit.logprobs import eval_mode
 from prefkit.pairs.sample import Generations, encode_left, gen_lengths, generate
 
 __all__ = ["Generations", "generate", "sequence_kl"]
@@ -21,11 +22,9 @@ def sequence_kl(
     """Mean over prompts of KL(π‖π_ref) of whole responses, estimated on one sample y ~ π per prompt as
     Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)) (exact over the vocabulary at each step, so low variance).
     ``reference=None`` means the policy with its LoRA adapters disabled."""
-    was_training = policy.training
-    policy.eval()
     device = next(policy.parameters()).device
     total, count = 0.0, 0
-    try:
+    with eval_mode(policy):
         for start in range(0, len(prompts), batch_size):
             enc = encode_left(tokenizer, prompts[start : start + batch_size], device)
             plen = enc["input_ids"].shape[1]
@@ -47,6 +46,4 @@ def sequence_kl(
             kl = (lp.exp() * (lp - lr)).sum(-1)
             total += (kl * gen_mask).sum().item()
             count += gen.shape[0]
-    finally:
-        policy.train(was_training)
     return total / max(count, 1)

@@ -19,6 +19,7 @@ from prefkit.dynamics.band import band_edges, fraction_in_band
 from prefkit.dynamics.calibration import RewardCalibrator
 from prefkit.dynamics.incentives import compute_incentives
 from prefkit.dynamics.scores import ScoreStats, score_stats, select_params
+from prefkit.logprobs import eval_mode
 from prefkit.objectives.types import LossOutput, PairLogps
 
 logger = logging.getLogger("prefkit")
@@ -117,12 +118,8 @@ class DynamicsMonitor:
     def _probe(self, model: nn.Module, step: int) -> dict[str, float]:
         if self.probe is None:
             return {}
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             lp = self.logps_fn(model, self.probe)
-        finally:
-            model.train(was_training)
         chosen, rejected = lp.chosen.sum(1).mean().item(), lp.rejected.sum(1).mean().item()
         if self.probe_start is None:
             self.probe_start = (chosen, rejected)

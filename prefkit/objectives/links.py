@@ -79,11 +79,16 @@ def margin(u: UnitScores, p: LinkParams) -> Tensor:
     return sc - sr
 
 
+def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
+    """−(1−ε)·log σ(z) − ε·log σ(−z): the logistic loss with label smoothing ε (conservative DPO's form)."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
 def sigmoid(u: UnitScores, p: LinkParams) -> Tensor:
     """DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): −log σ(β·h); with label smoothing ε the
     conservative DPO of Mitchell (2023): −(1−ε)·log σ(β·h) − ε·log σ(−β·h)."""
     z = p.beta * margin(u, p)
-    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(z, p.label_smoothing)
 
 
 def sigmoid_norm(u: UnitScores, p: LinkParams) -> Tensor:
@@ -91,7 +96,7 @@ def sigmoid_norm(u: UnitScores, p: LinkParams) -> Tensor:
     reference kept): −log σ(β·h̄), h̄ the margin of *mean* token log-ratios; label smoothing as ``sigmoid``."""
     sc, sr = f_scores(u, p)
     z = p.beta * (u.mean(sc, u.count_chosen) - u.mean(sr, u.count_rejected))
-    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(z, p.label_smoothing)
 
 
 def robust(u: UnitScores, p: LinkParams) -> Tensor:
@@ -147,14 +152,14 @@ def aot(u: UnitScores, p: LinkParams) -> Tensor:
     pol = torch.sort(u.policy_chosen - u.policy_rejected, dim=0).values
     ref = torch.sort(u.ref_chosen - u.ref_rejected, dim=0).values
     z = p.beta * (pol - ref)
-    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(z, p.label_smoothing)
 
 
 def aot_unpaired(u: UnitScores, p: LinkParams) -> Tensor:
     """AOT for unpaired data (arXiv 2406.05882, eq. 8): DPO on the batch-sorted chosen log-ratios minus the
     batch-sorted rejected ones — the chosen log-ratio distribution dominates the rejected one."""
     z = p.beta * (torch.sort(u.logratio_chosen, dim=0).values - torch.sort(u.logratio_rejected, dim=0).values)
-    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(z, p.label_smoothing)
 
 
 def sft(u: UnitScores, p: LinkParams) -> Tensor:
@@ -186,14 +191,14 @@ def simpo(u: UnitScores, p: LinkParams) -> Tensor:
     """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): −log σ(β·(z̄_w − z̄_l) − γ), z̄ the *mean* token log-prob
     of the policy (no reference); per unit under ADPO granularity. Label smoothing as in TRL's CPOTrainer."""
     z = p.beta * (u.mean(u.policy_chosen, u.count_chosen) - u.mean(u.policy_rejected, u.count_rejected)) - p.simpo_gamma
-    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(z, p.label_smoothing)
 
 
 def cpo(u: UnitScores, p: LinkParams) -> Tensor:
     """CPO (Xu et al. 2024, arXiv 2401.08417, eq. 3): −log σ(β·(z_w − z_l)) on summed policy log-probs, no
     reference; the behaviour-cloning NLL on chosen (weight cpo_alpha) is added by the objective."""
     z = p.beta * (u.policy_chosen - u.policy_rejected)
-    return -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(z, p.label_smoothing)
 
 
 def orpo(u: UnitScores, p: LinkParams) -> Tensor:

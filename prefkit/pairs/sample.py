@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prefkit.errors import ConfigError
+from prefkit.logprobs import eval_mode
 
 BACKENDS = ("hf", "vllm")
 
@@ -56,15 +57,13 @@ def generate(
 ) -> Generations:
     """Greedy, or sampling at ``temperature`` with nucleus ``top_p`` (top-k off); ``num_return_sequences``
     samples per prompt, prompt-major. Seed the torch RNG before calling for reproducible samples."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     texts: list[str] = []
     lengths: list[int] = []
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p) if do_sample
                 else dict(do_sample=False))
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             enc = encode_left(tokenizer, prompts[start : start + batch_size], device)
             out = model.generate(
@@ -75,8 +74,6 @@ def generate(
             n = gen_lengths(gen, tokenizer.eos_token_id).tolist()
             texts += tokenizer.batch_decode([row[:k] for row, k in zip(gen.tolist(), n)], skip_special_tokens=True)
             lengths += n
-    finally:
-        model.train(was_training)
     return Generations(texts, lengths, time.perf_counter() - t0)
 
 
