@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prefkit-installed
 
-.PHONY: demo test throughput overhead bench clean
+.PHONY: demo test test-fast throughput overhead bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
 	$(BIN)/python -m pytest
+
+# the development tier: everything but the tests marked slow (real training runs, multi-process launches)
+test-fast: $(STAMP)
+	$(BIN)/ruff check prefkit tests benchmarks
+	$(BIN)/python -m pytest -m "not slow"
 
 throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

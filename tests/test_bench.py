@@ -213,6 +213,7 @@ claims:
 """
 
 
+@pytest.mark.slow
 def test_micro_bench_end_to_end(tmp_path, capsys):
     from prefkit.cli import main
 

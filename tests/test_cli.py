@@ -48,6 +48,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys, argv, match):
     assert [ln for ln in err.splitlines() if "error" in ln] == [err.splitlines()[-1]]
 
 
+@pytest.mark.slow
 def test_subprocess_error_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops\n')

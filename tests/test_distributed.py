@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_e2e import write_pairs
+from tests.test_train_e2e import assert_each_step_once, killed_at, write_pairs
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp_cpu_gloo.yaml"
 
@@ -61,6 +60,7 @@ def _single(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", [[], ["--granularity", "adaptive", "--num_segments", "3", "--poet", "true"],
                                        ["--reward_calibration", "true"], ["--precompute_ref_log_probs", "true"]],
                          ids=["dpo", "adpo+poet", "dpo+rc", "dpo+precomputed-ref"])
@@ -78,6 +78,7 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, o
     _assert_same_curve(two, one, alphas=bool(objective) and objective[0] == "--reward_calibration")
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
     """FSDP v2 (parameters, gradients and optimizer states sharded over 2 CPU processes) gives the same loss
     curve as one unsharded process with twice the accumulation, and saves a full model."""
@@ -92,6 +93,7 @@ def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
     AutoModelForCausalLM.from_pretrained(two)  # the sharded run's output is a loadable full model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, extra", [("2", []), ("3", []), ("3", ["--use_peft", "true", "--lora_dropout", "0"])],
                          ids=["zero2-full", "zero3-full", "zero3-lora"])
 def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
@@ -115,6 +117,7 @@ def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in b)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_refuses_what_runs_outside_the_engine(model_dir, tmp_path):
     data = write_pairs(tmp_path / "p.jsonl", 4)
     env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
@@ -127,14 +130,14 @@ def test_deepspeed_zero3_refuses_what_runs_outside_the_engine(model_dir, tmp_pat
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_process_resume(tmp_path, model_dir):
     data = write_pairs(tmp_path / "p.jsonl", 24)
     full = tmp_path / "full"
     _launch(_args(model_dir, data, full, "--per_device_train_batch_size", "2"))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoint-4")
+    resumed = killed_at(full, tmp_path / "resumed", 2)
     _launch(_args(model_dir, data, resumed, "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "latest"))
+    assert_each_step_once(resumed, 4)
     a, b = _losses(full), _losses(resumed)
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
@@ -170,6 +173,7 @@ def test_zero3_reference_is_reloaded_from_the_policy_path(monkeypatch, model_dir
         trainer._reference_copy(tiny_llama)
 
 
+@pytest.mark.slow
 def test_nan_skip_on_one_rank_is_agreed_by_both(tmp_path, model_dir):
     """--nan_policy skip with a NaN loss on rank 1 only: both ranks skip that batch (a finite flag is
     all-reduced) and take the same zero-gradient step, so the run finishes, every rank says it skipped, and no

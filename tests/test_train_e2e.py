@@ -32,6 +32,23 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
+def killed_at(run: Path, dest: Path, checkpoint: int) -> Path:
+    """What a run killed one logged step after saving ``checkpoint-N`` leaves: that checkpoint and the metrics up
+    to step N+1 (not the finished run's later checkpoints, final model or metrics)."""
+    dest.mkdir()
+    shutil.copytree(run / f"checkpoint-{checkpoint}", dest / f"checkpoint-{checkpoint}")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= checkpoint + 1 and "train_runtime" not in ln]
+    assert any(json.loads(ln)["step"] == checkpoint + 1 for ln in kept)  # a step the resume must log again
+    (dest / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+    return dest
+
+
+def assert_each_step_once(out: Path, last: int) -> None:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, last + 1))
+
+
 def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
             "--max_steps", "6", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "3",
@@ -39,6 +56,7 @@ def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str
             "--dynamics_steps", "2", *extra]
 
 
+@pytest.mark.slow
 def test_train_save_reload_eval_resume(tmp_path: Path, model_dir: Path, capsys):
     data = write_pairs(tmp_path / "pairs.jsonl", 28)
     out = tmp_path / "run"
@@ -66,17 +84,16 @@ def test_train_save_reload_eval_resume(tmp_path: Path, model_dir: Path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["implicit_reward_accuracy"] is not None and 0 <= metrics["ranking_accuracy"] <= 1
 
-    # Resume from the step-3 checkpoint in a copy: steps 4-6 must repeat the uninterrupted run's losses.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    for ckpt in resumed.glob("checkpoint-6"):
-        shutil.rmtree(ckpt)
+    # Resume a run killed after its step-3 checkpoint: steps 4-6 must repeat the uninterrupted run's losses.
+    resumed = killed_at(out, tmp_path / "resumed", 3)
     assert main(_train_args(model_dir, data, resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-3"))) == 0
+    assert_each_step_once(resumed, 6)
     full, again = _losses(out), _losses(resumed)
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_lora_run_saves_adapter_and_eval_uses_disabled_adapter_as_reference(tmp_path: Path, model_dir: Path, capsys):
     data = write_pairs(tmp_path / "pairs.jsonl", 20)
     out = tmp_path / "lora"
