@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -55,12 +56,20 @@ def test_logps_match_hand_gather_llama_and_qwen2():
             assert torch.all(values[i][~mask[i]] == 0)
 
 
-def test_fused_head_gradients_match_autograd():
+@pytest.mark.parametrize("chunk", [1024, 3], ids=["one-chunk", "three-chunks"])
+def test_fused_head_gradients_match_autograd(monkeypatch, chunk):
+    """Forward values and gradients of the fused head against plain autograd, in one chunk and in several (a
+    chunk of 3 tokens over 7 rows: two full chunks and a partial one, so grad_w / grad_b accumulate)."""
+    import prefkit.logprobs
+
+    monkeypatch.setattr(prefkit.logprobs, "CHUNK_TOKENS", chunk)
     torch.manual_seed(1)
     h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 11, (7,))
+    want = torch.log_softmax(h @ w.T + b, dim=1).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(_TokenLogprob.apply(h, w, b, y), want)
     assert torch.autograd.gradcheck(lambda h, w, b: _TokenLogprob.apply(h, w, b, y), (h, w, b))
 
 
