@@ -143,6 +143,24 @@ def test_critical_tokens_command_writes_aligned_weights(tmp_path, model_dir, cap
     assert main(["critical-tokens", "--positive_model", str(model_dir), "--negative_model", str(model_dir),
                  "--dataset_name", str(data), "--output_file", str(out), "--max_length", "64"]) == 0
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert len(rows) == 6 and all(0 <= w <= 1 for r in rows for w in r["rejected_token_weights"])
+    assert len(rows) == 6
+    # positive = negative model: softmax(2·l − l) = softmax(l), so s_t = p(y_t) and a rejected token's weight is
+    # 1 − exp(its log-prob), computed here through the training path's log-probs; chosen weights are 1
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefkit.data import PairCollator, load_rows, prepare_dataset
+    from prefkit.logprobs import compute_pair_logps
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = parse_config(["--dataset_name", str(data), "--max_length", "64", "--output_dir", str(tmp_path / "o")])
+    ds, _ = prepare_dataset(load_rows(str(data)), tok, cfg, source="p")
+    with torch.no_grad():
+        lp = compute_pair_logps(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+                                PairCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(len(ds))]))
+    for i, r in enumerate(rows):
+        want = (1 - lp.rejected[i][lp.rejected_mask[i]].exp()).tolist()
+        assert r["rejected_token_weights"] == pytest.approx(want, abs=1e-5), i
+        assert r["chosen_token_weights"] == [1.0] * len(r["chosen_token_weights"])
     assert main(_train_args(model_dir, out, tmp_path / "cadpo", "--use_token_weights", "true", "--max_steps", "2",
                             "--granularity", "adaptive", "--num_segments", "2", "--eval_split_size", "0")) == 0
