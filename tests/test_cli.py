@@ -67,6 +67,7 @@ def test_output_dir_not_overwritten(tmp_path, model_dir, capsys):
     assert "overwrite_output_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_golden_seeded_run_and_plots_and_cached_reference(tmp_path, model_dir, capsys):
     data = write_pairs(tmp_path / "p.jsonl", 20)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -88,6 +89,7 @@ def test_golden_seeded_run_and_plots_and_cached_reference(tmp_path, model_dir, c
     assert any(p.endswith("loss.png") for p in pngs) and all(Path(p).stat().st_size > 1000 for p in pngs)
 
 
+@pytest.mark.slow
 def test_cached_reference_under_bf16_autocast_equals_on_the_fly_reference(tmp_path, model_dir):
     """--bf16: the reference pass for the cache runs under the same autocast as training (its own cache entry)."""
     data = write_pairs(tmp_path / "p.jsonl", 20)
