@@ -141,9 +141,15 @@ def train_rounds(cfg: PrefConfig) -> dict:
     from accelerate.utils import gather_object
 
     from prefkit.data import load_rows, prepare_dataset
-    from prefkit.models import choose_dtype, is_peft_model, load_causal_lm, resolve_model_path
+    from prefkit.models import is_peft_model, load_causal_lm, resolve_model_path
     from prefkit.pairs.scorers import build_scorer
-    from prefkit.run import CONFIG_FILE, check_output_dir, load_model_and_tokenizer, resolved_config_dict
+    from prefkit.run import (
+        CONFIG_FILE,
+        check_output_dir,
+        load_model_and_tokenizer,
+        resolved_config_dict,
+        weight_dtype,
+    )
     from prefkit.trainer import PrefTrainer, _reference_copy
 
     validate_config(cfg)
@@ -164,7 +170,7 @@ def train_rounds(cfg: PrefConfig) -> dict:
     device = torch.device(cfg.device)
     model.to(device)
     if cfg.ref_model_name_or_path:
-        ref_model = load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dtype=choose_dtype(cfg.model_dtype),
+        ref_model = load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dtype=weight_dtype(cfg),
                                    trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     else:  # copied before any round's weights are loaded: the reference stays the starting model
         ref_model = None if is_peft_model(model) else _reference_copy(model)
