@@ -68,8 +68,10 @@ def test_fused_head_gradients_match_autograd(monkeypatch, chunk):
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 11, (7,))
-    want = torch.log_softmax(h @ w.T + b, dim=1).gather(1, y[:, None]).squeeze(1)
-    torch.testing.assert_close(_TokenLogprob.apply(h, w, b, y), want)
+    logp = torch.log_softmax(h @ w.T + b, dim=1)
+    got, sq = _TokenLogprob.apply(h, w, b, y, True)
+    torch.testing.assert_close(got, logp.gather(1, y[:, None]).squeeze(1))
+    torch.testing.assert_close(sq, (2 * logp).exp().sum(1).log())  # log Σ_v p_v² (WPO's weights)
     assert torch.autograd.gradcheck(lambda h, w, b: _TokenLogprob.apply(h, w, b, y), (h, w, b))
 
 

@@ -146,9 +146,9 @@ def test_bf16_runs_policy_and_reference_forwards_under_autocast(tmp_path: Path, 
     seen = []
     real = prefkit.trainer.compute_pair_logps
 
-    def recording(model, batch):
+    def recording(model, batch, **kw):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     monkeypatch.setattr(prefkit.trainer, "compute_pair_logps", recording)
     trainer.train()
