@@ -13,6 +13,7 @@
       SFT only: {sft_only: true}
       DPO: {loss_type: sigmoid}
       cADPO: {critical_tokens: true, granularity: adaptive, num_segments: 256}
+      DPO+RC α=1: {reward_calibration: true, rc_alpha_one: true}   # a control: RC's machinery, α held at 1
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prefkit.errors import ConfigError
 
 TASKS = ("arithmetic", "preference", "gsm8k")
 # method keys that are not prefkit train options
-BENCH_KEYS = ("sft_only", "critical_tokens")
+BENCH_KEYS = ("sft_only", "critical_tokens", "rc_alpha_one")
 
 
 @dataclass
@@ -86,6 +87,9 @@ def load_bench_config(path: str) -> BenchConfig:
     for name, opts in methods.items():
         if opts is not None and not isinstance(opts, dict):
             raise ConfigError(f"{path}: methods.{name}: must be a mapping of options")
+        if (opts or {}).get("rc_alpha_one") and not opts.get("reward_calibration"):
+            raise ConfigError(f"{path}: methods.{name}: rc_alpha_one holds RC's α at 1; it needs "
+                              "reward_calibration: true")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")

@@ -105,6 +105,22 @@ def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_
     return options
 
 
+@contextlib.contextmanager
+def _alpha_held_at_one(opts: dict):
+    """``rc_alpha_one: true`` (a bench control, not a train option): RC runs as configured (statistics, score
+    norms, logging) but its α is held at 1, so the run differs from DPO only by RC's machinery. Restored on
+    exit; runs are sequential in one process, so no other run sees it."""
+    if not opts.get("rc_alpha_one"):
+        yield
+        return
+    from unittest import mock
+
+    from prefkit.dynamics.calibration import RewardCalibrator
+
+    with mock.patch.object(RewardCalibrator, "alpha", lambda self: 1.0):
+        yield
+
+
 def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path,
             point: dict | None = None) -> RunResult:
     from prefkit.cli import options_to_argv, parse_config
@@ -127,7 +143,7 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
     cfg = parse_config(options_to_argv(_train_options(bench, setup, opts, seed, run_dir, point)))
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
+    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log), _alpha_held_at_one(opts):
         out = train_main(cfg)
     result.train_seconds = time.time() - t0
     after = out["after"]

@@ -163,22 +163,20 @@ def _finetune_copy(model_path: str, tokenizer, problems_and_solutions, out: Path
     return str(out)
 
 
-def _critical_weights(setup: Setup, tokenizer, work: Path, bench: BenchConfig) -> tuple[str, str]:
-    """cADPO weights for the train and held-out pairs: contrastive estimation with copies of the SFT model
-    tuned on the training pairs' chosen (positive) and rejected (negative) solutions."""
+def _critical_weights(setup: Setup, work: Path, bench: BenchConfig,
+                      finetune: Callable[[str, Path, int], str]) -> tuple[str, str]:
+    """cADPO weights for the train and held-out pairs: contrastive estimation with copies of the starting model
+    tuned on the training pairs' chosen (positive) and rejected (negative) responses.
+    ``finetune(side, out_dir, seed)`` makes one copy and returns its directory."""
     from prefkit.critical_tokens_cli import critical_tokens_main
 
-    pairs = [json.loads(line) for line in open(setup.train_file)]
-    steps = int(_opt(bench, "critical_model_steps", 200))
-    pos = _finetune_copy(setup.model_path, tokenizer, [(r["prompt"], r["chosen"]) for r in pairs],
-                         work / "critical_pos", steps, seed=1)
-    neg = _finetune_copy(setup.model_path, tokenizer, [(r["prompt"], r["rejected"]) for r in pairs],
-                         work / "critical_neg", steps, seed=2)
+    pos = finetune("chosen", work / "critical_pos", 1)
+    neg = finetune("rejected", work / "critical_neg", 2)
     outs = []
     for src in (setup.train_file, setup.eval_file):
         out = work / Path(src).name.replace(".jsonl", "_weighted.jsonl")
         argv = ["--positive_model", pos, "--negative_model", neg, "--output_file", str(out),
-                "--dataset_name", src, "--batch_size", "64"]
+                "--dataset_name", src, "--batch_size", str(_opt(bench, "critical_batch_size", 64))]
         for key in ("max_length", "max_prompt_length"):
             if key in bench.train:
                 argv += [f"--{key}", str(bench.train[key])]
@@ -261,7 +259,14 @@ def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
         extract=extract_answer, max_new_tokens=max_new, notes=notes,
     )
     if bench.uses_critical_tokens():
-        setup.weighted_train_file, setup.weighted_eval_file = _critical_weights(setup, tokenizer, work, bench)
+        pairs = [json.loads(line) for line in open(setup.train_file)]
+        steps = int(_opt(bench, "critical_model_steps", 200))
+
+        def finetune(side: str, out: Path, seed: int) -> str:
+            return _finetune_copy(setup.model_path, tokenizer, [(r["prompt"], r[side]) for r in pairs], out, steps,
+                                  seed)
+
+        setup.weighted_train_file, setup.weighted_eval_file = _critical_weights(setup, work, bench, finetune)
     return setup
 
 
@@ -282,6 +287,45 @@ def _read_jsonl_any(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _finetune_lora_copy(bench: BenchConfig, setup: Setup, side: str, out: Path, seed: int) -> str:
+    """A copy of the starting model tuned on the training pairs' ``side`` responses (loss on the response
+    tokens, tokenized exactly as training tokenizes them): LoRA as the cDPO authors' positive/negative models
+    (r=8 on the MLP projections, lr 3e-4, one epoch; Critical-Tokens-Matter src/configs/train_config.py),
+    merged into the weights so `prefkit critical-tokens` loads it as a plain model. Reused when present."""
+    if (out / "config.json").is_file():
+        return str(out)
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from prefkit.cli import options_to_argv, parse_config
+    from prefkit.data import load_rows, prepare_dataset
+    from prefkit.models import apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(setup.model_path)
+    tokenizer = load_tokenizer(path)
+    lengths = {k: bench.train[k] for k in ("max_length", "max_prompt_length") if k in bench.train}
+    cfg = parse_config(options_to_argv({**lengths, "output_dir": str(out)}))
+    ds, _ = prepare_dataset(load_rows(setup.train_file, "train"), tokenizer, cfg, source=setup.train_file)
+    ids = [p + r for p, r in zip(ds["prompt_ids"], ds[f"{side}_ids"])]
+    labels = [[-100] * len(p) + r for p, r in zip(ds["prompt_ids"], ds[f"{side}_ids"])]
+    torch.manual_seed(seed)
+    model = apply_lora(load_causal_lm(path), r=8, alpha=16, dropout=0.0,
+                       target_modules=["gate_proj", "up_proj", "down_proj"])
+    args = TrainingArguments(
+        output_dir=str(out / "tmp"), num_train_epochs=float(_opt(bench, "critical_model_epochs", 1)),
+        per_device_train_batch_size=int(_opt(bench, "critical_model_batch_size", 8)),
+        learning_rate=float(_opt(bench, "critical_model_learning_rate", 3e-4)), lr_scheduler_type="constant",
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=False, disable_tqdm=True, logging_steps=10**9,
+    )
+    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": labels}),
+            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)).train()
+    model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def prepare_preference(bench: BenchConfig, work: Path) -> Setup:
     rows = _read_jsonl_any(_data_path(bench, "data"))
     n_train, n_eval = int(_opt(bench, "train_pairs", 256)), int(_opt(bench, "eval_pairs", 64))
@@ -291,9 +335,16 @@ def prepare_preference(bench: BenchConfig, work: Path) -> Setup:
     # held-out pairs are the file's last rows: disjoint from training, fixed across methods and seeds
     train = _write_jsonl(work / "train.jsonl", rows[:n_train])
     held = _write_jsonl(work / "eval.jsonl", rows[len(rows) - n_eval :])
-    return Setup(model_path=bench.task_options.get("model"), train_file=train, eval_file=held,
-                 notes=[f"{n_train} training pairs (first rows) and {n_eval} held-out pairs (last rows) of "
-                        f"{Path(bench.task_options['data']).name}"])
+    setup = Setup(model_path=bench.task_options.get("model"), train_file=train, eval_file=held,
+                  notes=[f"{n_train} training pairs (first rows) and {n_eval} held-out pairs (last rows) of "
+                         f"{Path(bench.task_options['data']).name}"])
+    if bench.uses_critical_tokens():
+        setup.weighted_train_file, setup.weighted_eval_file = _critical_weights(
+            setup, work, bench, lambda side, out, seed: _finetune_lora_copy(bench, setup, side, out, seed))
+        setup.notes.append("cADPO weights: positive / negative models = LoRA copies (r=8, MLP projections) of the "
+                           "starting model tuned one epoch at lr 3e-4 on the training pairs' chosen / rejected "
+                           "responses (the cDPO authors' settings)")
+    return setup
 
 
 # ---- GSM8K -----------------------------------------------------------------------------------------------
