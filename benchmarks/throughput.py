@@ -9,9 +9,11 @@ sampler over mega-batches of 50 batches): use --steps as a multiple of 50 so the
 random sample (within a mega-batch the longest batches come first). Variant "cached" is prefkit DPO with
 --precompute_ref_log_probs and the on-disk cache filled by an earlier untimed run (what a second run over the
 same pairs costs); "bucketed_cached" combines both. Jobs b, c train on steps x 4 HH-RLHF pairs (one epoch), so
-the cache fill stays short. Variant "nomalloc" is prefkit DPO without the glibc malloc thresholds it sets on
-CPU (prefkit/allocator.py), "nooverlap" without the reference forward on a worker thread alongside the
-policy's (--overlap_reference false; prefkit/overlap.py); TRL runs both without them ("dpo") and with them ("malloc"), and in bf16 also with
+the cache fill stays short. prefkit runs as the command line runs it: with the host layer (prefkit/accel/)
+installed, its option defaults applied. Variant "nomalloc" is prefkit DPO without the glibc malloc thresholds
+that layer sets on CPU (prefkit/accel/malloc.py), "nooverlap" without the reference forward on a worker thread
+alongside the policy's (--overlap_reference false; prefkit/accel/overlap.py); TRL runs both without them
+("dpo") and with them ("malloc"), and in bf16 also with
 pad_to_multiple_of=64 ("pad64"); its fastest row is the baseline of the ratios. Per-step seconds (data / forward / backward / optimizer) come from wrapping the
 Trainer's own hooks, the same for both frameworks.
 
@@ -133,7 +135,7 @@ def run_worker(framework: str, job: str, steps: int, variant: str, precision: st
     if variant == "nomalloc":
         os.environ["PREFKIT_MALLOC_TUNING"] = "0"  # prefkit without its CPU malloc thresholds
     elif framework == "trl" and variant == "malloc":
-        from prefkit.allocator import tune_cpu_malloc
+        from prefkit.accel.malloc import tune_cpu_malloc
 
         tune_cpu_malloc()  # TRL given the malloc thresholds prefkit sets for itself on CPU
     # import the framework first: transformers.Trainer alone brings ~105 MB of modules (peft among them) to both,
@@ -161,7 +163,7 @@ def run_worker(framework: str, job: str, steps: int, variant: str, precision: st
         trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
                              peft_config=peft_config)
     else:
-        from prefkit import PrefConfig, PrefTrainer
+        from prefkit import PrefConfig, PrefTrainer, accel
         from prefkit.data import prepare_dataset
         from prefkit.models import apply_lora
         from prefkit.refcache import attach_reference_logps
@@ -172,7 +174,9 @@ def run_worker(framework: str, job: str, steps: int, variant: str, precision: st
                  "bucketed": bucketed, "cached": {}, "nomalloc": {},
                  "nooverlap": dict(overlap_reference=False),
                  "bucketed_cached": bucketed}[variant]
-        args = PrefConfig(**common, beta=0.1, overwrite_output_dir=True, ref_cache_dir=REF_CACHE, **extra)
+        options = {**common, "beta": 0.1, "overwrite_output_dir": True, "ref_cache_dir": REF_CACHE, **extra}
+        args = PrefConfig(**{**options, **accel.host_defaults(options)})  # the command line's defaults
+        plan = accel.install(args)
         if lora:
             model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["all-linear"])
         if variant.endswith("cached"):
@@ -182,7 +186,8 @@ def run_worker(framework: str, job: str, steps: int, variant: str, precision: st
             t = time.perf_counter()
             ds = attach_reference_logps(ds, model, tok, args, model_path=f"throughput-job-{job}-seed0")
             ref_pass = time.perf_counter() - t
-        trainer = PrefTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        trainer = PrefTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                              run_forwards=plan.run_forwards)
     tokens = sum(len(tok(p["prompt"] + p["chosen"]).input_ids) + len(tok(p["prompt"] + p["rejected"]).input_ids)
                  for p in pairs[: steps * bs])
     spent = instrument(trainer)
@@ -246,7 +251,7 @@ def main() -> None:
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "JOB", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.precision == "auto":
-        from prefkit.models import bf16_is_fast
+        from prefkit.accel.precision import bf16_is_fast
 
         args.precision = "bf16" if bf16_is_fast("cpu") else "fp32"
     if args.worker:

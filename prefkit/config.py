@@ -4,20 +4,20 @@ PrefConfig *is* a ``transformers.TrainingArguments`` (as TRL's DPOConfig is), so
 (learning_rate, per_device_train_batch_size, gradient_accumulation_steps, save_steps, bf16, …) keeps its
 transformers name and meaning. The fields below add the model, data, objective and dynamics options.
 Cross-option checks live in :func:`validate_config`, run at start-up so that a bad combination never
-fails mid-run.
+fails mid-run. Building a PrefConfig probes no hardware: the options whose defaults depend on the host (bf16,
+pack_pairs, pad_to_multiple_of) are off unless given, and the command line fills them from
+:func:`prefkit.accel.host_defaults`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
 from prefkit.errors import ConfigError
-from prefkit.models import CPU_SHAPE_MULTIPLE, bf16_is_fast, choose_dtype, default_device_type
 
 
 @dataclass
@@ -51,8 +51,9 @@ class PrefConfig(TrainingArguments):
     )
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast (mixed precision). Default: on where bf16 matmul is fast (CUDA with bf16, "
-                          "CPUs with AMX or AVX512-BF16), off elsewhere, where it is ~20x slower."},
+        metadata={"help": "bf16 autocast (mixed precision). Default (command line): on where bf16 matmul is fast "
+                          "(CUDA with bf16, CPUs with AMX or AVX512-BF16), off elsewhere, where it is ~20x slower; "
+                          "a PrefConfig built in Python: off."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickled (.bin) weights."})
@@ -105,14 +106,17 @@ class PrefConfig(TrainingArguments):
         default=True,
         metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); off: 2 rows."},
     )
-    pack_pairs: bool = field(
-        default=True,
-        metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair."},
+    pack_pairs: bool | None = field(
+        default=None,
+        metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair. "
+                          "Default (command line): on; a PrefConfig built in Python: off (packing needs the "
+                          "segment attention that prefkit.accel.install registers with transformers)."},
     )
     pad_to_multiple_of: int | None = field(
         default=None,
-        metadata={"help": "Round row lengths up to a multiple of this. Default: 64 for bf16 on a CPU (its bf16 "
-                          "kernels are built per shape, so unbucketed lengths rebuild them every step), else none."},
+        metadata={"help": "Round row lengths (and the LM head's token count) up to a multiple of this. Default "
+                          "(command line): 64 for bf16 on a CPU (its bf16 kernels are built per shape, so unbucketed "
+                          "lengths rebuild them every step), else none."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
@@ -216,7 +220,8 @@ class PrefConfig(TrainingArguments):
     overlap_reference: bool = field(
         default=True,
         metadata={"help": "On CPU with a separate reference model (full fine-tuning): run its forward on a worker "
-                          "thread alongside the policy forward, half the intra-op threads each."},
+                          "thread alongside the policy forward, half the intra-op threads each (host layer, "
+                          "prefkit.accel: the command line installs it)."},
     )
     ignore_bias_buffers: bool = field(
         default=False, metadata={"help": "DDP: do not sync boolean buffers (TRL's fix for some LM mask buffers)."}
@@ -241,20 +246,10 @@ class PrefConfig(TrainingArguments):
             self.pack_pairs = False  # packed pairs run prefkit's sdpa-based segment attention
             if self.attn_implementation != "eager":
                 self.share_prompt = False  # its per-pair 4D mask needs eager or sdpa
-        device_type = default_device_type(self.use_cpu)
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and bf16_is_fast(device_type)
-            if self.bf16 and device_type == "cpu":
-                self.use_cpu = True  # transformers refuses bf16 without a GPU unless told the CPU is meant
-        weights = choose_dtype(self.dtype, torch.device(device_type), trained=not self.use_peft)
-        if self.pad_to_multiple_of is None and device_type == "cpu" and (self.bf16 or weights != torch.float32):
-            self.pad_to_multiple_of = CPU_SHAPE_MULTIPLE
+        self.bf16 = bool(self.bf16)
+        self.pack_pairs = bool(self.pack_pairs)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
-            launched = "LOCAL_RANK" in os.environ
-            if launched and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not self.ddp_backend:
-                # DeepSpeed's CPU accelerator talks gloo; with no backend accelerate would count one process
-                self.ddp_backend = "gloo"
         super().__post_init__()
 
     @property

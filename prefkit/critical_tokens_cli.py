@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prefkit.configfile import parse_config
 from prefkit.critical_tokens import critical_token_weights, pair_weights
 from prefkit.data import PairCollator, load_rows, prepare_dataset
 from prefkit.errors import ConfigError
 from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.run import weight_dtype
 
 
 def critical_tokens_main(argv: list[str]) -> int:
-    from prefkit.cli import parse_config
-    from prefkit.run import weight_dtype
-
     p = argparse.ArgumentParser(prog="prefkit critical-tokens", description=__doc__.splitlines()[0])
     p.add_argument("--positive_model", required=True, help="model fine-tuned on correct solutions")
     p.add_argument("--negative_model", required=True, help="model fine-tuned on incorrect solutions")

@@ -4,6 +4,10 @@ The backbone runs once over the 2B rows of a :class:`~prefkit.data.types.PairBat
 only at positions that predict a response token, in chunks, through :class:`_TokenLogprob`, which recomputes
 each chunk's logits in backward instead of keeping a (tokens x vocab) float32 matrix alive. For 49k-150k
 vocabularies those logits dominate activation memory.
+
+:func:`compute_pair_logps` is not a pure function of (model, batch): given a packed batch it switches the
+model's attention implementation, in place, to the segment attention (:func:`use_segment_attention`), which
+behaves as ``sdpa`` for every other input.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface
 
-from prefkit.attention import use_segment_attention
-from prefkit.data.types import PairBatch
-from prefkit.models import CPU_SHAPE_MULTIPLE
+from prefkit.data.types import SEGMENT_ATTENTION, PairBatch
+from prefkit.errors import ModelError
 from prefkit.objectives.types import PairLogps
 
 CHUNK_TOKENS = 1024
@@ -84,30 +88,27 @@ def _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_
             grad_b += g.sum(0)
 
 
-def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
+def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor,
+                               pad_to_multiple_of: int | None = None) -> Tensor:
     """log p(target | hidden) for (N, H) hidden states; fused for plain linear heads."""
-    return token_logprobs_and_sq(hidden, head, targets)[0]
+    return token_logprobs_and_sq(hidden, head, targets, pad_to_multiple_of=pad_to_multiple_of)[0]
 
 
-def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want_sq: bool = False
-                          ) -> tuple[Tensor, Tensor | None]:
-    """(log p(target), log Σ_v p_v² or None) per row; the second, without gradient, only when ``want_sq``."""
+def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want_sq: bool = False,
+                          pad_to_multiple_of: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """(log p(target), log Σ_v p_v² or None) per row; the second, without gradient, only when ``want_sq``. A
+    fused head rounds its N rows up to ``pad_to_multiple_of`` (for kernels built per shape, as CPU bf16 ones are)."""
     if type(head) is not nn.Linear:
         logits = head(hidden).float()
         lse = logits.logsumexp(dim=1)
         sq = ((2 * logits).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
         return logits.gather(1, targets[:, None]).squeeze(1) - lse, sq
     n = hidden.shape[0]
-    pad = -n % CPU_SHAPE_MULTIPLE if _kernels_per_shape(hidden, head.weight) else 0
+    pad = -n % pad_to_multiple_of if pad_to_multiple_of else 0
     if pad:  # zero rows predicting token 0, dropped below: a few repeated shapes instead of a new one per batch
         hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
     out, sq = _TokenLogprob.apply(hidden, head.weight, head.bias, targets, want_sq)
     return out[:n], sq[:n] if want_sq else None
-
-
-def _kernels_per_shape(hidden: Tensor, weight: Tensor) -> bool:
-    """CPU bf16/fp16 matmuls (oneDNN) build a kernel for each new shape; fp32 and CUDA ones do not."""
-    return hidden.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or weight.dtype != torch.float32)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -177,7 +178,8 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = Fa
     if parts is not None:
         backbone, head = parts
         hidden = backbone(**inputs)[0]
-        token_lp, token_sq = token_logprobs_and_sq(hidden[rows[mask], pred[mask]], head, targets, want_sq)
+        token_lp, token_sq = token_logprobs_and_sq(hidden[rows[mask], pred[mask]], head, targets, want_sq,
+                                                   batch.pad_to_multiple_of)
     else:
         logits = model(**inputs).logits
         sel = logits[rows[mask], pred[mask]].float()
@@ -198,6 +200,26 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = Fa
         chosen_sq=None if sq is None else sq[:b],
         rejected_sq=None if sq is None else sq[b:],
     )
+
+
+def use_segment_attention(model: nn.Module) -> None:
+    """Switch a transformers model from ``sdpa`` to :data:`~prefkit.data.types.SEGMENT_ATTENTION` (idempotent);
+    the host layer must have registered it with transformers (:func:`prefkit.accel.install`)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == SEGMENT_ATTENTION:
+        return
+    if impl != "sdpa" or not getattr(model, "_supports_attention_backend", False):
+        raise ModelError(f"packed pairs need a model whose attention runs on sdpa through transformers' attention "
+                         f"interface ({type(model).__name__} uses {impl!r}); run with --pack_pairs false")
+    if not segment_attention_registered():
+        raise ModelError("packed pairs (--pack_pairs true) need the segment attention, which the host layer "
+                         "registers with transformers: call prefkit.accel.install(config) first, or run with "
+                         "--pack_pairs false")
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+
+
+def segment_attention_registered() -> bool:
+    return SEGMENT_ATTENTION in AttentionInterface()
 
 
 def _is_distributed_wrapper(model: nn.Module) -> bool:

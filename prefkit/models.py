@@ -1,4 +1,4 @@
-"""Model and tokenizer loading: the embedded default, GGUF conversion, dtype per device, LoRA.
+"""Model and tokenizer loading: the embedded default, GGUF conversion, LoRA.
 
 A GGUF checkpoint loaded by transformers stays flagged as quantized and ``transformers.Trainer`` refuses to
 train it, so a ``.gguf`` file is converted once into a safetensors HF directory in a cache keyed by the
@@ -96,44 +96,6 @@ def resolve_model_path(name_or_path: str | None) -> str:
     if name_or_path.endswith(".gguf"):
         return convert_gguf(name_or_path)
     return name_or_path
-
-
-# CPU bf16/fp16 matmuls (oneDNN) build a kernel per shape: lengths rounded up to this repeat a few shapes
-CPU_SHAPE_MULTIPLE = 64
-
-
-def bf16_is_fast(device_type: str) -> bool:
-    """Whether bf16 matmul is fast here: CUDA with bf16 support, CPUs with bf16 matmul instructions (AMX, or
-    AVX512-BF16: 2.3x fp32's rate measured on such a CPU); elsewhere it is emulated and ~20x slower."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and _cpu_has_bf16_matmul()
-
-
-def default_device_type(use_cpu: bool = False) -> str:
-    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
-
-
-def choose_dtype(requested: str = "auto", device: torch.device | None = None, *, trained: bool = False) -> torch.dtype:
-    """Weight dtype. auto: fp32 for weights that are trained (AdamW on bf16 weights rounds away updates smaller
-    than ~1/256 of a weight; ``--bf16`` autocast gives the bf16 speed on fp32 weights), and for frozen weights
-    bf16 where bf16 matmul is fast, fp32 elsewhere."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    if trained:
-        return torch.float32
-    device_type = device.type if device is not None else default_device_type()
-    return torch.bfloat16 if bf16_is_fast(device_type) else torch.float32
-
-
-def _cpu_has_bf16_matmul() -> bool:
-    if os.environ.get("PREFKIT_CPU_BF16", "").lower() in ("0", "false", "no"):
-        return False  # tests (and users who want fp32 defaults everywhere) opt out of the bf16 path
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _check_weights(path: str, allow_pickle: bool) -> None:

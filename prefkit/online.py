@@ -32,6 +32,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import SaveStrategy
 
+from prefkit import accel
 from prefkit.config import PrefConfig, validate_config
 from prefkit.errors import ConfigError
 from prefkit.pairs.pairing import PAIRINGS
@@ -211,7 +212,7 @@ def train_rounds(cfg: PrefConfig) -> dict:
                 (round_dir / "metrics.jsonl").unlink()  # a killed round's partial curve
             ds, report = prepare_dataset(load_rows(str(pairs_file)), tokenizer, rcfg, source=str(pairs_file))
             trainer = PrefTrainer(model=model, args=rcfg, train_dataset=ds, processing_class=tokenizer,
-                                  ref_model=ref_model)
+                                  ref_model=ref_model, run_forwards=accel.install(rcfg).run_forwards)
             train_metrics = dict(trainer.train().metrics)
             trainer.save_model(str(round_dir))
         else:

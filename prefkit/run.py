@@ -12,6 +12,8 @@ import torch
 import yaml
 from transformers import set_seed
 
+from prefkit import accel
+from prefkit.accel.precision import choose_dtype, default_device_type
 from prefkit.card import write_model_card
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
@@ -21,8 +23,6 @@ from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
 from prefkit.models import (
     apply_lora,
-    choose_dtype,
-    default_device_type,
     is_peft_model,
     load_causal_lm,
     load_tokenizer,
@@ -186,6 +186,7 @@ def train_main(cfg: PrefConfig) -> dict:
     eval_dataset_source(cfg)  # before the model loads
     checkpoint = resolve_checkpoint(cfg)
     t0 = time.time()
+    host = accel.install(cfg)
     model_path, model, tokenizer = load_model_and_tokenizer(cfg)
     data = load_data(cfg, tokenizer)
     for name, rep in data.reports.items():
@@ -223,7 +224,7 @@ def train_main(cfg: PrefConfig) -> dict:
     try:
         trainer = PrefTrainer(
             model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model,
-            eval_dataset=data.eval if cfg.eval_strategy != "no" else None,
+            eval_dataset=data.eval if cfg.eval_strategy != "no" else None, run_forwards=host.run_forwards,
         )
     except (ValueError, ImportError) as e:  # Trainer's own checks of the options
         raise ConfigError(one_line(e)) from e
@@ -267,6 +268,7 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
         raise ConfigError("--model_name_or_path: required for eval (a trained output dir or a model)")
     if "beta" not in given:
         cfg.beta = saved_run_config(path).get("beta", cfg.beta)
+    accel.install(cfg)
     model, tokenizer, reference = load_for_eval(cfg)
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
     ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name or "bundled sample",

@@ -3,6 +3,7 @@
 It knows nothing of loss details: per batch it gets policy (and reference) per-token log-probs, lets the
 dynamics monitor calibrate them, calls the objective, and logs the objective's detached statistics.
 Checkpointing, schedulers, gradient accumulation, mixed precision and distributed launch are transformers'.
+It changes no process-wide state; the host layer (:mod:`prefkit.accel`) comes in only through ``run_forwards``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import resource
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,17 +23,15 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from prefkit.allocator import tune_cpu_malloc
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, prepare_dataset
 from prefkit.data.types import PairBatch, SkipReport
 from prefkit.dynamics import DynamicsMonitor
 from prefkit.errors import ConfigError, TrainingFault
-from prefkit.logprobs import compute_pair_logps
+from prefkit.logprobs import compute_pair_logps, segment_attention_registered
 from prefkit.models import is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
-from prefkit.overlap import run_alongside
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ class PrefTrainer(Trainer):
     the same model with adapters disabled for peft, a frozen copy otherwise, or nothing when reference
     log-probs were precomputed (dataset columns ``ref_chosen_logps``/``ref_rejected_logps``).
     Datasets may be raw preference rows (prompt/chosen/rejected…) or already prepared by
-    :func:`prefkit.data.prepare_dataset`.
+    :func:`prefkit.data.prepare_dataset`. ``run_forwards(policy, reference)`` runs the two forwards of a step
+    with a separate reference model and returns both results (default: one after the other); the host layer's
+    plan (:func:`prefkit.accel.install`) runs them side by side on a CPU.
     """
 
     def __init__(
@@ -134,8 +136,13 @@ class PrefTrainer(Trainer):
         processing_class=None,
         ref_model: nn.Module | None = None,
         callbacks: list[TrainerCallback] | None = None,
+        run_forwards: Callable | None = None,
     ):
         validate_config(args)
+        if args.share_prompt and args.pack_pairs and not segment_attention_registered():
+            raise ConfigError("--pack_pairs: packed pairs need the segment attention, which the host layer registers "
+                              "with transformers: call prefkit.accel.install(args) first, or pass pack_pairs=False")
+        self.run_forwards = run_forwards
         self.objective = build_objective(args)
         self.skip_reports: dict[str, SkipReport] = {}
         train_dataset = self._prepared(train_dataset, processing_class, args, "train")
@@ -164,8 +171,6 @@ class PrefTrainer(Trainer):
             processing_class=processing_class,
             callbacks=[metrics_cb, *(callbacks or [])],
         )
-        if self.args.device.type == "cpu":
-            tune_cpu_malloc()  # activations are reused instead of faulted in afresh every step
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
             self.ref_model = _zero3_reference(self.ref_model, self.accelerator)
         elif self.ref_model is not None:
@@ -234,7 +239,7 @@ class PrefTrainer(Trainer):
             if not self.objective.needs_reference:
                 return compute_pair_logps(model, batch, want_sq=sq)
             if self._reference_alongside(batch):
-                logps, (ref_chosen, ref_rejected) = run_alongside(
+                logps, (ref_chosen, ref_rejected) = self.run_forwards(
                     lambda: compute_pair_logps(model, batch, want_sq=sq), reference)
             else:
                 logps = compute_pair_logps(model, batch, want_sq=sq)
@@ -242,9 +247,9 @@ class PrefTrainer(Trainer):
         return logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 
     def _reference_alongside(self, batch: PairBatch) -> bool:
-        """--overlap_reference applies: a separate reference (not a ZeRO-3 engine) on a CPU with threads to split."""
-        return (self.args.overlap_reference and self.args.device.type == "cpu" and self.ref_model is not None
-                and batch.ref_chosen is None and not is_deepspeed_zero3_enabled() and torch.get_num_threads() > 1)
+        """``run_forwards`` applies: a separate reference model (not a ZeRO-3 engine) and no precomputed log-probs."""
+        return (self.run_forwards is not None and self.ref_model is not None and batch.ref_chosen is None
+                and not is_deepspeed_zero3_enabled())
 
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)

@@ -69,12 +69,12 @@ def test_eval_of_a_full_model_uses_the_runs_reference_model(tmp_path, saved_run,
 def test_one_dtype_rule_for_every_model_loaded(tmp_path, model_dir, monkeypatch):
     """--use_cpu on a host whose GPU has fast bf16 but whose CPU has not: frozen models load in fp32 (the rule
     of the device they run on), not in the GPU's bf16."""
-    import prefkit.models
+    import prefkit.accel.precision
     from prefkit.config import PrefConfig
 
     cfg = PrefConfig(output_dir=str(tmp_path / "o"), use_cpu=True, model_name_or_path=str(model_dir))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(prefkit.models, "bf16_is_fast", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(prefkit.accel.precision, "bf16_is_fast", lambda device_type: device_type == "cuda")
     dtypes: list[torch.dtype] = []
     real = prefkit.run.load_causal_lm
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from prefkit.accel.attention import register_segment_attention
 from prefkit.data.types import PairBatch
 from prefkit.logprobs import _TokenLogprob, compute_pair_logps
+
+
+@pytest.fixture(autouse=True)
+def _segment_attention_registered():
+    """Packed batches need the segment attention that the host layer registers (prefkit.accel.install)."""
+    register_segment_attention()
 
 
 def _model(kind: str) -> torch.nn.Module:
@@ -104,8 +111,8 @@ def test_shared_prompt_layout_equals_plain_layout():
 
 
 def test_packed_layout_is_one_row_without_padding():
-    from prefkit.attention import PairSegments
     from prefkit.data import PairCollator
+    from prefkit.data.types import PairSegments
 
     feats = [{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2], "row_id": 0},
              {"prompt_ids": [11], "chosen_ids": [12, 13, 2], "rejected_ids": [2], "row_id": 1}]
@@ -119,10 +126,8 @@ def test_packed_layout_is_one_row_without_padding():
 
 
 def test_segment_attention_is_sdpa_without_segments_and_refuses_other_backends():
-    import pytest
-
-    from prefkit.attention import use_segment_attention
     from prefkit.errors import PrefkitError
+    from prefkit.logprobs import use_segment_attention
 
     model, batch = _model("qwen2"), _batch()
     before = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -134,6 +139,19 @@ def test_segment_attention_is_sdpa_without_segments_and_refuses_other_backends()
     eager.set_attn_implementation("eager")
     with pytest.raises(PrefkitError, match="--pack_pairs false"):
         use_segment_attention(eager)
+
+
+def test_packed_batch_without_the_host_layer_is_refused(monkeypatch):
+    """Without the segment attention registered (prefkit.accel not installed) a packed batch names the fix."""
+    from prefkit.data import PairCollator
+    from prefkit.errors import ModelError
+
+    monkeypatch.setattr("prefkit.logprobs.segment_attention_registered", lambda: False)
+    feats = [{"prompt_ids": [5, 6], "chosen_ids": [8, 2], "rejected_ids": [9, 2], "row_id": 0}]
+    model = _model("llama")
+    with pytest.raises(ModelError, match=r"prefkit\.accel\.install"):
+        compute_pair_logps(model, PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats))
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_packed_pairs_refuse_a_sliding_window_shorter_than_a_pair():
@@ -186,17 +204,21 @@ def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():
                 torch.testing.assert_close(g_packed[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_cpu_bf16_autocast_head_pads_rows_and_recomputes_under_autocast():
-    """Under CPU bf16 autocast the fused head pads its rows to a multiple of 64 (dropped again) and its backward
-    recomputes the logits under the same autocast, so values and gradients match plain autograd there."""
+def test_cpu_bf16_autocast_head_pads_rows_and_recomputes_under_autocast(monkeypatch):
+    """Under CPU bf16 autocast the fused head pads its rows to the batch's multiple (64, dropped again) and its
+    backward recomputes the logits under the same autocast, so values and gradients match plain autograd there."""
+    import prefkit.logprobs
     from prefkit.logprobs import token_logprobs_from_hidden
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     h = torch.randn(37, 16, requires_grad=True)
     y = torch.randint(0, 50, (37,))
+    rows, apply = [], prefkit.logprobs._TokenLogprob.apply
+    monkeypatch.setattr(prefkit.logprobs._TokenLogprob, "apply", lambda hh, *a: rows.append(len(hh)) or apply(hh, *a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = token_logprobs_from_hidden(h, head, y)
+        fused = token_logprobs_from_hidden(h, head, y, 64)
+        assert rows == [64]
         assert fused.shape == (37,)
         g_h, g_w = torch.autograd.grad(fused.square().sum(), (h, head.weight))
         ref = torch.log_softmax(head(h).float(), dim=1).gather(1, y[:, None]).squeeze(1)

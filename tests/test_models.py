@@ -1,4 +1,4 @@
-"""Model loading: the embedded GGUF default, dtype choice, refusing bad model dirs with a clear message."""
+"""Model loading: the embedded GGUF default, refusing bad model dirs with a clear message."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from transformers import DistilBertConfig, DistilBertModel, LlamaConfig, LlamaFo
 
 from prefkit.errors import ModelError
 from prefkit.models import (
-    choose_dtype,
     default_model_path,
     load_causal_lm,
     load_tokenizer,
@@ -33,49 +32,6 @@ def test_gguf_default_converts_loads_and_generates():
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
-
-
-def test_dtype_choice_cpu_is_fp32_without_bf16_matmul(monkeypatch):
-    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: False)
-    assert choose_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: True)
-    assert choose_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert choose_dtype("float16", torch.device("cpu")) == torch.float16
-    # trained weights stay fp32 (bf16 AdamW rounds small updates away); --bf16 autocast brings the speed
-    assert choose_dtype("auto", torch.device("cpu"), trained=True) == torch.float32
-    assert choose_dtype("bfloat16", torch.device("cpu"), trained=True) == torch.bfloat16
-
-
-@pytest.mark.parametrize("flags, fast", [("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
-                                          ("fpu amx_bf16 amx_tile", True), ("fpu avx512_bf16x", False)])
-def test_bf16_matmul_detected_from_cpu_flags(monkeypatch, flags, fast):
-    """AMX and AVX512-BF16 CPUs count as fast bf16 (whole flag names only); PREFKIT_CPU_BF16=0 opts out."""
-    from prefkit.models import _cpu_has_bf16_matmul
-
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"processor : 0\nflags\t\t: {flags}\n")
-    monkeypatch.delenv("PREFKIT_CPU_BF16")
-    assert _cpu_has_bf16_matmul() is fast
-    monkeypatch.setenv("PREFKIT_CPU_BF16", "0")
-    assert _cpu_has_bf16_matmul() is False
-
-
-def test_precision_defaults_follow_the_hardware(monkeypatch, tmp_path):
-    """--bf16 defaults to autocast where bf16 matmul is fast, and on such a CPU rows are padded to a multiple of
-    64 (its bf16 kernels are built per shape); explicit values win."""
-    from prefkit.config import PrefConfig
-
-    if torch.cuda.is_available():
-        pytest.skip("CPU defaults")
-    out = str(tmp_path)
-    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: False)
-    cfg = PrefConfig(output_dir=out)
-    assert (cfg.bf16, cfg.pad_to_multiple_of) == (False, None)
-    monkeypatch.setattr("prefkit.models._cpu_has_bf16_matmul", lambda: True)
-    cfg = PrefConfig(output_dir=out)
-    assert (cfg.bf16, cfg.use_cpu, cfg.pad_to_multiple_of) == (True, True, 64)
-    assert PrefConfig(output_dir=out, bf16=False).pad_to_multiple_of is None
-    assert PrefConfig(output_dir=out, bf16=False, use_peft=True).pad_to_multiple_of == 64  # bf16 frozen base
-    assert PrefConfig(output_dir=out, pad_to_multiple_of=8).pad_to_multiple_of == 8
 
 
 def _tiny_llama() -> LlamaForCausalLM:

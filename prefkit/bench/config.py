@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefkit.configfile import read_yaml_mapping
 from prefkit.errors import ConfigError
 
 TASKS = ("arithmetic", "preference", "gsm8k")
@@ -67,8 +68,6 @@ class BenchConfig:
 
 def load_bench_config(path: str) -> BenchConfig:
     """Parse and check a bench YAML, naming the file and key of any problem."""
-    from prefkit.cli import read_yaml_mapping
-
     p = Path(path)
     raw = read_yaml_mapping(path, "bench config")
     allowed = {"name", "title", "task", "task_options", "seeds", "train", "methods", "claims",

@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 from prefkit.bench.config import BenchConfig
-from prefkit.bench.runner import RunResult, _slug, point_label, trajectory_name
+from prefkit.bench.results import RunResult, point_label, slug, trajectory_name
 from prefkit.bench.tasks import Setup
 
 METRICS = [  # (field, column title, percent?, higher is better?)
@@ -218,7 +218,7 @@ def _plots(bench: BenchConfig, summary: dict, results_dir: Path, chosen: dict[st
     names.append(name)
 
     traj_methods = [m for m in bench.trajectory_methods if m in summary]
-    files = {m: [results_dir / "trajectories" / _slug(m) / trajectory_name(chosen.get(m, ""), seed)
+    files = {m: [results_dir / "trajectories" / slug(m) / trajectory_name(chosen.get(m, ""), seed)
                  for seed in bench.seeds] for m in traj_methods}
     files = {m: [f for f in fs if f.is_file()] for m, fs in files.items()}
     if traj_methods and not all(files.values()) and (results_dir / "chosen_trajectories.png").is_file():

@@ -21,46 +21,18 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from prefkit.bench.config import BENCH_KEYS, BenchConfig
+from prefkit.bench.report import append_run, provenance, read_results, write_report
+from prefkit.bench.results import RunResult, point_label, slug, trajectory_name
 from prefkit.bench.tasks import PREPARE, Setup
+from prefkit.configfile import options_to_argv, parse_config
+from prefkit.errors import ConfigError
 
 logger = logging.getLogger("prefkit")
-
-
-def point_label(point: dict) -> str:
-    """``{"learning_rate": 3e-05}`` → ``"learning_rate=3e-05"``; ``""`` without a sweep."""
-    return ", ".join(f"{k}={v}" for k, v in point.items())
-
-
-@dataclass
-class RunResult:
-    method: str
-    seed: int
-    point: str = ""
-    accuracy: float | None = None
-    val_accuracy: float | None = None
-    kl: float | None = None
-    gen_length: float | None = None
-    d_logp_chosen: float | None = None
-    d_logp_rejected: float | None = None
-    reward_accuracy: float | None = None
-    reward_margin: float | None = None
-    ranking_accuracy: float | None = None
-    in_band: float | None = None
-    train_seconds: float | None = None
-    commit: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return self.method, self.point, self.seed
 
 
 def _answer_metrics(model, tokenizer, setup: Setup, reference) -> dict:
@@ -123,7 +95,6 @@ def _alpha_held_at_one(opts: dict):
 
 def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path,
             point: dict | None = None) -> RunResult:
-    from prefkit.cli import options_to_argv, parse_config
     from prefkit.run import load_for_eval, train_main
 
     opts = bench.methods[method]
@@ -178,7 +149,6 @@ def planned_runs(bench: BenchConfig, only: list[str] | None = None) -> list[tupl
 
 def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: list[str] | None = None) -> list[RunResult]:
     """Prepare once, then every (method, point, seed) not yet in runs.jsonl; each run is appended as it ends."""
-    from prefkit.bench.report import append_run, provenance, read_results, write_report
 
     t_start, prov = time.time(), provenance()  # the code that runs is the code at the start
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -198,13 +168,13 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
     for n, (method, point, seed) in enumerate(todo, 1):
         t0 = time.time()
         label = point_label(point)
-        run_dir = work_dir / "runs" / _slug(method) / (_slug(label) or "default") / f"seed{seed}"
+        run_dir = work_dir / "runs" / slug(method) / (slug(label) or "default") / f"seed{seed}"
         r = run_one(bench, setup, method, seed, run_dir, point)
         r.commit = prov["commit"]
         results.append(r)
         append_run(results_dir, r)
         if (run_dir / "chosen_trajectory.json").is_file():  # kept with the results: plots redraw without runs
-            keep = results_dir / "trajectories" / _slug(method) / trajectory_name(label, seed)
+            keep = results_dir / "trajectories" / slug(method) / trajectory_name(label, seed)
             keep.parent.mkdir(parents=True, exist_ok=True)
             keep.write_text((run_dir / "chosen_trajectory.json").read_text())
         shown = ", ".join(f"{k} {v:.3f}" for k, v in r.to_dict().items()
@@ -225,8 +195,6 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
 
 def report_only(bench: BenchConfig, results_dir: Path) -> None:
     """Rewrite the report and plots from a finished run's results.csv and saved state."""
-    from prefkit.bench.report import read_results, write_report
-    from prefkit.errors import ConfigError
 
     state_file = results_dir / "bench_state.json"
     if not (results_dir / "results.csv").is_file() or not state_file.is_file():
@@ -235,11 +203,3 @@ def report_only(bench: BenchConfig, results_dir: Path) -> None:
     setup = Setup(model_path=None, train_file="", eval_file="", notes=state["notes"])
     write_report(bench, setup, read_results(results_dir), results_dir, wall_seconds=state["wall_seconds"],
                  prov=state["provenance"])
-
-
-def trajectory_name(label: str, seed: int) -> str:
-    return f"{_slug(label)}_seed{seed}.json" if label else f"seed{seed}.json"
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from prefkit.bench.config import BenchConfig
+from prefkit.configfile import options_to_argv, parse_config
+from prefkit.critical_tokens_cli import critical_tokens_main
 from prefkit.errors import ConfigError, DataError
 
 
@@ -168,8 +170,6 @@ def _critical_weights(setup: Setup, work: Path, bench: BenchConfig,
     """cADPO weights for the train and held-out pairs: contrastive estimation with copies of the starting model
     tuned on the training pairs' chosen (positive) and rejected (negative) responses.
     ``finetune(side, out_dir, seed)`` makes one copy and returns its directory."""
-    from prefkit.critical_tokens_cli import critical_tokens_main
-
     pos = finetune("chosen", work / "critical_pos", 1)
     neg = finetune("rejected", work / "critical_neg", 2)
     outs = []
@@ -297,7 +297,6 @@ def _finetune_lora_copy(bench: BenchConfig, setup: Setup, side: str, out: Path, 
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from prefkit.cli import options_to_argv, parse_config
     from prefkit.data import load_rows, prepare_dataset
     from prefkit.models import apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
 

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prefkit.attention import PairSegments
-from prefkit.data.types import PairBatch
+from prefkit.data.types import PairBatch, PairSegments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,7 +30,7 @@ class PairCollator:
     length — the ADPO paper's padding for static windows (those EOS tokens are scored).
     ``share_prompt``: one row per pair, prompt computed once (see :class:`PairBatch`).
     ``pack_pairs`` (with ``share_prompt``): all pairs end to end in one row without padding, attention per pair
-    (:mod:`prefkit.attention`).
+    (:mod:`prefkit.accel.attention`; needs the host layer installed).
     ``pad_to_multiple_of``: round every row's length up to a multiple (fewer distinct shapes, for kernels that are
     built per shape).
     """
@@ -81,6 +80,7 @@ class PairCollator:
                 response_len=torch.tensor(resp_len, dtype=torch.long),
                 row_ids=row_ids,
             )
+        batch.pad_to_multiple_of = self.pad_to_multiple_of
         if "rejected_token_weights" in features[0]:
             batch.chosen_weights = _response_matrix([f["chosen_token_weights"] for f in features], t, 1.0)
             batch.rejected_weights = _response_matrix([f["rejected_token_weights"] for f in features], t, 1.0)

@@ -8,7 +8,22 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from prefkit.attention import PairSegments
+# The attention implementation that reads packed rows: the name transformers knows it by once the host layer
+# (prefkit.accel) has registered it, and the keyword that carries a batch's PairSegments to it.
+SEGMENT_ATTENTION = "prefkit_segments"
+
+
+@dataclass(frozen=True)
+class PairSegments:
+    """Token counts (prompt, chosen, rejected) of the pairs laid end to end in a packed row, in order, and the
+    padding after them (``pad`` tokens that attend to nothing and output zeros)."""
+
+    lengths: tuple[tuple[int, int, int], ...]
+    pad: int = 0
+
+    def split_sizes(self) -> list[int]:
+        """Piece sizes along the row: prompt+chosen, then rejected, for each pair; then the padding."""
+        return [n for p, c, r in self.lengths for n in (p + c, r)] + ([self.pad] if self.pad else [])
 
 
 @dataclass
@@ -21,10 +36,12 @@ class PairBatch:
     tokens from the rejected ones and ``position_ids`` that restart the rejected response after the prompt,
     so the prompt is computed once. In the packed layout (``segments`` set) all pairs lie end to end in one
     row without padding and attention follows ``segments`` (``attention_mask`` is an empty placeholder, see
-    :mod:`prefkit.attention`). ``response_start[i]`` is the position of response i's first token in
+    :mod:`prefkit.accel.attention`). ``response_start[i]`` is the position of response i's first token in
     row ``response_row[i]``, ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and
     ``first_pred[i]`` the position whose output predicts its first token (the last prompt token). Token
     weights and precomputed reference log-probs are response-aligned (B, T), T = the longest response.
+    ``pad_to_multiple_of``: the collator's length multiple, which the fused LM head also rounds its token count
+    up to (kernels built per shape see a few repeated shapes).
     """
 
     input_ids: Tensor
@@ -40,6 +57,7 @@ class PairBatch:
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
     segments: PairSegments | None = None
+    pad_to_multiple_of: int | None = None
 
     @property
     def num_pairs(self) -> int:

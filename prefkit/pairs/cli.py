@@ -66,8 +66,9 @@ def check_args(a: argparse.Namespace) -> None:
 def pairs_main(argv: list[str]) -> int:
     import torch
 
+    from prefkit.accel.precision import choose_dtype
     from prefkit.data import load_rows
-    from prefkit.models import choose_dtype, load_causal_lm, load_tokenizer, resolve_model_path
+    from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     a = build_parser().parse_args(argv)
     check_args(a)

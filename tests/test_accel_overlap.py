@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefkit.overlap import run_alongside
+from prefkit.accel.overlap import run_alongside
 
 
 def test_run_alongside_splits_threads_and_restores_them():
@@ -30,6 +30,10 @@ def test_run_alongside_splits_threads_and_restores_them():
         assert seen["front"] == (threading.current_thread().name, 2)
         assert seen["back"][0].startswith("prefkit-reference") and seen["back"][1] == 2
         assert torch.get_num_threads() == 4
+        torch.set_num_threads(1)  # nothing to split: one after the other, here
+        seen.clear()
+        assert run_alongside(front, back) == ("f", "b")
+        assert seen["front"] == seen["back"] == (threading.current_thread().name, 1)
     finally:
         torch.set_num_threads(before)
 
@@ -55,6 +59,7 @@ def test_trainer_overlap_gives_the_same_losses(tmp_path: Path, tiny_tokenizer, m
 
     import prefkit.trainer
     from prefkit import PrefConfig, PrefTrainer
+    from prefkit.accel import install
     from tests.conftest import _small
     from tests.test_train_e2e import write_pairs
 
@@ -76,9 +81,10 @@ def test_trainer_overlap_gives_the_same_losses(tmp_path: Path, tiny_tokenizer, m
             model = LlamaForCausalLM(LlamaConfig(**_small(len(tiny_tokenizer))))
             args = PrefConfig(output_dir=str(tmp_path / str(overlap)), per_device_train_batch_size=4, use_cpu=True,
                               report_to="none", max_steps=3, logging_steps=1, learning_rate=1e-2, max_length=64,
-                              bf16=bf16, overlap_reference=overlap, seed=0)
+                              bf16=bf16, overlap_reference=overlap, seed=0, pack_pairs=True)
+            plan = install(args)  # as the command line does
             trainer = PrefTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=tiny_tokenizer)
+                                  processing_class=tiny_tokenizer, run_forwards=plan.run_forwards)
             threads.clear()
             trainer.train()
             losses[overlap] = [r["loss"] for r in trainer.state.log_history if "loss" in r]

@@ -23,11 +23,14 @@ _pool: ThreadPoolExecutor | None = None
 
 def run_alongside(foreground: Callable[[], Front], background: Callable[[], Back]) -> tuple[Front, Back]:
     """(foreground(), background()), the second run on a worker thread meanwhile; the intra-op threads are split
-    between them and restored after. Grad mode and autocast are per thread: ``background`` sets its own."""
+    between them and restored after (one after the other with a single thread). Grad mode and autocast are per
+    thread: ``background`` sets its own."""
     global _pool
+    total = torch.get_num_threads()
+    if total < 2:
+        return foreground(), background()
     if _pool is None:
         _pool = ThreadPoolExecutor(1, thread_name_prefix="prefkit-reference")
-    total = torch.get_num_threads()
     mine, theirs = total - total // 2, max(1, total // 2)
 
     def job() -> Back:

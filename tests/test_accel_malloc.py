@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import platform
-from pathlib import Path
 
 import pytest
 
-import prefkit.allocator as allocator
+import prefkit.accel.malloc as allocator
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 
@@ -49,18 +47,3 @@ def test_real_glibc_accepts_the_thresholds(monkeypatch):
     monkeypatch.setattr(allocator, "_done", False)
     monkeypatch.delenv("PREFKIT_MALLOC_TUNING", raising=False)
     assert allocator.tune_cpu_malloc() is True
-
-
-def test_cpu_trainer_tunes_malloc(tmp_path: Path, tiny_llama, tiny_tokenizer, monkeypatch):
-    from datasets import Dataset
-
-    import prefkit.trainer
-    from prefkit import PrefConfig, PrefTrainer
-    from tests.test_train_e2e import write_pairs
-
-    called = []
-    monkeypatch.setattr(prefkit.trainer, "tune_cpu_malloc", lambda: called.append(True))
-    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 8).read_text().splitlines()]
-    args = PrefConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", max_length=64)
-    PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
-    assert called == [True]

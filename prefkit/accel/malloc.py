@@ -6,7 +6,8 @@ and over, so each step faults hundreds of thousands of fresh pages in again (the
 A fixed mmap threshold of 32 MB (glibc's maximum dynamic value) and a 64 MB trim threshold let freed buffers be
 reused as they are. Measured on job (a) of ``benchmarks/throughput.py`` (docs/performance.md): page faults fell
 from ~0.5M to ~0.18M per run and pairs/s rose by 0-30% (mean +10% over six interleaved pairs of runs), with the
-same peak RSS; TRL gains alike when given it, so the benchmark runs TRL with it too.
+same peak RSS; TRL gains alike when given it, so the benchmark runs TRL with it too. Process-wide:
+:func:`prefkit.accel.install` sets it for a CPU run; ``PREFKIT_MALLOC_TUNING=0`` opts out.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Attention over packed pairs: several (prompt, chosen, rejected) segments laid end to end in one row.
 
-A packed batch has no padding and no (T x T) mask. For each pair the prompt+chosen queries attend causally to
-prompt+chosen, and the rejected queries to the prompt and, causally, to the rejected tokens before them
-(never to chosen), so the prompt is computed once and no attention score is computed across pairs or into
-masked blocks. transformers routes every attention call of a model through ``config._attn_implementation``;
-:data:`SEGMENT_ATTENTION` is registered there (and in the mask registry) and behaves exactly as ``sdpa``
-unless the call carries ``prefkit_segments``, so a model switched to it generates and scores as before.
+A packed batch (:class:`~prefkit.data.types.PairSegments`) has no padding and no (T x T) mask. For each pair
+the prompt+chosen queries attend causally to prompt+chosen, and the rejected queries to the prompt and,
+causally, to the rejected tokens before them (never to chosen), so the prompt is computed once and no attention
+score is computed across pairs or into masked blocks. transformers routes every attention call of a model
+through ``config._attn_implementation``; :func:`register_segment_attention` registers
+:data:`~prefkit.data.types.SEGMENT_ATTENTION` there (and in the mask registry), process-wide, which is why it
+lives in the host layer and runs only when that is installed. It behaves exactly as ``sdpa`` unless the call
+carries ``prefkit_segments``, so a model switched to it generates and scores as before.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +19,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from prefkit.data.types import SEGMENT_ATTENTION, PairSegments
 from prefkit.errors import ModelError
-
-SEGMENT_ATTENTION = "prefkit_segments"
-
-
-@dataclass(frozen=True)
-class PairSegments:
-    """Token counts (prompt, chosen, rejected) of the pairs laid end to end in a packed row, in order, and the
-    padding after them (``pad`` tokens that attend to nothing and output zeros)."""
-
-    lengths: tuple[tuple[int, int, int], ...]
-    pad: int = 0
-
-    def split_sizes(self) -> list[int]:
-        """Piece sizes along the row: prompt+chosen, then rejected, for each pair; then the padding."""
-        return [n for p, c, r in self.lengths for n in (p + c, r)] + ([self.pad] if self.pad else [])
 
 
 def segment_attention(
@@ -89,16 +75,8 @@ def _per_pair(query: Tensor, key: Tensor, value: Tensor, segments: PairSegments,
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1)
 
 
-AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
-AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
-
-
-def use_segment_attention(model: nn.Module) -> None:
-    """Switch a transformers model from ``sdpa`` to :data:`SEGMENT_ATTENTION` (idempotent)."""
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl == SEGMENT_ATTENTION:
-        return
-    if impl != "sdpa" or not getattr(model, "_supports_attention_backend", False):
-        raise ModelError(f"packed pairs need a model whose attention runs on sdpa through transformers' attention "
-                         f"interface ({type(model).__name__} uses {impl!r}); run with --pack_pairs false")
-    model.set_attn_implementation(SEGMENT_ATTENTION)
+def register_segment_attention() -> None:
+    """Make :data:`~prefkit.data.types.SEGMENT_ATTENTION` known to transformers' attention and mask registries
+    (process-wide, idempotent)."""
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
