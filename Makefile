@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # the development tier: everything but the tests marked slow (real training runs, multi-process launches)
