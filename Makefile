@@ -27,6 +27,7 @@ test: $(STAMP)
 # the development tier: everything but the tests marked slow (real training runs, multi-process launches)
 test-fast: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow"
 
 throughput: $(STAMP)
