@@ -251,3 +251,31 @@ def test_micro_bench_end_to_end(tmp_path, capsys):
     assert "1 runs to do, 6 done earlier" in out and "(1/1) DPO seed 1" in out  # the --methods DPO rerun appended DPO last
     assert len((results / "runs.jsonl").read_text().splitlines()) == 7
     assert sorted(p.name for p in (results / "trajectories" / "dpo_rc").iterdir()) == ["seed0.json", "seed1.json"]
+
+
+def test_grid_stopped_midway_still_reports(tmp_path, monkeypatch):
+    """A session that ends mid-grid leaves runs.jsonl and bench_state.json; --report_only works from them."""
+    import prefkit.bench.runner as runner
+    from prefkit.cli import main
+
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(MICRO.replace("seeds: [0, 1]", "seeds: [0]").replace("  cADPO: {critical_tokens: true, "
+                                                                            "granularity: adaptive, num_segments: 4}\n", ""))
+    results = tmp_path / "bench" / "results" / "micro"
+    real, calls = runner.run_one, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the session ends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_one", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_bench(load_bench_config(str(cfg)), tmp_path / "work", results)
+    assert calls == ["SFT only", "DPO", "DPO+RC"]
+    assert len((results / "runs.jsonl").read_text().splitlines()) == 2 and (results / "bench_state.json").is_file()
+    monkeypatch.setattr(runner, "run_one", real)
+    assert main(["bench", str(cfg), "--results_dir", str(results), "--report_only"]) == 0
+    section = (results / "section.md").read_text()
+    assert "| DPO |" in section and "| DPO+RC |" not in section

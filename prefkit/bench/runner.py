@@ -165,6 +165,15 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
         print(f"  {line}", flush=True)
     results = list(done)
     append_run(results_dir, None, rewrite=done)  # runs.jsonl holds exactly the kept runs
+    state_file = results_dir / "bench_state.json"  # committed: notes and wall time survive for --report_only
+    earlier = json.loads(state_file.read_text())["wall_seconds"] if state_file.is_file() and done else 0.0
+
+    def save_state() -> dict:  # after every run, so a grid stopped mid-way can still be reported
+        state = {"notes": setup.notes, "wall_seconds": earlier + time.time() - t_start, "provenance": prov}
+        state_file.write_text(json.dumps(state))
+        return state
+
+    state = save_state()
     for n, (method, point, seed) in enumerate(todo, 1):
         t0 = time.time()
         label = point_label(point)
@@ -173,6 +182,7 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
         r.commit = prov["commit"]
         results.append(r)
         append_run(results_dir, r)
+        state = save_state()
         if (run_dir / "chosen_trajectory.json").is_file():  # kept with the results: plots redraw without runs
             keep = results_dir / "trajectories" / slug(method) / trajectory_name(label, seed)
             keep.parent.mkdir(parents=True, exist_ok=True)
@@ -182,24 +192,25 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
         where = f" [{label}]" if label else ""
         print(f"[bench {bench.name}] ({n}/{len(todo)}) {method}{where} seed {seed}: {shown} "
               f"({time.time() - t0:.0f} s)", flush=True)
-    state_file = results_dir / "bench_state.json"  # committed: notes and wall time survive for --report_only
-    earlier = json.loads(state_file.read_text()) if state_file.is_file() and done else {"wall_seconds": 0.0}
-    state = {"notes": setup.notes, "wall_seconds": earlier["wall_seconds"] + time.time() - t_start,
-             "provenance": prov}
-    state_file.write_text(json.dumps(state))
-    order = list(bench.methods)
-    results.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.point, r.seed))
-    write_report(bench, setup, results, results_dir, wall_seconds=state["wall_seconds"], prov=state["provenance"])
+    write_report(bench, setup, _in_config_order(bench, results), results_dir, wall_seconds=state["wall_seconds"],
+                 prov=state["provenance"])
     return results
 
 
+def _in_config_order(bench: BenchConfig, results: list[RunResult]) -> list[RunResult]:
+    order = list(bench.methods)
+    return sorted(results, key=lambda r: (order.index(r.method) if r.method in order else len(order), r.point, r.seed))
+
+
 def report_only(bench: BenchConfig, results_dir: Path) -> None:
-    """Rewrite the report and plots from a finished run's results.csv and saved state."""
+    """Rewrite the report and plots from the committed runs (runs.jsonl, or an older results.csv) and state;
+    works on a grid stopped part-way too."""
 
     state_file = results_dir / "bench_state.json"
-    if not (results_dir / "results.csv").is_file() or not state_file.is_file():
-        raise ConfigError(f"--report_only: no finished run in {results_dir}")
+    has_runs = (results_dir / "runs.jsonl").is_file() or (results_dir / "results.csv").is_file()
+    if not has_runs or not state_file.is_file():
+        raise ConfigError(f"--report_only: no runs and saved state in {results_dir}")
     state = json.loads(state_file.read_text())
     setup = Setup(model_path=None, train_file="", eval_file="", notes=state["notes"])
-    write_report(bench, setup, read_results(results_dir), results_dir, wall_seconds=state["wall_seconds"],
-                 prov=state["provenance"])
+    write_report(bench, setup, _in_config_order(bench, read_results(results_dir)), results_dir,
+                 wall_seconds=state["wall_seconds"], prov=state["provenance"])
