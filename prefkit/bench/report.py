@@ -48,16 +48,6 @@ def t975(df: int) -> float:
     return T975[df - 1] if 1 <= df <= len(T975) else 1.96
 
 
-def ci95(values: list[float]) -> tuple[float, float, int]:
-    """(mean, half-width of the 95% t-interval, n); half-width 0 for one value."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0, n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t975(n - 1) * sd / math.sqrt(n), n
-
-
 def _stats(values: list[float]) -> tuple[float, float, int]:
     n = len(values)
     mean = sum(values) / n
@@ -65,9 +55,21 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return mean, std, n
 
 
+def ci95(values: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t-interval, n); half-width 0 for one value."""
+    mean, sd, n = _stats(values)
+    return mean, (t975(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0), n
+
+
 def per_seed(results: list[RunResult], method: str, point: str, metric: str) -> dict[int, float]:
     return {r.seed: getattr(r, metric) for r in results
             if r.method == method and r.point == point and getattr(r, metric) is not None}
+
+
+def _mean_val_accuracy(results: list[RunResult], method: str, point: str) -> float:
+    """What selects a sweep point: validation accuracy, mean over seeds (−inf when never measured)."""
+    vals = per_seed(results, method, point, "val_accuracy")
+    return sum(vals.values()) / len(vals) if vals else -math.inf
 
 
 def summarize(results: list[RunResult], chosen: dict[str, str] | None = None
@@ -139,9 +141,9 @@ def shared_points(bench: BenchConfig, results: list[RunResult]) -> tuple[dict[st
     base = bench.select_baseline or next(m for m in bench.methods if not bench.methods[m].get("sft_only"))
     best, best_val = bench.points()[0], -math.inf
     for point in bench.points():
-        vals = per_seed(results, base, _restrict(bench, base, point), "val_accuracy")
-        if vals and sum(vals.values()) / len(vals) > best_val:
-            best, best_val = point, sum(vals.values()) / len(vals)
+        v = _mean_val_accuracy(results, base, _restrict(bench, base, point))
+        if v > best_val:
+            best, best_val = point, v
     chosen = {m: ("" if bench.methods.get(m, {}).get("sft_only") else _restrict(bench, m, best)) for m in methods}
     return chosen, point_label(best)
 
@@ -152,8 +154,7 @@ def own_best_points(bench: BenchConfig, results: list[RunResult]) -> dict[str, s
     for m in dict.fromkeys(r.method for r in results):
         best, best_val = None, -math.inf
         for point in dict.fromkeys(r.point for r in results if r.method == m):
-            vals = per_seed(results, m, point, "val_accuracy")
-            v = sum(vals.values()) / len(vals) if vals else -math.inf
+            v = _mean_val_accuracy(results, m, point)
             if best is None or v > best_val:
                 best, best_val = point, v
         chosen[m] = best or ""
