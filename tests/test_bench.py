@@ -17,7 +17,7 @@ from prefkit.bench.config import load_bench_config
 from prefkit.bench.generate import generate, sequence_kl
 from prefkit.bench.report import ci95, claim_verdict, own_best_points, shared_points, summarize
 from prefkit.bench.runner import RunResult, planned_runs, point_label
-from prefkit.bench.tasks import _pairs_from_samples, apply_variant, gsm8k_answer, pad_solution, slip_solution
+from prefkit.bench.tasks import _pairs_from_samples, apply_variant, pad_solution, slip_solution
 from prefkit.errors import ConfigError
 
 
@@ -66,11 +66,12 @@ def test_pairs_from_samples_pairs_correct_with_incorrect():
     assert {r["chosen"] for r in rows if r["prompt"] == "Q:2+2=?\n"} == {"2+2=4\nA:4"}
 
 
-def test_gsm8k_answer_extraction():
-    assert gsm8k_answer("She makes 9 * 2 = $18\nA: 18") == 18
-    assert gsm8k_answer("so 1,234 total\n#### 1,234") == 1234
-    assert gsm8k_answer("the answer is 7.5 dollars") == 7.5
-    assert gsm8k_answer("no number") is None
+def test_gsm8k_task_checks_answers_with_the_math_scorer(tmp_path):
+    """The bench's GSM8K accuracy uses prefkit.pairs' math checker (one checker, issue 23 §3)."""
+    from prefkit.bench import tasks
+    from prefkit.pairs.scorers import final_number
+
+    assert tasks.final_number is final_number and not hasattr(tasks, "gsm8k_answer")
 
 
 def _tiny(tok, seed):

@@ -37,6 +37,15 @@ GSM_REF = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 
     ("-5 degrees", "#### -5", True),
     ("no number at all", "7", False),
     ("12", "no answer in the reference", False),
+    # the bench GSM8K task's former checker: the first number after the last "A:" (its prompt's answer line)
+    ("She makes 9 * 2 = $18\nA: 18", "#### 18", True),
+    ("A: 18 dollars, 3 times a day", "18", True),                      # "A:" wins over later numbers
+    ("so 1,234 total\n#### 1,234", "A: 1234", True),                   # either marker, either side
+    ("A: 5\nA: 7", "7", True),                                         # the last marker
+    ("the answer is 7.5 dollars", "7.5", True),
+    ("In the USA: 3 states, 4 cities", "4", True),                     # "USA:" is not a marker
+    ("A: none\nso 12 in all", "12", True),                             # no number after it: the last number
+    ("Janet sells 9 eggs.\nShe makes $<<9*2=18>>18.\nA: 18", "18", True),  # GSM8K's calculator annotations
 ])
 def test_math_scorer_hand_cases(completion, reference, want):
     assert math_equal(completion, reference) is want
@@ -46,6 +55,7 @@ def test_final_number_normalises():
     assert final_number("is $1,000,000.00.") == Decimal(1000000)
     assert final_number("#### 72") == 72 and final_number("x = .5") == Decimal("0.5")
     assert final_number("nothing") is None
+    assert final_number("She makes 9 * 2 = $18\nA: 18") == 18 and final_number("A: -3.50") == Decimal("-3.5")
 
 
 def _items(completions, row=None, row_no=3):

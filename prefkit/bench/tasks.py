@@ -28,6 +28,7 @@ from prefkit.bench.config import BenchConfig
 from prefkit.configfile import options_to_argv, parse_config
 from prefkit.critical_tokens_cli import critical_tokens_main
 from prefkit.errors import ConfigError, DataError
+from prefkit.pairs.scorers import final_number
 
 
 @dataclass
@@ -348,20 +349,6 @@ def prepare_preference(bench: BenchConfig, work: Path) -> Setup:
 
 # ---- GSM8K -----------------------------------------------------------------------------------------------
 
-GSM_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def gsm8k_answer(text: str) -> float | None:
-    """The number after the last 'A:' (or '####'), else the last number in the text."""
-    for marker in ("A:", "####"):
-        if marker in text:
-            found = GSM_NUMBER.findall(text.rsplit(marker, 1)[1])
-            if found:
-                return float(found[0].replace(",", ""))
-    found = GSM_NUMBER.findall(text)
-    return float(found[-1].replace(",", "")) if found else None
-
-
 def gsm8k_prompt(question: str) -> list[dict]:
     return [{"role": "user", "content": f"{question}\nSolve it step by step and end with 'A: <number>'."}]
 
@@ -398,7 +385,7 @@ def prepare_gsm8k(bench: BenchConfig, work: Path) -> Setup:
                  for r in held]
     return Setup(
         model_path=bench.task_options.get("model"), train_file=train, eval_file=evalp, questions=questions,
-        answers=[gsm8k_answer(r["ground_truth"]) for r in held], extract=gsm8k_answer,
+        answers=[final_number(r["ground_truth"]) for r in held], extract=final_number,
         max_new_tokens=int(_opt(bench, "max_new_tokens", 256)), measure_kl=bool(_opt(bench, "measure_kl", True)),
         notes=[f"{len(pairs) - n_eval_pairs} training pairs and {n_eval_pairs} held-out pairs from {used} GSM8K test "
                f"questions outside the {n_eval} held-out questions (the file's last rows)"],

@@ -1,6 +1,7 @@
 """Scorers for `prefkit pairs`: a spec string → an object that scores a batch of completions.
 
-- ``math``: 1.0 when the completion's final number equals the reference answer's, else 0.0 (no number: 0.0);
+- ``math``: 1.0 when the completion's final number (:func:`final_number`) equals the reference answer's, else
+  0.0 (no number: 0.0); the one GSM8K checker, also the bench's GSM8K accuracy;
 - ``regex:PATTERN``: 1.0 when the last match of PATTERN in the completion (its first group, if it has one)
   equals the reference field (as numbers when both read as numbers, so ``A:07`` matches 7), else 0.0;
 - ``python:module:function``: ``function(prompt, completion, row) -> float``, the user's code;
@@ -69,16 +70,23 @@ def normalize_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
+# GSM8K's reference answers end with "#### n"; the bench's GSM8K prompt asks for a final "A: n" line, and so do
+# the grade-school-math solution files. "A:" counts only as a word of its own (not the end of "USA:").
+_ANSWER_MARKER = re.compile(r"####|(?<![A-Za-z])A:")
+
+
 def final_number(text: str) -> Decimal | None:
-    """The answer a solution ends with: a final ``\\boxed{}``, else what follows the last ``####`` (GSM8K),
-    else the last number in the text."""
+    """The answer a solution ends with: a final ``\\boxed{}``, else the first number after the last answer
+    marker (``####`` or ``A:``), else the last number in the text."""
     boxed = _last_boxed(text)
     if boxed is not None:
         found = _NUMBER.findall(boxed.replace("{,}", ",").replace("\\!", "").replace("\\,", ""))
         return normalize_number(found[-1]) if found else None
-    if "####" in text:
-        found = _NUMBER.findall(text.rsplit("####", 1)[1])
-        return normalize_number(found[0]) if found else None
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:
+        found = _NUMBER.findall(text[markers[-1].end() :])
+        if found:
+            return normalize_number(found[0])
     found = _NUMBER.findall(text)
     return normalize_number(found[-1]) if found else None
 
