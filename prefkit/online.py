@@ -4,7 +4,10 @@ current policy with prefkit.pairs' code, trains on them with the configured obje
 - Round r takes ``samples_per_round`` prompts, cycling through ``online_prompts`` in file order, and samples
   them with seed ``seed + 1000·r + rank``; ``--max_steps`` / ``--num_train_epochs`` apply to each round.
 - The reference is the starting model (a LoRA run's adapters disabled, a frozen copy otherwise, or
-  ``ref_model_name_or_path``) in every round.
+  ``ref_model_name_or_path``) in every round. With ``--sync_ref_model`` it is updated at every round boundary
+  instead of every ``ref_model_sync_steps`` steps: after round r, ref ← α·policy + (1 − α)·ref (TR-DPO's
+  update, α = ``ref_model_mixup_alpha``; α = 1 makes it the policy at the start of each round). The updated
+  reference is saved in ``round-<r>/reference.safetensors``, so a resumed run scores round r + 1 against it.
 - A round ends with a checkpoint: ``round-<r>/`` holds its pairs, summary, metrics.jsonl, the policy
   (``from_pretrained``-loadable) and its trainable weights; ``round-<r>/ROUND_COMPLETE`` is written last.
   ``--resume_from_checkpoint latest`` restarts after the last complete round and gives the same pairs and
@@ -42,6 +45,7 @@ logger = logging.getLogger("prefkit")
 
 ROUND_MARKER = "ROUND_COMPLETE"
 TRAINABLE_FILE = "policy_trainable.safetensors"
+REFERENCE_FILE = "reference.safetensors"  # --sync_ref_model: the reference the next round scores against
 ROUNDS_LOG = "rounds.jsonl"
 
 
@@ -69,8 +73,6 @@ def validate_online(cfg: PrefConfig) -> None:
         bad("dataset_name", "--rounds trains on pairs it samples itself; drop --dataset_name")
     if cfg.precompute_ref_log_probs:
         bad("precompute_ref_log_probs", "not supported with --rounds (the pairs change every round)")
-    if getattr(cfg, "sync_ref_model", False):
-        bad("sync_ref_model", "not supported with --rounds yet: the reference is the starting model")
 
 
 def finished_rounds(out: Path) -> int:
@@ -105,6 +107,23 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _reference_state(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter once (a head tied to the embedding is one tensor, which safetensors requires)."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in ref.named_parameters()}
+
+
+@torch.no_grad()
+def load_reference(ref: torch.nn.Module, out: Path, r: int) -> None:
+    """The reference that round r + 1 scores against, as saved at the end of round r."""
+    path = out / f"round-{r}" / REFERENCE_FILE
+    if not path.is_file():
+        raise ConfigError(f"--sync_ref_model: {path} is missing: round {r} was trained without --sync_ref_model, "
+                          "so the run cannot be resumed with it")
+    state = load_file(str(path))
+    for name, p in ref.named_parameters():
+        p.copy_(state[name])
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -133,6 +152,7 @@ def _round_config(cfg: PrefConfig, round_dir: Path) -> PrefConfig:
     are the unit of resumption). A shallow copy: re-running TrainingArguments' __post_init__ is not needed."""
     rcfg = copy.copy(cfg)
     rcfg.output_dir, rcfg.save_strategy, rcfg.resume_from_checkpoint = str(round_dir), SaveStrategy.NO, None
+    rcfg.sync_ref_model = False  # --rounds syncs the reference at round boundaries, not every N steps
     return rcfg
 
 
@@ -151,7 +171,7 @@ def train_rounds(cfg: PrefConfig) -> dict:
         resolved_config_dict,
         weight_dtype,
     )
-    from prefkit.trainer import PrefTrainer, _reference_copy
+    from prefkit.trainer import PrefTrainer, _reference_copy, mix_into_reference
 
     validate_config(cfg)
     validate_online(cfg)
@@ -175,8 +195,15 @@ def train_rounds(cfg: PrefConfig) -> dict:
                                    trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     else:  # copied before any round's weights are loaded: the reference stays the starting model
         ref_model = None if is_peft_model(model) else _reference_copy(model)
+    if cfg.sync_ref_model and ref_model is None:
+        raise ConfigError("--sync_ref_model needs a separate reference model to update (not a peft model with "
+                          "adapters disabled)")
     if done:
         model.load_state_dict(load_file(str(out / f"round-{done}" / TRAINABLE_FILE)), strict=False)
+        if cfg.sync_ref_model:
+            load_reference(ref_model, out, done)
+        elif (out / f"round-{done}" / REFERENCE_FILE).is_file():
+            raise ConfigError(f"--sync_ref_model: round {done} of {out} was trained with it; pass it to resume")
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         (out / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
@@ -217,8 +244,12 @@ def train_rounds(cfg: PrefConfig) -> dict:
             trainer.save_model(str(round_dir))
         else:
             logger.warning("round %d: no pairs (every prompt's samples tied); the policy is unchanged", r)
+        if cfg.sync_ref_model:  # every rank: each holds its own reference
+            mix_into_reference(model, ref_model, cfg.ref_model_mixup_alpha)
         if state.is_main_process:
             save_file(_trainable_state(model), str(round_dir / TRAINABLE_FILE))
+            if cfg.sync_ref_model:
+                save_file(_reference_state(ref_model), str(round_dir / REFERENCE_FILE))
             logs = []
             if (round_dir / "metrics.jsonl").is_file():
                 logs = [json.loads(ln) for ln in (round_dir / "metrics.jsonl").read_text().splitlines() if ln]

@@ -112,7 +112,7 @@ class SyncReferenceCallback(TrainerCallback):
 def mix_into_reference(policy: nn.Module, ref: nn.Module, alpha: float) -> None:
     """ref ← α·policy + (1 − α)·ref, parameter by parameter (same architecture)."""
     for p_ref, p in zip(ref.parameters(), policy.parameters(), strict=True):
-        p_ref.mul_(1.0 - alpha).add_(p.to(p_ref.dtype), alpha=alpha)
+        p_ref.mul_(1.0 - alpha).add_(p.to(p_ref.device, p_ref.dtype), alpha=alpha)
 
 
 class PrefTrainer(Trainer):

@@ -1,17 +1,27 @@
-"""`prefkit train --rounds`: two rounds log, the reference stays the starting model, and a run stopped at a round
-boundary (with a half-written next round) resumes to the same pairs and curve as an uninterrupted run."""
+"""`prefkit train --rounds`: two rounds log, the reference stays the starting model (or, with --sync_ref_model,
+becomes the policy at each round boundary), and a run stopped at a round boundary (with a half-written next
+round) resumes to the same pairs and curve as an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 
 import pytest
+import torch
 
 from prefkit.cli import main
-from prefkit.online import ROUND_MARKER, finished_rounds, merge_summaries, round_prompts
+from prefkit.online import (
+    REFERENCE_FILE,
+    ROUND_MARKER,
+    TRAINABLE_FILE,
+    finished_rounds,
+    merge_summaries,
+    round_prompts,
+)
 
 PROMPTS = [{"prompt": p} for p in ("what is the cat ?", "the dog ran", "is it good ?", "a big red cat", "hello")]
 
@@ -72,14 +82,68 @@ def test_rounds_log_and_resume_at_a_round_boundary(model_dir, tmp_jsonl, tmp_pat
     shutil.rmtree(part)
 
 
+def _first_log(run, r):
+    return next(x for x in map(json.loads, (run / f"round-{r}" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in x)
+
+
+def test_sync_ref_model_makes_each_round_start_from_its_own_reference(model_dir, tmp_jsonl, tmp_path,
+                                                                    length_scorer):
+    """--sync_ref_model --ref_model_mixup_alpha 1: round 2 scores against round 1's final policy, so its first
+    step (logged before any round-2 update) has policy = reference: zero implicit rewards and DPO loss log 2.
+    A run stopped after round 1 and resumed recovers that reference from round-1/ and gives the same curve."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    sync = ("--sync_ref_model", "true", "--ref_model_mixup_alpha", "1", "--loss_type", "sigmoid")
+    full = tmp_path / "full"
+    assert main(_args(model_dir, prompts, full, length_scorer, 2, *sync)) == 0
+    first = _first_log(full, 2)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert abs(_first_log(full, 1)["loss"] - math.log(2)) < 1e-5  # round 1: the starting model is both
+    policy, ref = load_file(str(full / "round-1" / TRAINABLE_FILE)), load_file(str(full / "round-1" / REFERENCE_FILE))
+    assert set(policy) == set(ref) and all(torch.equal(policy[k], ref[k]) for k in policy)
+
+    part = tmp_path / "part"
+    assert main(_args(model_dir, prompts, part, length_scorer, 1, *sync)) == 0
+    assert main(_args(model_dir, prompts, part, length_scorer, 2, *sync, "--resume_from_checkpoint", "latest")) == 0
+    for r in (1, 2):
+        assert (part / f"round-{r}" / "pairs.jsonl").read_text() == (full / f"round-{r}" / "pairs.jsonl").read_text()
+        assert [l for _, l, _ in _curve(part, r)] == pytest.approx([l for _, l, _ in _curve(full, r)], abs=1e-6)
+    # resuming without the option would silently change round 2's reference: refused
+    assert main(_args(model_dir, prompts, part, length_scorer, 3, "--resume_from_checkpoint", "latest")) == 2
+
+
+def test_sync_ref_model_mixes_at_round_boundaries(model_dir, tmp_jsonl, tmp_path, length_scorer):
+    """TR-DPO's soft update at the round boundary: reference after round 1 = α·policy + (1 − α)·start."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    out = tmp_path / "mix"
+    assert main(_args(model_dir, prompts, out, length_scorer, 1, "--sync_ref_model", "true",
+                      "--ref_model_mixup_alpha", "0.25")) == 0
+    start = load_file(str(model_dir / "model.safetensors"))
+    policy, ref = load_file(str(out / "round-1" / TRAINABLE_FILE)), load_file(str(out / "round-1" / REFERENCE_FILE))
+    moved = [k for k in policy if not torch.equal(policy[k], start[k])]
+    assert moved
+    for k in policy:
+        assert torch.allclose(ref[k], 0.25 * policy[k] + 0.75 * start[k], atol=1e-6), k
+
+
 def test_rounds_options_are_checked(model_dir, tmp_jsonl, tmp_path, capsys):
     prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
     out = tmp_path / "run"
     assert main(_args(model_dir, prompts, out, "bogus", 1)) == 2
     assert main(_args(model_dir, prompts, out, "math", 0)) == 2
     assert main(_args(model_dir, prompts, out, "math", 1, "--dataset_name", str(prompts))) == 2
+    # a reference that changes every round can neither be LoRA's adapter-free base nor read from the cache
+    assert main(_args(model_dir, prompts, out, "math", 1, "--sync_ref_model", "true", "--use_peft", "true")) == 2
+    assert main(_args(model_dir, prompts, out, "math", 1, "--sync_ref_model", "true",
+                      "--precompute_ref_log_probs", "true")) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("prefkit: error:")]
     assert "unknown spec 'bogus'" in err[0] and "--rounds" in err[1] and "--dataset_name" in err[2]
+    assert "--sync_ref_model" in err[3] and "precompute" in err[4]
 
 
 def test_round_prompts_cycle_and_summaries_merge():
