@@ -147,7 +147,8 @@ class PrefConfig(TrainingArguments):
         default=False, metadata={"help": "WPO: weight each pair's loss by its on-policy probability (detached)."}
     )
     sync_ref_model: bool = field(
-        default=False, metadata={"help": "TR-DPO: every ref_model_sync_steps, ref ← α·policy + (1−α)·ref."}
+        default=False, metadata={"help": "TR-DPO: every ref_model_sync_steps (with --rounds: every round), "
+                                           "ref ← α·policy + (1−α)·ref."}
     )
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mix-up weight α of the policy."})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: optimizer steps between syncs."})
