@@ -208,6 +208,9 @@ class PrefConfig(TrainingArguments):
     samples_per_round: int = field(default=64, metadata={"help": "Prompts sampled per round (cycling the file)."})
     online_num_samples: int = field(default=4, metadata={"help": "Completions per prompt per round (k)."})
     online_pairing: str = field(default="best_worst", metadata={"help": "best_worst | all | random."})
+    online_reference_fallback: str | None = field(
+        default=None, metadata={"help": "Field with a reference solution, chosen for a prompt with no correct sample."}
+    )
     online_max_new_tokens: int = field(default=256, metadata={"help": "Max generated tokens per completion."})
     online_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for --rounds."})
     online_reference_field: str = field(default="answer", metadata={"help": "Reference field for math/regex."})

@@ -220,7 +220,8 @@ def train_rounds(cfg: PrefConfig) -> dict:
         sopts = SampleOptions(num_samples=cfg.online_num_samples, temperature=cfg.online_temperature,
                               max_new_tokens=cfg.online_max_new_tokens, seed=seed,
                               batch_size=cfg.per_device_eval_batch_size)
-        pairs, summary = make_pairs(model, tokenizer, todo, scorer, sopts, PairOptions(pairing=cfg.online_pairing),
+        popts = PairOptions(pairing=cfg.online_pairing, reference_fallback=cfg.online_reference_fallback)
+        pairs, summary = make_pairs(model, tokenizer, todo, scorer, sopts, popts,
                                     prompt_field=cfg.online_prompt_field, source=cfg.online_prompts, model_name=f"{cfg.model_name_or_path or model_path}"
                                     f"@round-{r - 1}", rng=random.Random(seed))
         pairs = gather_object(pairs) if state.num_processes > 1 else pairs

@@ -131,6 +131,28 @@ def test_sync_ref_model_mixes_at_round_boundaries(model_dir, tmp_jsonl, tmp_path
         assert torch.allclose(ref[k], 0.25 * policy[k] + 0.75 * start[k], atol=1e-6), k
 
 
+def test_rounds_reference_fallback_pairs_the_reference_when_no_sample_is_correct(model_dir, tmp_jsonl, tmp_path,
+                                                                                   capsys):
+    """A random tiny model never answers "#### 5": with --online_reference_fallback every prompt pairs its reference
+    solution (chosen) against a sample; a row without one is one clear error naming it."""
+    rows = [{"prompt": p["prompt"], "answer": f"so it is {i}\n#### {i + 1000}"} for i, p in enumerate(PROMPTS)]
+    prompts = tmp_jsonl(rows, "prompts.jsonl")
+    out = tmp_path / "fb"
+    assert main(_args(model_dir, prompts, out, "math", 1, "--online_pairing", "best_worst",
+                      "--online_reference_fallback", "answer")) == 0
+    pairs = [json.loads(ln) for ln in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["chosen"] for p in pairs] == [[{"role": "assistant", "content": r["answer"]}] for r in rows[:3]]
+    assert all(p["chosen_index"] == -1 and p["rejected_score"] == 0 for p in pairs)
+    (record,) = [json.loads(ln) for ln in (out / "rounds.jsonl").read_text().splitlines()]
+    assert record["pairs"] == 3 and record["train_loss"] is not None
+    rows[1].pop("answer")
+    bad = tmp_jsonl(rows, "bad.jsonl")
+    assert main(_args(model_dir, bad, tmp_path / "bad", "regex:(\\d+)", 1, "--online_reference_field", "prompt",
+                      "--online_reference_fallback", "answer")) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl, row 2, field 'answer'" in err and "Traceback" not in err
+
+
 def test_rounds_options_are_checked(model_dir, tmp_jsonl, tmp_path, capsys):
     prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
     out = tmp_path / "run"

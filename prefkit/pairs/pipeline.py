@@ -157,6 +157,9 @@ def score_and_pair(
         for a, b in got.pairs:
             text = {j: comp[j] for j in (a, b) if j != FALLBACK}
             if FALLBACK in (a, b):
+                if row.get(fallback) is None:
+                    raise DataError(f"--reference_fallback: the row has no reference solution in {fallback!r}",
+                                    source=source or None, row=row.get(ROW, i), field=fallback)
                 text[FALLBACK] = str(row[fallback])
             chat = isinstance(shown[i], list)
             pair = {"prompt": shown[i],
