@@ -127,6 +127,8 @@ def test_claim_verdicts_from_hand_numbers():
     # differences -0.1, 0.19, 0.03: mean 0.04, sd 0.1453 → half-width 4.303·0.1453/√3 = 0.361 straddles 0
     noisy = claim_verdict(_runs({"A": [0.3, 0.6, 0.45], "B": [0.40, 0.41, 0.42]}), claim)
     assert noisy.startswith("not resolved") and "smallest detectable effect ±0.36" in noisy
+    same = claim_verdict(_runs({"A": [0.40, 0.41, 0.42], "B": [0.40, 0.41, 0.42]}), claim)
+    assert same == "no difference (identical in all 3 paired seeds)"
     one = _runs({"A": [0.5], "B": [0.4]})
     assert "one seed" in claim_verdict(one, claim)
     assert claim_verdict(one, {**claim, "method": "C"}) == "not run"

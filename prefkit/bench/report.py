@@ -107,7 +107,10 @@ def paired_verdict(method: dict[int, float], baseline: dict[int, float], higher_
     if len(seeds) < 2:
         d = sign * (sum(method.values()) / len(method) - sum(baseline.values()) / len(baseline))
         return f"{'in the claimed direction' if d > 0 else 'not in the claimed direction'} (one seed: no error bar)"
-    mean, half, n = ci95([method[s] - baseline[s] for s in seeds])
+    diffs = [method[s] - baseline[s] for s in seeds]
+    if all(d == 0 for d in diffs):  # e.g. a method that reduces to its baseline: no spread, so no interval
+        return f"no difference (identical in all {len(diffs)} paired seeds)"
+    mean, half, n = ci95(diffs)
     detail = f"difference {mean:+.4g}, 95% CI [{mean - half:+.4g}, {mean + half:+.4g}], {n} paired seeds"
     if sign * mean - half > 0:
         return f"**held** ({detail})"
@@ -364,7 +367,8 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], res
                 row += f" {claim_verdict(results, c, own)} |"
             lines.append(row)
         lines += ["", "Verdicts: 95% t-interval of the per-seed paired difference (docs/bench.md); "
-                  "held / contradicted when it excludes 0, else not resolved with the smallest detectable effect.",
+                  "held / contradicted when it excludes 0, else not resolved with the smallest detectable effect "
+                  "(no difference when every seed's difference is 0).",
                   ""]
     for name in _plots(bench, summary, results_dir, shared):
         lines.append(f"![{name}](results/{results_dir.name}/{name})")
