@@ -62,6 +62,9 @@ def _tiny_model() -> torch.nn.Module:
     if not _MODEL:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from prefkit.accel.attention import register_segment_attention
+
+        register_segment_attention()  # packed rows need it; the host layer registers it, not the core
         torch.manual_seed(0)
         _MODEL.append(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                    num_hidden_layers=1, num_attention_heads=2,
