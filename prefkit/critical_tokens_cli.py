@@ -20,7 +20,7 @@ from prefkit.critical_tokens import critical_token_weights, pair_weights
 from prefkit.data import PairCollator, load_rows, prepare_dataset
 from prefkit.errors import ConfigError
 from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
-from prefkit.run import weight_dtype
+from prefkit.runsetup import weight_dtype
 
 
 def critical_tokens_main(argv: list[str]) -> int:

@@ -32,14 +32,27 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import SaveStrategy
 
 from prefkit import accel
 from prefkit.config import PrefConfig, validate_config
+from prefkit.data import load_rows, prepare_dataset
 from prefkit.errors import ConfigError
+from prefkit.models import is_peft_model, load_causal_lm, resolve_model_path
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, Summary, make_pairs, write_outputs
+from prefkit.pairs.scorers import build_scorer
+from prefkit.runsetup import (
+    CONFIG_FILE,
+    check_output_dir,
+    load_model_and_tokenizer,
+    resolved_config_dict,
+    weight_dtype,
+)
+from prefkit.trainer import PrefTrainer, _reference_copy, mix_into_reference
 
 logger = logging.getLogger("prefkit")
 
@@ -158,21 +171,6 @@ def _round_config(cfg: PrefConfig, round_dir: Path) -> PrefConfig:
 
 def train_rounds(cfg: PrefConfig) -> dict:
     """Run (or resume) R rounds; returns the rounds' records."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from prefkit.data import load_rows, prepare_dataset
-    from prefkit.models import is_peft_model, load_causal_lm, resolve_model_path
-    from prefkit.pairs.scorers import build_scorer
-    from prefkit.run import (
-        CONFIG_FILE,
-        check_output_dir,
-        load_model_and_tokenizer,
-        resolved_config_dict,
-        weight_dtype,
-    )
-    from prefkit.trainer import PrefTrainer, _reference_copy, mix_into_reference
-
     validate_config(cfg)
     validate_online(cfg)
     out = Path(cfg.output_dir)

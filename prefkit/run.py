@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import set_seed
 
 from prefkit import accel
-from prefkit.accel.precision import choose_dtype, default_device_type
 from prefkit.card import write_model_card
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
@@ -21,44 +19,26 @@ from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
-from prefkit.models import (
-    apply_lora,
-    is_peft_model,
-    load_causal_lm,
-    load_tokenizer,
-    quantization_config,
-    resolve_model_path,
-)
+from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.online import train_rounds
+from prefkit.plot import plot_runs
 from prefkit.refcache import attach_reference_logps
-from prefkit.trainer import COMPLETE_MARKER
+from prefkit.runsetup import (
+    CONFIG_FILE,
+    check_output_dir,
+    load_model_and_tokenizer,
+    resolved_config_dict,
+    weight_dtype,
+)
+from prefkit.trainer import COMPLETE_MARKER, PrefTrainer, peak_memory_mb
 
 logger = logging.getLogger("prefkit")
-
-CONFIG_FILE = "prefkit_config.yaml"
-
 
 @dataclass
 class LoadedData:
     train: object
     eval: object | None
     reports: dict[str, SkipReport]
-
-
-def resolved_config_dict(cfg: PrefConfig) -> dict:
-    """The options that define a run (the prefkit fields plus the TrainingArguments a user sets)."""
-    d = cfg.to_dict()
-    return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("push_to_hub_token", "hub_token")}
-
-
-def check_output_dir(cfg: PrefConfig) -> None:
-    out = Path(cfg.output_dir)
-    if out.is_file():
-        raise ConfigError(f"--output_dir: {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        raise ConfigError(
-            f"--output_dir: {out} is not empty; pass --overwrite_output_dir true, "
-            "--resume_from_checkpoint latest, or choose another directory"
-        )
 
 
 def resolve_checkpoint(cfg: PrefConfig) -> str | None:
@@ -78,37 +58,6 @@ def resolve_checkpoint(cfg: PrefConfig) -> str | None:
     if not (Path(ckpt) / COMPLETE_MARKER).is_file():
         raise ConfigError(f"--resume_from_checkpoint: {ckpt} is incomplete (the save was interrupted)")
     return ckpt
-
-
-def load_model_and_tokenizer(cfg: PrefConfig):
-    path = resolve_model_path(cfg.model_name_or_path)
-    revision = cfg.model_revision if cfg.model_revision != "main" else None
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, revision=revision,
-                               pad_token=cfg.pad_token)
-    # LoRA trains only its adapters (peft keeps them in fp32), so the frozen base may be bf16
-    dtype = weight_dtype(cfg, trained=not cfg.use_peft)
-    quantized = quantization_config(cfg)
-    model = load_causal_lm(
-        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, revision=revision,
-        attn_implementation=cfg.attn_implementation, quantization_config=quantized,
-        device_map={"": torch.cuda.current_device()} if quantized is not None else None,
-    )
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if cfg.ignore_bias_buffers:  # TRL's DDP fix: boolean buffers (causal masks) are not synchronised
-        model._ddp_params_and_buffers_to_ignore = [n for n, b in model.named_buffers() if b.dtype == torch.bool]
-    if cfg.use_peft:
-        if quantized is not None:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.activation_checkpointing))
-        set_seed(cfg.seed)  # --seed decides the LoRA initialisation, whatever ran before (launchers use the RNG)
-        model = apply_lora(
-            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
-            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=cfg.lora_modules_to_save,
-            **({"target_parameters": cfg.lora_target_parameters} if cfg.lora_target_parameters else {}),
-        )
-    return path, model, tokenizer
 
 
 def eval_dataset_source(cfg: PrefConfig) -> str | None:
@@ -174,12 +123,7 @@ def report_table(before: EvalResult | None, after: EvalResult | None) -> str:
 
 def train_main(cfg: PrefConfig) -> dict:
     """Run a whole training job; everything that can be checked is checked before training starts."""
-    from prefkit.plot import plot_runs
-    from prefkit.trainer import PrefTrainer, peak_memory_mb
-
     if cfg.rounds or cfg.online_prompts or cfg.online_scorer:
-        from prefkit.online import train_rounds
-
         return train_rounds(cfg)
     validate_config(cfg)
     check_output_dir(cfg)
@@ -288,11 +232,6 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     return result
-
-
-def weight_dtype(cfg: PrefConfig, *, trained: bool = False) -> torch.dtype:
-    """The one dtype rule for every model prefkit loads: the rule of the device it will run on."""
-    return choose_dtype(cfg.dtype, torch.device(default_device_type(cfg.use_cpu)), trained=trained)
 
 
 def saved_run_config(path: str) -> dict:

@@ -12,6 +12,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefkit.run
+import prefkit.runsetup
 from prefkit.cli import main
 from tests.conftest import _small
 from tests.test_train_e2e import write_pairs
@@ -32,7 +33,7 @@ def saved_run(tmp_path: Path, model_dir: Path, tiny_tokenizer) -> tuple[Path, Pa
     model.save_pretrained(run)
     tiny_tokenizer.save_pretrained(run)
     saved = {"beta": 0.5, "model_name_or_path": str(model_dir), "ref_model_name_or_path": str(ref)}
-    (run / prefkit.run.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    (run / prefkit.runsetup.CONFIG_FILE).write_text(yaml.safe_dump(saved))
     return run, ref
 
 

@@ -91,7 +91,7 @@ def test_recipe_scripts_call_the_checked_configs():
 
 def test_the_seed_alone_decides_the_lora_initialisation(model_dir: Path, tmp_path: Path):
     """Every method at seed s starts from the same LoRA adapters, whatever its other options or what ran before."""
-    from prefkit.run import load_model_and_tokenizer
+    from prefkit.runsetup import load_model_and_tokenizer
 
     def lora(seed: int, *extra: str) -> dict[str, torch.Tensor]:
         torch.manual_seed(1234 + len(extra))  # whatever ran before must not matter

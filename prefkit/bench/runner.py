@@ -102,7 +102,7 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
     if opts.get("sft_only"):
         cfg = parse_config(options_to_argv({**bench.train, "model_name_or_path": setup.model_path,
                                             "output_dir": str(run_dir)}))
-        from prefkit.run import load_model_and_tokenizer
+        from prefkit.runsetup import load_model_and_tokenizer
 
         cfg.use_peft = False
         _, model, tokenizer = load_model_and_tokenizer(cfg)
