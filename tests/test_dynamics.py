@@ -149,3 +149,34 @@ def test_rc_commit_averages_micro_batches():
     rc.commit()
     # r = mean(0.2, 0.6) / 0.2 = 2, r* = 4 → α = sqrt(4 / 2)
     assert rc.alpha() == pytest.approx(math.sqrt(2.0))
+
+
+def _rc_step(rc: RewardCalibrator, *micro: tuple[float, float, float, float, float]) -> None:
+    """One optimizer step: per micro-batch (d_w, d_l, ‖s_w‖, ‖s_l‖, ρ), then the commit."""
+    for d_w, d_l, n_w, n_l, cos in micro:
+        rc.update_incentives(Incentives(torch.tensor([d_w]), torch.tensor([d_l])))
+        rc.update_scores(ScoreStats(n_w, n_l, cos))
+    rc.commit()
+
+
+# the finite measurement of each step repeats step 1's values, which leave an EMA exactly where it was
+@pytest.mark.parametrize("bad", [(math.inf, 3.0, 1.0, 4.0, 0.9), (0.2, 0.1, math.inf, 3.0, 0.5),
+                                 (0.2, 0.1, 1.0, 3.0, math.nan), (math.nan, 3.0, math.nan, 3.0, math.nan)])
+def test_rc_a_non_finite_measurement_leaves_every_ema_untouched(bad):
+    """Incentives or score statistics that are not finite change no EMA: not even the finite half of the
+    measurement (a d_l without its d_w would move the ratio r)."""
+    rc = RewardCalibrator(0.5, target="band")
+    _rc_step(rc, (0.2, 0.1, 1.0, 4.0, 0.9))
+    before = dict(rc.state)
+    _rc_step(rc, bad)
+    assert rc.state == before
+    # r = 0.2 / 0.1 = 2, r* = 4 / 1, band [0.9·4, 4/0.9] → α = sqrt(3.6 / 2)
+    assert rc.alpha() == pytest.approx(math.sqrt(1.8))
+
+
+def test_rc_a_non_finite_micro_batch_drops_only_itself():
+    """The step's other micro-batches still count (as their gradients do): the same EMAs as without it."""
+    with_nan, alone = RewardCalibrator(0.5), RewardCalibrator(0.5)
+    _rc_step(with_nan, (0.2, 0.1, 1.0, 4.0, 0.9), (math.nan, 0.1, math.nan, 4.0, math.nan))
+    _rc_step(alone, (0.2, 0.1, 1.0, 4.0, 0.9))
+    assert with_nan.state == alone.state and with_nan.state["log_d_w"] == pytest.approx(math.log(0.2))

@@ -61,8 +61,6 @@ class RewardCalibrator:
         self.pending: dict[str, list[list[float]]] = {"incentives": [], "scores": []}
 
     def _push(self, key: str, value: float) -> None:
-        if not math.isfinite(value):
-            return
         old = self.state[key]
         self.state[key] = value if old is None else self.ema * old + (1 - self.ema) * value
 
@@ -77,16 +75,18 @@ class RewardCalibrator:
         """Fold the step's statistics into the EMAs: averaged over micro-batches, then over processes.
 
         Every process calls this at the same step boundaries and reduces both kinds (zeros when it has none),
-        so the collectives match even where only some ranks measured."""
+        so the collectives match even where only some ranks measured. A micro-batch with any non-finite value
+        is left out whole (its count too), before anything is averaged: one NaN or inf must neither reach an EMA
+        nor move one half of a ratio without the other."""
         for kind, width in (("incentives", 3), ("scores", 4)):
-            rows = self.pending[kind]
+            rows = [r for r in self.pending[kind] if all(math.isfinite(x) for x in r)]
             local = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(width, dtype=torch.float64)
             total = self.reduce_mean(local)
             if total[-1] <= 0:
                 continue
             means = (total[:-1] / total[-1]).tolist()
             a, b = means[:2]
-            if not (a > 0 and b > 0):  # a log-domain ratio needs both positive
+            if not (a > 0 and b > 0 and all(math.isfinite(m) for m in means)):  # log-domain ratios need both > 0
                 continue
             if kind == "incentives":
                 self._push("log_d_w", math.log(a))
