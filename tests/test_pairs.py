@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from prefkit.cli import main
 from prefkit.errors import ConfigError, DataError
 from prefkit.pairs.pairing import FALLBACK, pair_samples
+from prefkit.pairs.pipeline import Summary
 from prefkit.pairs.sample import check_backend
 from prefkit.pairs.scorers import Item, ScorerError, build_scorer, final_number, math_equal
 
@@ -204,3 +205,12 @@ def test_pairs_cli_errors_are_one_line(model_dir, tmp_jsonl, tmp_path, scorer_mo
     assert summary["samples"] == 12 and summary["nan_dropped"] > 0
     assert summary["score_histogram"] == {"1": 12 - summary["nan_dropped"]}
     assert all(isinstance(json.loads(line)["prompt"], str) for line in out.read_text().splitlines())
+
+
+def test_summary_share_correct_follows_the_counts():
+    """The share of correct samples is derived, never stored apart from the counts it comes from; the
+    summary file still carries it."""
+    s = Summary(samples=10, nan_dropped=2, correct=2)
+    assert s.share_correct == 0.25  # 2 of the 8 scored samples
+    s.correct = 6
+    assert s.to_dict()["share_correct"] == 0.75 and Summary().share_correct == 0.0

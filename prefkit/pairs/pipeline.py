@@ -44,7 +44,6 @@ class Summary:
     nan_dropped: int = 0
     duplicates: int = 0
     correct: int = 0
-    share_correct: float = 0.0
     prompts_with_pair: int = 0
     pairs: int = 0
     tied_pairs: int = 0
@@ -55,8 +54,13 @@ class Summary:
     tokens_per_second: float = 0.0
     backend: str = "hf"
 
+    @property
+    def share_correct(self) -> float:
+        """Correct samples among the scored ones (NaN-scored samples are not scored)."""
+        return self.correct / max(self.samples - self.nan_dropped, 1)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "share_correct": self.share_correct}
 
     def text(self) -> str:
         hist = ", ".join(f"{k}: {v}" for k, v in self.score_histogram.items())
@@ -144,7 +148,6 @@ def score_and_pair(
     s = Summary(prompts=len(rows), samples=len(items), score_histogram=histogram(scores))
     s.nan_dropped = sum(math.isnan(x) for x in scores)
     s.correct = sum(not math.isnan(x) and x >= popts.correct_threshold for x in scores)
-    s.share_correct = s.correct / max(s.samples - s.nan_dropped, 1)
     for i, row in enumerate(rows):
         comp, sc = completions[i * k : (i + 1) * k], scores[i * k : (i + 1) * k]
         fallback = popts.reference_fallback
