@@ -15,8 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefkit.bench.arithmetic import Problem, extract_answer, make_problem, make_splits, make_tokenizer
 from prefkit.bench.config import load_bench_config
 from prefkit.bench.generate import generate, sequence_kl
-from prefkit.bench.report import ci95, claim_verdict, own_best_points, shared_points, summarize
-from prefkit.bench.runner import RunResult, planned_runs, point_label
+from prefkit.bench.report import ci95, claim_verdict, own_best_points, read_results, shared_points, summarize
+from prefkit.bench.runner import RunResult, planned_runs, point_label, report_only
 from prefkit.bench.tasks import _pairs_from_samples, apply_variant, pad_solution, slip_solution
 from prefkit.errors import ConfigError
 
@@ -282,3 +282,13 @@ def test_grid_stopped_midway_still_reports(tmp_path, monkeypatch):
     assert main(["bench", str(cfg), "--results_dir", str(results), "--report_only"]) == 0
     section = (results / "section.md").read_text()
     assert "| DPO |" in section and "| DPO+RC |" not in section
+
+
+def test_no_results_yet_read_as_none_and_report_only_says_so(tmp_path):
+    """read_results is the one place that knows the results files: a fresh results dir reads as no runs."""
+    assert read_results(tmp_path) == []
+    (tmp_path / "bench_state.json").write_text('{"notes": [], "wall_seconds": 0, "provenance": {}}')
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(MICRO)
+    with pytest.raises(ConfigError, match="--report_only: no runs and saved state in"):
+        report_only(load_bench_config(str(cfg)), tmp_path)

@@ -259,14 +259,16 @@ def append_run(results_dir: Path, result: RunResult | None, *, rewrite: list[Run
 
 
 def read_results(results_dir: Path) -> list[RunResult]:
-    """RunResults back from runs.jsonl (or, for sections that predate it, results.csv)."""
+    """RunResults back from runs.jsonl (or, for sections that predate it, results.csv); [] when neither exists."""
     fields = set(RunResult.__dataclass_fields__)
-    runs = results_dir / "runs.jsonl"
+    runs, table = results_dir / "runs.jsonl", results_dir / "results.csv"
     if runs.is_file():
         return [RunResult(**{k: v for k, v in json.loads(line).items() if k in fields})
                 for line in runs.read_text().splitlines() if line.strip()]
+    if not table.is_file():
+        return []
     out = []
-    with (results_dir / "results.csv").open() as f:
+    with table.open() as f:
         for row in csv.DictReader(f):
             vals = {k: (None if v == "" else float(v)) for k, v in row.items()
                     if k in fields and k not in ("method", "seed", "point", "commit")}

@@ -153,7 +153,7 @@ def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: li
     t_start, prov = time.time(), provenance()  # the code that runs is the code at the start
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
-    done = read_results(results_dir) if (results_dir / "runs.jsonl").is_file() or (results_dir / "results.csv").is_file() else []
+    done = read_results(results_dir)
     if only:  # a subset run replaces the named methods' runs
         done = [r for r in done if r.method not in only]
     done_keys = {r.key for r in done}
@@ -207,10 +207,10 @@ def report_only(bench: BenchConfig, results_dir: Path) -> None:
     works on a grid stopped part-way too."""
 
     state_file = results_dir / "bench_state.json"
-    has_runs = (results_dir / "runs.jsonl").is_file() or (results_dir / "results.csv").is_file()
-    if not has_runs or not state_file.is_file():
+    runs = read_results(results_dir)
+    if not runs or not state_file.is_file():
         raise ConfigError(f"--report_only: no runs and saved state in {results_dir}")
     state = json.loads(state_file.read_text())
     setup = Setup(model_path=None, train_file="", eval_file="", notes=state["notes"])
-    write_report(bench, setup, _in_config_order(bench, read_results(results_dir)), results_dir,
+    write_report(bench, setup, _in_config_order(bench, runs), results_dir,
                  wall_seconds=state["wall_seconds"], prov=state["provenance"])
