@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefkit.data.types import PairBatch
 from prefkit.dynamics import RewardCalibrator, band_edges, compute_incentives, score_stats, select_params
 from prefkit.dynamics.incentives import Incentives
+from prefkit.dynamics.monitor import DynamicsMonitor
 from prefkit.dynamics.scores import ScoreStats
 from prefkit.logprobs import compute_pair_logps
 from prefkit.objectives import ObjectiveSpec, build_objective
@@ -180,3 +183,40 @@ def test_rc_a_non_finite_micro_batch_drops_only_itself():
     _rc_step(with_nan, (0.2, 0.1, 1.0, 4.0, 0.9), (math.nan, 0.1, math.nan, 4.0, math.nan))
     _rc_step(alone, (0.2, 0.1, 1.0, 4.0, 0.9))
     assert with_nan.state == alone.state and with_nan.state["log_d_w"] == pytest.approx(math.log(0.2))
+
+
+def _probe_warnings(chosen_sums: list[float], caplog, patience: int = 2) -> list[str]:
+    """Feed the probe's chosen log-prob sums (one per log) to a DynamicsMonitor; the warnings it logged."""
+    cfg = SimpleNamespace(dynamics_steps=1, reward_calibration=False, rc_norm_steps=1, rc_scores="mean",
+                          dynamics_params="trainable", displacement_patience=patience)
+    values = iter(chosen_sums)
+
+    def logps_fn(model, batch):
+        v = next(values)
+        return make_logps().replace(chosen=torch.tensor([[v]]), rejected=torch.tensor([[-5.0]]))
+
+    model = torch.nn.Linear(2, 2)
+    monitor = DynamicsMonitor(cfg, objective(), model, probe_batch=object(), logps_fn=logps_fn)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prefkit"):
+        deltas = [monitor._probe(model, step)["logps/chosen_delta"] for step in range(1, len(chosen_sums) + 1)]
+    assert deltas == pytest.approx([v - chosen_sums[0] for v in chosen_sums])
+    return [r.getMessage() for r in caplog.records if "displacement" in r.getMessage()]
+
+
+def test_displacement_warning_after_patience_falls_in_a_row_once_per_run_of_falls(caplog):
+    # falls at logs 2, 3 (warn: 2 in a row), 4 (same run: no repeat); a rise resets; falls at 6, 7 warn again
+    warned = _probe_warnings([-10.0, -11.0, -12.5, -13.0, -12.0, -12.25, -14.0], caplog)
+    assert warned == [
+        "likelihood displacement: the chosen log-prob on the probe batch has fallen for 2 logs in a row (step 3, "
+        "-2.50 since start). Consider --reward_calibration true or a smaller --learning_rate",
+        "likelihood displacement: the chosen log-prob on the probe batch has fallen for 2 logs in a row (step 7, "
+        "-4.00 since start). Consider --reward_calibration true or a smaller --learning_rate",
+    ]
+
+
+def test_no_displacement_warning_without_patience_falls_in_a_row(caplog):
+    # every fall is followed by a rise or a flat log (which is not a fall), so no two falls are consecutive
+    assert _probe_warnings([-10.0, -11.0, -10.5, -11.0, -11.0, -12.0, -11.5, -20.0], caplog) == []
+    # the same sequence with patience 1 warns at the first fall of each run
+    assert len(_probe_warnings([-10.0, -11.0, -10.5, -11.0, -11.0, -12.0, -11.5, -20.0], caplog, patience=1)) == 4
