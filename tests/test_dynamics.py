@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prefkit.accel.attention import register_segment_attention
+from prefkit.data import PairCollator
 from prefkit.data.types import PairBatch
 from prefkit.dynamics import RewardCalibrator, band_edges, compute_incentives, score_stats, select_params
 from prefkit.dynamics.incentives import Incentives
@@ -86,13 +88,24 @@ def _tiny_batch():
     return model, batch
 
 
-def test_score_stats_match_manual_gradients():
-    model, batch = _tiny_batch()
+LAYOUTS = {"two rows": {}, "shared prompt": {"share_prompt": True},
+           "packed": {"share_prompt": True, "pack_pairs": True}}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_score_stats_match_manual_gradients(layout):
+    """‖s_w‖, ‖s_l‖, ρ against autograd on the two-rows layout, whatever layout the statistics are taken in
+    (packed pairs are the command line's default, the shared prompt the Python API's)."""
+    register_segment_attention()
+    model, _ = _tiny_batch()
+    ids = torch.randint(3, 64, (3, 12)).tolist()
+    feats = [{"prompt_ids": r[:p], "chosen_ids": r[p : p + c], "rejected_ids": r[p + c : p + c + l], "row_id": i}
+             for i, (r, p, c, l) in enumerate(zip(ids, (3, 1, 4), (5, 2, 4), (3, 6, 4)))]
     params = select_params(model, "last_block")
     assert params and all("layers.1." in n for n, p in model.named_parameters() if any(p is q for q in params))
-    lp = compute_pair_logps(model, batch)
-    masks = (lp.chosen_mask, lp.rejected_mask)
-    st = score_stats(lp, params, masks, "sum")
+    lp = compute_pair_logps(model, PairCollator(pad_token_id=0, **LAYOUTS[layout])(feats))
+    st = score_stats(lp, params, (lp.chosen_mask, lp.rejected_mask), "sum")
+    lp = compute_pair_logps(model, PairCollator(pad_token_id=0)(feats))
     gw = torch.autograd.grad(lp.chosen.sum(1).mean(), params, retain_graph=True)
     gl = torch.autograd.grad(lp.rejected.sum(1).mean(), params)
     fw, fl = torch.cat([g.flatten() for g in gw]), torch.cat([g.flatten() for g in gl])

@@ -1,4 +1,6 @@
-"""Side by side with TRL's DPOTrainer on the same tiny model, data and batch: loss and rewards agree (≤1e-5)."""
+"""Side by side with TRL's DPOTrainer on the same tiny model, data and batch: loss and rewards agree (≤1e-5), in
+every batch layout prefkit computes log-probs in (two rows per pair; the prompt shared, the Python API's default;
+all pairs packed in one row, the command line's)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from prefkit.accel.attention import register_segment_attention
 from prefkit.data import PairCollator
 from prefkit.logprobs import compute_pair_logps
 from prefkit.objectives import ObjectiveSpec, build_objective
@@ -35,6 +38,8 @@ TRL_OPTIONS = {
     "wpo": (["sigmoid"], {"use_weighting": True}, {}),
     "sigmoid_sft": (["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}, {}),
 }
+LAYOUTS = {"two rows": {}, "shared prompt": {"share_prompt": True},
+           "packed": {"share_prompt": True, "pack_pairs": True}}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,15 @@ def test_option_equals_trl(setup, name):
     _compare(setup, loss_types, options, params)
 
 
-def _compare(setup, loss_types, options, params):
+# the layout changes only how the policy log-probs are computed: summed, length-normalised and WPO (log Σp²) scores
+@pytest.mark.parametrize("layout", ["shared prompt", "packed"])
+@pytest.mark.parametrize("loss_types, options", [(["sigmoid"], {}), (["ipo"], {}), (["sigmoid"], {"use_weighting": True})])
+def test_layouts_equal_trl(setup, layout, loss_types, options):
+    register_segment_attention()  # packed rows need it; the host layer registers it for the command line
+    _compare(setup, loss_types, options, {}, layout=layout)
+
+
+def _compare(setup, loss_types, options, params, layout="two rows"):
     tok, ref, policy, ds, out = setup
     args = trl.DPOConfig(output_dir=str(out), loss_type=loss_types, beta=0.2, report_to="none",
                          per_device_train_batch_size=4, use_cpu=True, max_length=64, **options, **params)
@@ -81,12 +94,12 @@ def _compare(setup, loss_types, options, params):
     trl_loss = trainer.compute_loss(trainer.model, trl_batch).item()
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # policy.eval(): no dropout
 
-    batch = PairCollator(pad_token_id=tok.pad_token_id)(
-        [{"prompt_ids": f["prompt_ids"], "chosen_ids": f["chosen_ids"], "rejected_ids": f["rejected_ids"],
-          "row_id": i} for i, f in enumerate(feats)]
-    )
+    pairs = [{"prompt_ids": f["prompt_ids"], "chosen_ids": f["chosen_ids"], "rejected_ids": f["rejected_ids"],
+              "row_id": i} for i, f in enumerate(feats)]
+    batch = PairCollator(pad_token_id=tok.pad_token_id)(pairs)  # two rows per pair: TRL's rows, for the reference
     with torch.no_grad():
-        lp = compute_pair_logps(policy, batch, want_sq=options.get("use_weighting", False))
+        lp = compute_pair_logps(policy, PairCollator(pad_token_id=tok.pad_token_id, **LAYOUTS[layout])(pairs),
+                                want_sq=options.get("use_weighting", False))
         # TRL's reference pass runs its fused head in float32 (≈5e-4 off an exact log-softmax on these sums), so the
         # reference log-probs are taken from TRL's own reference forward; the policy side is prefkit's.
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
