@@ -49,6 +49,39 @@ def assert_each_step_once(out: Path, last: int) -> None:
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, last + 1))
 
 
+def _eval_by_hand(model_path: Path, ref_path: Path, data: Path, beta: float) -> dict:
+    """`prefkit eval`'s metrics from plain full-logit forwards, one sequence at a time, on the tokenized pairs
+    (the data stage is tested on its own): ranking accuracy on mean token log-probs, implicit rewards
+    β·(log π − log π_ref) summed over the response."""
+    from transformers import AutoTokenizer
+
+    from prefkit.config import PrefConfig
+    from prefkit.data import load_rows, prepare_dataset
+
+    ds, _ = prepare_dataset(load_rows(str(data)), AutoTokenizer.from_pretrained(model_path),
+                            PrefConfig(output_dir=str(data.parent / "unused"), max_length=64), source=str(data))
+
+    def response_logps(model, prompt: list[int], response: list[int]) -> tuple[float, int]:
+        logits = model(torch.tensor([prompt + response])).logits[0].double().log_softmax(-1)
+        picked = logits[len(prompt) - 1 : -1].gather(1, torch.tensor(response)[:, None])
+        return picked.sum().item(), len(response)
+
+    policy, ref = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (model_path, ref_path))
+    ranked = rewarded = 0
+    margins = []
+    with torch.no_grad():
+        for row in ds:
+            (cw, nw), (cl, nl) = (response_logps(policy, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids"))
+            rw = beta * (cw - response_logps(ref, row["prompt_ids"], row["chosen_ids"])[0])
+            rl = beta * (cl - response_logps(ref, row["prompt_ids"], row["rejected_ids"])[0])
+            ranked += cw / nw > cl / nl
+            rewarded += rw > rl
+            margins.append(rw - rl)
+    n = len(ds)
+    return {"num_pairs": n, "ranking_accuracy": ranked / n, "implicit_reward_accuracy": rewarded / n,
+            "reward_margin": sum(margins) / n}
+
+
 def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
             "--max_steps", "6", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "3",
@@ -82,7 +115,11 @@ def test_train_save_reload_eval_resume(tmp_path: Path, model_dir: Path, capsys):
     assert main(["eval", "--model_name_or_path", str(out), "--dataset_name", str(data),
                  "--max_length", "64"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["implicit_reward_accuracy"] is not None and 0 <= metrics["ranking_accuracy"] <= 1
+    want = _eval_by_hand(out, model_dir, data, beta=0.1)  # the reference: the model the run started from
+    assert metrics["num_pairs"] == want["num_pairs"] == 28
+    for key in ("ranking_accuracy", "implicit_reward_accuracy"):  # k/28: exact
+        assert metrics[key] == pytest.approx(want[key], abs=1e-9), key
+    assert metrics["reward_margin"] == pytest.approx(want["reward_margin"], rel=1e-4, abs=1e-6)
 
     # Resume a run killed after its step-3 checkpoint: steps 4-6 must repeat the uninterrupted run's losses.
     resumed = killed_at(out, tmp_path / "resumed", 3)
@@ -210,3 +247,67 @@ def test_trainer_logs_the_rows_it_skips_when_preparing_raw_rows(tmp_path: Path, 
     assert trainer.skip_reports["train"].kept == 5
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("train dataset: 5 of 6 pairs kept; skipped: 1 chosen identical to rejected" in m for m in warned), warned
+
+
+def test_static_eos_padding_trains_on_real_eos_tokens(tmp_path: Path, tiny_llama, tiny_tokenizer, monkeypatch):
+    """--granularity static --static_padding eos: the training batch is exactly the one collated from the pairs
+    with EOS appended to each shorter response up to the longer's length, and the first step's logged loss and
+    gradient norm are that batch's by hand. The gradient norm tells the paddings apart (at step 1 the policy is
+    the reference, so the loss is log 2 per window either way, but the scored EOS tokens add gradient)."""
+    import copy
+    import dataclasses
+    import math
+
+    from datasets import Dataset
+
+    import prefkit.trainer
+    from prefkit import PrefConfig, PrefTrainer
+    from prefkit.data import PairCollator
+    from prefkit.logprobs import compute_pair_logps
+    from prefkit.objectives import build_objective
+
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 4).read_text().splitlines()]
+    start = copy.deepcopy(tiny_llama)
+    real = prefkit.trainer.compute_pair_logps
+
+    def first_step(padding: str):
+        args = PrefConfig(output_dir=str(tmp_path / padding), per_device_train_batch_size=4, use_cpu=True,
+                          report_to="none", max_steps=1, logging_steps=1, max_length=64, dynamics_steps=0,
+                          granularity="static", window_size=2, static_padding=padding)
+        trainer = PrefTrainer(model=copy.deepcopy(start), args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tiny_tokenizer)
+        seen = []
+        monkeypatch.setattr(prefkit.trainer, "compute_pair_logps", lambda m, b, **kw: seen.append(b) or real(m, b, **kw))
+        trainer.train()
+        return trainer, seen[0], trainer.state.log_history[0]
+
+    trainer, batch, logged = first_step("eos")
+    eos = tiny_tokenizer.eos_token_id
+    by_id = {r["row_id"]: r for r in trainer.train_dataset}
+    feats = []
+    for i in batch.row_ids.tolist():
+        c, r = list(by_id[i]["chosen_ids"]), list(by_id[i]["rejected_ids"])
+        n = max(len(c), len(r))
+        feats.append({"prompt_ids": by_id[i]["prompt_ids"], "chosen_ids": c + [eos] * (n - len(c)),
+                      "rejected_ids": r + [eos] * (n - len(r)), "row_id": i})
+    assert sum(len(f["chosen_ids"]) != len(by_id[f["row_id"]]["chosen_ids"]) or
+               len(f["rejected_ids"]) != len(by_id[f["row_id"]]["rejected_ids"]) for f in feats) == 4
+    want = PairCollator(pad_token_id=tiny_tokenizer.pad_token_id, share_prompt=True)(feats)  # the library layout
+    for f in dataclasses.fields(want):
+        a, b = getattr(batch, f.name), getattr(want, f.name)
+        assert (a is None and b is None) or (a == b if not torch.is_tensor(b) else torch.equal(a, b)), f.name
+    assert torch.equal(want.response_len[:4], want.response_len[4:])
+
+    model = copy.deepcopy(start)
+    lp = compute_pair_logps(model, want)
+    with torch.no_grad():
+        ref = compute_pair_logps(copy.deepcopy(start), want)
+    out = build_objective(trainer.args)(lp.replace(ref_chosen=ref.chosen, ref_rejected=ref.rejected))
+    out.loss.backward()
+    grad_norm = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm().item()
+    windows = sum(math.ceil(len(f["chosen_ids"]) / 2) for f in feats) / 4  # per pair, summed over windows
+    assert logged["loss"] == pytest.approx(out.loss.item(), rel=1e-5) == pytest.approx(math.log(2) * windows, rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    zero_padded = first_step("zero")[2]
+    assert zero_padded["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+    assert abs(zero_padded["grad_norm"] - logged["grad_norm"]) > 1e-3 * logged["grad_norm"]
