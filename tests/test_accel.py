@@ -65,6 +65,7 @@ LIBRARY_USE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_library_use_changes_no_process_wide_state(tmp_path):
     """import prefkit, PrefConfig, PrefTrainer (a full fine-tuning step included): no transformers attention or
     mask registry entry, no mallopt call, intra-op threads untouched, prefkit.accel never imported."""

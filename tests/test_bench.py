@@ -256,6 +256,7 @@ def test_micro_bench_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in (results / "trajectories" / "dpo_rc").iterdir()) == ["seed0.json", "seed1.json"]
 
 
+@pytest.mark.slow
 def test_grid_stopped_midway_still_reports(tmp_path, monkeypatch):
     """A session that ends mid-grid leaves runs.jsonl and bench_state.json; --report_only works from them."""
     import prefkit.bench.runner as runner

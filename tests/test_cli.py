@@ -127,6 +127,7 @@ def test_nan_loss_stops_with_checkpoint_or_skips(tmp_path, model_dir, capsys, mo
                             "--max_steps", "2")) == 0
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_is_never_resumed(tmp_path, model_dir, capsys):
     data = write_pairs(tmp_path / "p.jsonl", 12)
     out = tmp_path / "run"
@@ -139,6 +140,7 @@ def test_incomplete_checkpoint_is_never_resumed(tmp_path, model_dir, capsys):
     assert resolve_checkpoint(cfg).endswith("checkpoint-3")
 
 
+@pytest.mark.slow
 def test_critical_tokens_command_writes_aligned_weights(tmp_path, model_dir, capsys):
     data = write_pairs(tmp_path / "p.jsonl", 6)
     out = tmp_path / "weighted.jsonl"

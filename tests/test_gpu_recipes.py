@@ -133,6 +133,7 @@ def test_rc_alpha_one_needs_rc(tmp_path: Path):
         load_bench_config(str(cfg))
 
 
+@pytest.mark.slow
 def test_rc_alpha_one_holds_alpha_at_one_and_gives_dpos_losses(tmp_path: Path, model_dir: Path, tmp_jsonl):
     from prefkit.bench.config import load_bench_config
     from prefkit.bench.runner import run_one
@@ -158,6 +159,7 @@ def test_rc_alpha_one_holds_alpha_at_one_and_gives_dpos_losses(tmp_path: Path, m
     assert loss["RC1"] == loss["DPO"] and loss["RC"] != loss["DPO"]
 
 
+@pytest.mark.slow
 def test_preference_task_computes_critical_token_weights(tmp_path: Path, model_dir: Path, tmp_jsonl):
     """cADPO on a pairs-only task: LoRA copies tuned on chosen / rejected responses score every response token."""
     import gzip

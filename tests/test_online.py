@@ -48,6 +48,7 @@ def _curve(run, r):
                                                                         .read_text().splitlines()) if "loss" in x]
 
 
+@pytest.mark.slow
 def test_rounds_log_and_resume_at_a_round_boundary(model_dir, tmp_jsonl, tmp_path, length_scorer):
     prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
     full = tmp_path / "full"
@@ -181,6 +182,7 @@ def test_round_prompts_cycle_and_summaries_merge():
     assert s.score_histogram == {"0": 8, "1": 8}
 
 
+@pytest.mark.slow
 def test_rounds_under_two_gloo_processes_gather_every_ranks_pairs(model_dir, tmp_jsonl, tmp_path, length_scorer,
                                                                   monkeypatch):
     """Each rank samples its shard of the round's prompts (3 prompts: 2 on rank 0, 1 on rank 1); every pair

@@ -161,6 +161,7 @@ def _pairs_args(model_dir, prompts, out, scorer, *extra):
             "--use_cpu", *extra]
 
 
+@pytest.mark.slow
 def test_pairs_cli_writes_pairs_that_train_reads_unchanged(model_dir, tmp_jsonl, tmp_path, scorer_module, capsys):
     prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
     out = tmp_path / "pairs.jsonl"

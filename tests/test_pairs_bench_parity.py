@@ -8,6 +8,7 @@ import itertools
 import random
 import re
 
+import pytest
 import torch
 
 from prefkit.bench.arithmetic import extract_answer, make_model, make_splits, make_tokenizer
@@ -112,6 +113,7 @@ def _solver_like_model(tok, splits):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_arithmetic_pairs_are_the_same_as_the_old_sampler_and_checker():
     tok = make_tokenizer()
     splits = make_splits(3, {"sft": 56, "pref": 14, "val": 8}, num_terms=2, digits=1)

@@ -123,6 +123,7 @@ def _curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in records if "loss" in r]
 
 
+@pytest.mark.slow
 def test_rc_with_alpha_forced_to_one_is_dpo_bit_for_bit(tmp_path: Path, model_dir: Path, monkeypatch):
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
     dpo = _run(model_dir, data, tmp_path / "dpo")
