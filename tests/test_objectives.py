@@ -13,7 +13,7 @@ from prefkit.errors import ConfigError
 from prefkit.objectives import ObjectiveSpec, PairLogps, build_objective
 from prefkit.objectives.granularity import assign_units
 from prefkit.objectives.links import LinkParams
-from prefkit.objectives.registry import LINKS, objectives_table_markdown
+from prefkit.objectives.registry import LINKS, objectives_table_markdown, validate_objective_config
 
 BETA = 0.1
 # two pairs, response-aligned; pair 0: |y_w| = 3, |y_l| = 2; pair 1: |y_w| = 2, |y_l| = 4
@@ -271,3 +271,132 @@ def test_at_policy_equal_reference_adpo_gradient_equals_dpo(gran):
     assert torch.allclose(gw, dw) and torch.allclose(gl, dl)
     if GRANS[gran]["granularity"] != "response":  # away from π_ref the gradients differ
         assert not torch.allclose(grads(spec(**GRANS[gran]), base)[0], grads(spec(), base)[0])
+
+
+# ---- hand computations that kill the mutants `make mutmut` found surviving (docs/testing.md) -----------------
+
+
+def test_mean_scores_of_one_token_units_by_hand():
+    """Token granularity: every unit holds one token, so a mean score is that token's log-prob (a unit the
+    shorter response does not reach scores 0 on that side)."""
+    def z(rows, i, t):
+        return rows[i][t] if t < len(rows[i]) else 0.0
+
+    expected = sum(-ls(BETA * (z(PW, i, t) - z(PL, i, t)) - 0.5)
+                   for i in range(2) for t in range(max(len(PW[i]), len(PL[i])))) / 2
+    assert loss_of(spec("simpo", granularity="token")) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sft_of_a_single_token_batch_is_that_tokens_nll():
+    one = make_logps([[-0.7]], [[-1.0]], [[-2.0, -1.0]], [[-1.0, -1.0]])
+    assert loss_of(spec("sft"), one) == pytest.approx(0.7, rel=1e-12)
+
+
+def test_token_weights_and_ld_alpha_multiply():
+    """cADPO's token weights (0.5 on rejected) times LD-DPO's (α on the longer response's tail)."""
+    a = 0.3
+    lp = make_logps()
+    lw = [sum(PW[0][:2]) - sum(RW[0][:2]) + a * (PW[0][2] - RW[0][2]), LRW[1]]
+    ll = [0.5 * LRL[0], 0.5 * (sum(PL[1][:2]) - sum(RL[1][:2])) + 0.5 * a * (sum(PL[1][2:]) - sum(RL[1][2:]))]
+    expected = sum(-ls(BETA * (w - l)) for w, l in zip(lw, ll)) / 2
+    got = build_objective(spec(ld_alpha=a))(lp.replace(rejected_weights=torch.full_like(lp.rejected, 0.5)))
+    assert got.loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_metrics_carry_trls_names():
+    m = build_objective(spec())(make_logps()).stats.metrics()
+    assert set(m) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                      "logps/rejected", "objective/num_units", "nll_loss"}
+    assert m["logps/rejected"] == pytest.approx(sum(sum(p) for p in PL) / 2) and m["objective/num_units"] == 1.0
+
+
+def test_spec_from_config_maps_every_option(tmp_path):
+    cfg = PrefConfig(output_dir=str(tmp_path), loss_type=["ipo", "sft"], loss_weights=[0.8, 0.2], beta=0.3,
+                     label_smoothing=0.1, simpo_gamma=0.7, discopop_tau=0.2, f_divergence_type="forward_kl",
+                     f_alpha_divergence_coef=0.4, granularity="static", window_size=3, num_segments=5,
+                     unit_reduction="mean", poet=True, cpo_alpha=0.6, rpo_alpha=0.9, ld_alpha=None, use_weighting=True)
+    assert ObjectiveSpec.from_config(cfg) == ObjectiveSpec(
+        loss_type=("ipo", "sft"), loss_weights=(0.8, 0.2),
+        params=LinkParams(0.3, 0.1, 0.7, 0.2, "forward_kl", 0.4), granularity="static", window_size=3,
+        num_segments=5, unit_reduction="mean", poet=True, cpo_alpha=0.6, rpo_alpha=0.9, ld_alpha=None,
+        use_weighting=True)
+    assert ObjectiveSpec.from_config(PrefConfig(output_dir=str(tmp_path), ld_alpha=0.25)).ld_alpha == 0.25
+
+
+# Validation at the edges: every boundary value that is valid passes, every first invalid one is refused with its
+# exact message (lists of two or more loss types, so a changed separator shows).
+VALID_EDGES = [dict(beta=1e-9), dict(granularity="static", window_size=1), dict(granularity="adaptive", num_segments=1),
+               dict(unit_reduction="mean"), dict(granularity="static", static_padding="eos"),
+               dict(loss_type=["discopop"], discopop_tau=1e-9), dict(loss_type=["nca_pair", "orpo"]),
+               dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), dict(ld_alpha=0.0), dict(ld_alpha=1.0),
+               dict(sync_ref_model=True, ref_model_mixup_alpha=0.0, ref_model_sync_steps=1),
+               dict(sync_ref_model=True, ref_model_mixup_alpha=1.0)]
+
+
+@pytest.mark.parametrize("options", VALID_EDGES)
+def test_objective_options_at_their_valid_edges_pass(tmp_path, options):
+    validate_objective_config(PrefConfig(output_dir=str(tmp_path), **options))
+
+
+def _among(flag: str) -> str:
+    return ", ".join(n for n, s in LINKS.items() if getattr(s, flag))
+
+
+REFUSED = [
+    (dict(loss_type=["zzzz"]), f"--loss_type: unknown value 'zzzz' Valid: {', '.join(LINKS)}"),
+    (dict(loss_type=["sigmod"]), f"--loss_type: unknown value 'sigmod'; did you mean 'sigmoid'? Valid: {', '.join(LINKS)}"),
+    (dict(loss_type=[]), "--loss_type: give at least one loss type"),
+    (dict(loss_weights=[1.0, 2.0]), "--loss_weights: 2 weights for 1 loss types"),
+    (dict(beta=0.0), "--beta: must be positive, got 0.0"),
+    (dict(window_size=0), "--window_size: must be >= 1, got 0"),
+    (dict(num_segments=0), "--num_segments: must be >= 1, got 0"),
+    (dict(unit_reduction="median"), "--unit_reduction: must be sum or mean, got 'median'"),
+    (dict(static_padding="pad"), "--static_padding: must be zero or eos, got 'pad'"),
+    (dict(discopop_tau=0.0), "--discopop_tau: must be positive, got 0.0"),
+    (dict(granularity="word"), "--granularity: must be one of response, static, adaptive, token, got 'word'"),
+    (dict(granularity="token", loss_type=["nca_pair", "bco_pair"]),
+     "--granularity token: loss_type nca_pair, bco_pair has no per-unit margin; use --granularity response, or a "
+     f"loss_type among {_among('supports_granularity')}"),
+    (dict(f_divergence_type="kl"),
+     "--f_divergence_type: must be one of reverse_kl, forward_kl, js_divergence, alpha_divergence, got 'kl'"),
+    (dict(f_divergence_type="forward_kl", loss_type=["simpo", "cpo"]),
+     "--f_divergence_type forward_kl: loss_type simpo, cpo does not score pairs by f′(π/π_ref); use a loss_type "
+     f"among {_among('f_divergence')}"),
+    (dict(ld_alpha=1.5), "--ld_alpha: must be in [0, 1], got 1.5"),
+    (dict(ld_alpha=0.5, poet=True), "--ld_alpha with --poet true: POET drops the tail that LD-DPO down-weights "
+                                    "(POET is --ld_alpha 0 for summed scores); pick one"),
+    (dict(use_weighting=True, loss_type=["aot", "sft"]), "--use_weighting: WPO weights pairs, and loss_type aot, "
+     "sft does not have independent per-pair losses; drop --use_weighting or that loss_type"),
+    (dict(sync_ref_model=True, use_peft=True), "--sync_ref_model: with --use_peft the reference is the base model "
+     "without adapters, which cannot be mixed into; drop one of the two (as TRL)"),
+    (dict(sync_ref_model=True, ref_model_mixup_alpha=1.5), "--ref_model_mixup_alpha: must be in [0, 1], got 1.5"),
+    (dict(sync_ref_model=True, ref_model_mixup_alpha=-0.5), "--ref_model_mixup_alpha: must be in [0, 1], got -0.5"),
+    (dict(sync_ref_model=True, ref_model_sync_steps=0), "--ref_model_sync_steps: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("options, message", REFUSED)
+def test_objective_options_past_their_edges_are_refused_with_one_message(tmp_path, options, message):
+    with pytest.raises(ConfigError) as refused:
+        validate_objective_config(PrefConfig(output_dir=str(tmp_path), **options))
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("loss_types, needs_reference, score_reduction", [
+    (("sigmoid",), True, "sum"), (("simpo",), False, "mean"), (("simpo", "cpo"), False, "mean"),
+    (("cpo",), False, "sum"), (("sigmoid", "ipo"), True, "mean"), (("orpo", "sft"), False, "mean"),
+])
+def test_what_an_objective_tells_the_trainer(loss_types, needs_reference, score_reduction):
+    """Whether a reference forward is needed, and the scores (summed or mean log-probs) dynamics and RC use."""
+    obj = build_objective(ObjectiveSpec(loss_type=loss_types))
+    assert obj.needs_reference is needs_reference and obj.score_reduction == score_reduction
+
+
+def test_masks_and_weights_stay_on_the_masks_device():
+    """POET and LD-DPO build their column index on the masks' device (the "meta" device stands in for a GPU: any
+    tensor left on the CPU makes the comparison fail)."""
+    from prefkit.objectives.masks import ld_weights, poet_masks
+
+    lp = make_logps()
+    mw, ml = lp.chosen_mask.to("meta"), lp.rejected_mask.to("meta")
+    assert all(t.device.type == "meta" for t in (*poet_masks(mw, ml), *ld_weights(mw, ml, 0.5)))

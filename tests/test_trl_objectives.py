@@ -14,6 +14,7 @@ from prefkit.config import PrefConfig, validate_config
 from prefkit.errors import ConfigError
 from prefkit.objectives import ObjectiveSpec, build_objective
 from prefkit.objectives.links import LinkParams
+from prefkit.objectives.objective import wpo_weights
 from prefkit.trainer import mix_into_reference
 from tests.test_objectives import BETA, LRL, LRW, PL, PW, RL, RW, loss_of, ls, make_logps, spec
 
@@ -123,3 +124,13 @@ def test_non_composable_combinations_are_refused(tmp_path, options, match):
     with pytest.raises(ConfigError, match=None) as e:
         validate_config(PrefConfig(output_dir=str(tmp_path), **options))
     assert match in str(e.value)
+
+
+def test_wpo_weights_of_a_one_token_response_and_without_log_sum_sq():
+    lp = make_logps([[-0.7], PW[1]], [[-1.0], RW[1]], PL, RL)
+    lp = lp.replace(chosen_sq=torch.full_like(lp.chosen, -0.4), rejected_sq=torch.full_like(lp.rejected, -0.2))
+    w0 = math.exp(-0.7 + 0.4 + sum(PL[0]) / len(PL[0]) + 0.2)  # the one-token chosen response's mean is itself
+    assert wpo_weights(lp, lp.chosen_mask, lp.rejected_mask)[0].item() == pytest.approx(w0, rel=1e-12)
+    with pytest.raises(ValueError, match=r"^--use_weighting needs log Σ p² per token: compute the log-probs with "
+                                         r"want_sq=True$"):
+        wpo_weights(lp.replace(rejected_sq=None), lp.chosen_mask, lp.rejected_mask)
