@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prefkit-installed
 
-.PHONY: demo test test-fast throughput overhead bench clean
+.PHONY: demo test test-fast throughput overhead bench mutmut clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,4 +40,9 @@ overhead: $(STAMP)
 	cd benchmarks && ../$(BIN)/python overhead.py
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs mutants
+
+# mutation test of prefkit/objectives/ (pyproject [tool.mutmut], docs/testing.md); hours on 2 cores, not part of `make test`
+mutmut: $(STAMP)
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/mutmut results

@@ -103,6 +103,7 @@ def test_cached_reference_under_bf16_autocast_equals_on_the_fly_reference(tmp_pa
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_checkpoint_or_skips(tmp_path, model_dir, capsys, monkeypatch):
     import torch
 

@@ -58,6 +58,7 @@ def _pairs(n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_recipe_trains_one_step_on_the_tiny_model(path: Path, tmp_path: Path, model_dir: Path, tmp_jsonl,
                                                   monkeypatch):
     from prefkit.run import train_main

@@ -18,6 +18,7 @@ def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+@pytest.mark.slow
 def test_tensorboard_event_file_has_the_loss(tmp_path, model_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

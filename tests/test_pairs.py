@@ -188,6 +188,7 @@ def test_pairs_cli_writes_pairs_that_train_reads_unchanged(model_dir, tmp_jsonl,
     assert (train_out / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_pairs_cli_errors_are_one_line(model_dir, tmp_jsonl, tmp_path, scorer_module, capsys):
     prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
     out = tmp_path / "pairs.jsonl"

@@ -130,6 +130,7 @@ def test_arithmetic_pairs_are_the_same_as_the_old_sampler_and_checker():
     assert seen_correct > 0 and seen_pairs > 0  # the comparison covered pairs, not only empty lists
 
 
+@pytest.mark.slow
 def test_generate_token_counts_match_the_old_sampler():
     tok = make_tokenizer()
     splits = make_splits(4, {"x": 5}, num_terms=2, digits=2)

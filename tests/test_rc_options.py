@@ -140,6 +140,7 @@ def test_rc_with_alpha_forced_to_one_is_dpo_bit_for_bit(tmp_path: Path, model_di
     assert [c[1] for c in _curve(rc)][1:] != [c[1] for c in _curve(dpo)][1:]
 
 
+@pytest.mark.slow
 def test_cli_rc_band_every_step_writes_alpha(tmp_path: Path, model_dir: Path):
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
     records = _run(model_dir, data, tmp_path / "band", "--reward_calibration", "true", "--rc_scores", "mean",

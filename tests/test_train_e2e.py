@@ -249,6 +249,7 @@ def test_trainer_logs_the_rows_it_skips_when_preparing_raw_rows(tmp_path: Path, 
     assert any("train dataset: 5 of 6 pairs kept; skipped: 1 chosen identical to rejected" in m for m in warned), warned
 
 
+@pytest.mark.slow
 def test_static_eos_padding_trains_on_real_eos_tokens(tmp_path: Path, tiny_llama, tiny_tokenizer, monkeypatch):
     """--granularity static --static_padding eos: the training batch is exactly the one collated from the pairs
     with EOS appended to each shorter response up to the longer's length, and the first step's logged loss and

@@ -210,6 +210,7 @@ def _loss_and_grads(model, batch, ref):
 
 
 @pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.slow
 def test_gradient_checkpointing_same_values_and_gradients(tiny_llama, tiny_tokenizer, lora):
     batch = _packed_batch(tiny_tokenizer)
     ref = copy.deepcopy(tiny_llama).eval()
