@@ -88,6 +88,7 @@ def _first_log(run, r):
                 if "loss" in x)
 
 
+@pytest.mark.slow
 def test_sync_ref_model_makes_each_round_start_from_its_own_reference(model_dir, tmp_jsonl, tmp_path,
                                                                     length_scorer):
     """--sync_ref_model --ref_model_mixup_alpha 1: round 2 scores against round 1's final policy, so its first
@@ -132,6 +133,7 @@ def test_sync_ref_model_mixes_at_round_boundaries(model_dir, tmp_jsonl, tmp_path
         assert torch.allclose(ref[k], 0.25 * policy[k] + 0.75 * start[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_rounds_reference_fallback_pairs_the_reference_when_no_sample_is_correct(model_dir, tmp_jsonl, tmp_path,
                                                                                    capsys):
     """A random tiny model never answers "#### 5": with --online_reference_fallback every prompt pairs its reference
