@@ -400,3 +400,51 @@ def test_masks_and_weights_stay_on_the_masks_device():
     lp = make_logps()
     mw, ml = lp.chosen_mask.to("meta"), lp.rejected_mask.to("meta")
     assert all(t.device.type == "meta" for t in (*poet_masks(mw, ml), *ld_weights(mw, ml, 0.5)))
+
+
+def test_reference_free_rewards_by_hand():
+    # SimPO's implicit reward is β times the mean token log-prob; CPO's is β times the sum, even when reference
+    # log-probs are at hand (make_logps carries them): only reference-based links subtract the reference
+    simpo = build_objective(spec("simpo"))(make_logps()).stats
+    assert simpo.rewards_chosen.tolist() == pytest.approx([BETA * sum(p) / len(p) for p in PW], rel=1e-12)
+    assert simpo.rewards_rejected.tolist() == pytest.approx([BETA * sum(p) / len(p) for p in PL], rel=1e-12)
+    cpo = build_objective(spec("cpo"))(make_logps()).stats
+    assert cpo.rewards_chosen.tolist() == pytest.approx([BETA * sum(p) for p in PW], rel=1e-12)
+    assert cpo.rewards_rejected.tolist() == pytest.approx([BETA * sum(p) for p in PL], rel=1e-12)
+
+
+def test_cpo_alpha_weights_the_nll_and_adds_to_other_nll_terms():
+    nll = sum(-sum(p) / len(p) for p in PW) / len(PW)  # per-pair mean token NLL of the chosen, batch mean
+    link = sum(-ls(BETA * (sum(w) - sum(l))) for w, l in zip(PW, PL)) / len(PW)  # −log σ(β(z_w − z_l))
+    assert loss_of(spec("cpo", cpo_alpha=0.6)) == pytest.approx(link + 0.6 * nll, rel=1e-9)
+    # with ORPO (NLL weight 1) beside it, the NLL weights add, in either order: 0.7·0.6 + 0.3·1
+    for order in ((0, 1), (1, 0)):
+        names, weights = ("cpo", "orpo"), (0.7, 0.3)
+        combo = ObjectiveSpec(loss_type=tuple(names[i] for i in order), loss_weights=tuple(weights[i] for i in order),
+                              params=LinkParams(beta=BETA), cpo_alpha=0.6)
+        expected = 0.3 * loss_of(spec("orpo")) + 0.7 * (link + 0.6 * nll)
+        assert loss_of(combo) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_batch_level_link_does_not_end_the_sum_over_links():
+    combo = ObjectiveSpec(loss_type=("sft", "sigmoid"), loss_weights=(0.5, 0.5), params=LinkParams(beta=BETA))
+    assert loss_of(combo) == pytest.approx(0.5 * loss_of(spec("sft")) + 0.5 * loss_of(spec()), rel=1e-9)
+
+
+def test_static_windows_count_by_ceiling_division():
+    # k = 3: pair 0 spans 3 tokens → μ′ = 1; pair 1 spans 4 → μ′ = 2 (windows [0,3) and [3,4))
+    units = assign_units(_mask(PW), _mask(PL), "static", window_size=3)
+    assert units.mu_prime.dtype == torch.long and units.mu_prime.tolist() == [1, 2]
+    assert units.valid.tolist() == [[True, False], [True, True]]
+    lrw1, lrl1 = [0.5, 0.0], [0.0, 1.0, 0.0, -0.5]  # token log-ratios of pair 1
+    p0 = -ls(BETA * H[0])
+    p1 = -ls(BETA * (sum(lrw1) - sum(lrl1[:3]))) - ls(BETA * (0.0 - lrl1[3]))
+    assert loss_of(spec(granularity="static", window_size=3)) == pytest.approx((p0 + p1) / 2, rel=1e-9)
+
+
+def test_adaptive_runs_log_their_effective_m():
+    stats = build_objective(spec(granularity="adaptive", num_segments=3))(make_logps()).stats
+    # m_eff = min(m, shorter response): pair 0 (3, 2) → 2; pair 1 (2, 4) → 2
+    assert stats.extra["objective/effective_m"].tolist() == [2, 2]
+    assert "objective/effective_m" not in build_objective(spec(granularity="static", window_size=2))(
+        make_logps()).stats.extra
