@@ -293,13 +293,14 @@ def test_sft_of_a_single_token_batch_is_that_tokens_nll():
 
 
 def test_token_weights_and_ld_alpha_multiply():
-    """cADPO's token weights (0.5 on rejected) times LD-DPO's (α on the longer response's tail)."""
+    """Token weights (2 on chosen, 0.5 on rejected) times LD-DPO's (α on the longer response's tail)."""
     a = 0.3
     lp = make_logps()
-    lw = [sum(PW[0][:2]) - sum(RW[0][:2]) + a * (PW[0][2] - RW[0][2]), LRW[1]]
+    lw = [2 * (sum(PW[0][:2]) - sum(RW[0][:2]) + a * (PW[0][2] - RW[0][2])), 2 * LRW[1]]
     ll = [0.5 * LRL[0], 0.5 * (sum(PL[1][:2]) - sum(RL[1][:2])) + 0.5 * a * (sum(PL[1][2:]) - sum(RL[1][2:]))]
     expected = sum(-ls(BETA * (w - l)) for w, l in zip(lw, ll)) / 2
-    got = build_objective(spec(ld_alpha=a))(lp.replace(rejected_weights=torch.full_like(lp.rejected, 0.5)))
+    got = build_objective(spec(ld_alpha=a))(lp.replace(chosen_weights=torch.full_like(lp.chosen, 2.0),
+                                                      rejected_weights=torch.full_like(lp.rejected, 0.5)))
     assert got.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
