@@ -130,7 +130,8 @@ def test_claim_verdicts_from_hand_numbers():
     same = claim_verdict(_runs({"A": [0.40, 0.41, 0.42], "B": [0.40, 0.41, 0.42]}), claim)
     assert same == "no difference (identical in all 3 paired seeds)"
     one = _runs({"A": [0.5], "B": [0.4]})
-    assert "one seed" in claim_verdict(one, claim)
+    assert claim_verdict(one, claim) == "not resolved (one seed, no interval; difference +0.1, the claimed direction)"
+    assert claim_verdict(one, {**claim, "higher_is_better": False}).endswith("+0.1, not the claimed direction)")
     assert claim_verdict(one, {**claim, "method": "C"}) == "not run"
     # a lower-is-better metric (KL) takes its direction from METRICS
     kl = [RunResult(method=m, seed=i, kl=v) for m, vs in {"A": [0.1, 0.2, 0.3], "B": [0.5, 0.6, 0.8]}.items()

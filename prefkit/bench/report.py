@@ -6,8 +6,8 @@ verdict uses the per-seed paired difference d_s = method_s − baseline_s: its m
 mean ± t(0.975, n−1)·sd/√n. *held* if the interval lies wholly on the claimed side of 0, *contradicted* if
 wholly on the other side, otherwise *not resolved*, and then its half-width is the smallest effect the run
 could have detected. With a sweep the claims are judged twice: every method at the baseline's best
-validation point (shared), and every method at its own best validation point. With one seed the report
-states the direction only.
+validation point (shared), and every method at its own best validation point. With one seed there is no
+interval: the verdict is *not resolved*, with the signed difference shown.
 """
 
 from __future__ import annotations
@@ -105,8 +105,10 @@ def paired_verdict(method: dict[int, float], baseline: dict[int, float], higher_
     sign = 1.0 if higher_is_better else -1.0
     seeds = sorted(set(method) & set(baseline))
     if len(seeds) < 2:
-        d = sign * (sum(method.values()) / len(method) - sum(baseline.values()) / len(baseline))
-        return f"{'in the claimed direction' if d > 0 else 'not in the claimed direction'} (one seed: no error bar)"
+        raw = sum(method.values()) / len(method) - sum(baseline.values()) / len(baseline)
+        # one seed has no interval, so it can neither hold nor contradict a claim: the sign is shown, not judged
+        side = "the claimed direction" if sign * raw > 0 else "not the claimed direction"
+        return f"not resolved (one seed, no interval; difference {raw:+.4g}, {side})"
     diffs = [method[s] - baseline[s] for s in seeds]
     if all(d == 0 for d in diffs):  # e.g. a method that reduces to its baseline: no spread, so no interval
         return f"no difference (identical in all {len(diffs)} paired seeds)"
