@@ -201,3 +201,26 @@ def test_split_and_bundled_sample(tmp_path):
     assert len(held) == 64 and len(train) == len(ds) - 64
     again, held2 = split_train_eval(ds, 64, seed=0)
     assert held["row_id"] == held2["row_id"]
+
+
+def test_token_weights_cover_the_whole_response_or_the_response_as_cut(tmp_jsonl, tmp_path):
+    """`prefkit critical-tokens` scores the response as --max_length cuts it, so its lists are that long; a list
+    for the whole response is cut by training itself; any other length names the row and field."""
+    tok = make_tokenizer()
+    prompt, chosen, rejected = "the cat", "sat on the mat and then it ran home", "ran"
+    n_prompt = 1 + len(tok(prompt, add_special_tokens=False).input_ids)  # BOS first
+    full = len(tok(chosen, add_special_tokens=False).input_ids) + 1  # EOS last
+    room = 4  # max_length − prompt: the chosen response is cut to 4 tokens (it loses its EOS)
+    assert full > room
+    kw = {"max_length": n_prompt + room, "use_token_weights": True}
+    for given in ([0.5] * room, [0.5] * full):
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_token_weights": given,
+               "rejected_token_weights": [0.25, 0.75]}
+        ds, _ = prep(tmp_jsonl, tmp_path, [row], tok, **kw)
+        assert ds[0]["chosen_token_weights"] == [0.5] * room and ds[0]["rejected_token_weights"] == [0.25, 0.75]
+    bad = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_token_weights": [0.5] * (room + 1),
+           "rejected_token_weights": [0.25, 0.75]}
+    with pytest.raises(DataError) as e:
+        prep(tmp_jsonl, tmp_path, [bad], tok, **kw)
+    assert "row 1" in str(e.value) and "chosen_token_weights" in str(e.value)
+    assert f"expected {full} weights" in str(e.value) and f"or {room}" in str(e.value)

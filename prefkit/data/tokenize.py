@@ -143,9 +143,11 @@ def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | Non
                 w = row.get(field)
                 if w is None and field == "chosen_token_weights":
                     w = [1.0] * full
-                if not isinstance(w, list) or len(w) != full:
+                # the whole response, or the response as these options cut it (what critical-tokens writes)
+                if not isinstance(w, list) or len(w) not in (full, len(ids)):
+                    cut_too = f", or {len(ids)} for the response as --max_length cuts it" if len(ids) < full else ""
                     raise DataError(
-                        f"expected {full} weights (one per response token incl. EOS under this tokenizer), "
+                        f"expected {full} weights (one per response token incl. EOS under this tokenizer){cut_too}, "
                         f"got {len(w) if isinstance(w, list) else type(w).__name__}",
                         source=source, row=row_no, field=field,
                     )
