@@ -102,7 +102,7 @@ def round_prompts(rows: list[dict], r: int, n: int) -> list[dict]:
 
 
 def merge_summaries(parts: list[dict]) -> Summary:
-    """One summary from the ranks' summaries (counts add up; speed recomputed)."""
+    """One summary from the ranks' summaries (counts add up; the speed follows from tokens and time)."""
     s = Summary(backend=parts[0]["backend"])
     for key in ("prompts", "samples", "nan_dropped", "duplicates", "correct", "prompts_with_pair", "pairs",
                 "tied_pairs", "reference_fallbacks", "generated_tokens"):
@@ -111,7 +111,6 @@ def merge_summaries(parts: list[dict]) -> Summary:
         for k, v in p["score_histogram"].items():
             s.score_histogram[k] = s.score_histogram.get(k, 0) + v
     s.generation_seconds = max(p["generation_seconds"] for p in parts)  # ranks run side by side
-    s.tokens_per_second = s.generated_tokens / s.generation_seconds if s.generation_seconds > 0 else 0.0
     return s
 
 

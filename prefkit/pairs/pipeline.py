@@ -51,7 +51,6 @@ class Summary:
     score_histogram: dict = field(default_factory=dict)
     generated_tokens: int = 0
     generation_seconds: float = 0.0
-    tokens_per_second: float = 0.0
     backend: str = "hf"
 
     @property
@@ -59,8 +58,13 @@ class Summary:
         """Correct samples among the scored ones (NaN-scored samples are not scored)."""
         return self.correct / max(self.samples - self.nan_dropped, 1)
 
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of generation wall time."""
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "share_correct": self.share_correct}
+        return {**asdict(self), "share_correct": self.share_correct, "tokens_per_second": self.tokens_per_second}
 
     def text(self) -> str:
         hist = ", ".join(f"{k}: {v}" for k, v in self.score_histogram.items())
@@ -203,6 +207,5 @@ def make_pairs(
                                     provenance=provenance)
     summary.generated_tokens = sum(gens.num_tokens)
     summary.generation_seconds = gens.seconds
-    summary.tokens_per_second = gens.tokens_per_second
     summary.backend = sopts.backend
     return pairs, summary
