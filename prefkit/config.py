@@ -5,8 +5,9 @@ PrefConfig *is* a ``transformers.TrainingArguments`` (as TRL's DPOConfig is), so
 transformers name and meaning. The fields below add the model, data, objective and dynamics options.
 Cross-option checks live in :func:`validate_config`, run at start-up so that a bad combination never
 fails mid-run. Building a PrefConfig probes no hardware: the options whose defaults depend on the host (bf16,
-pack_pairs, pad_to_multiple_of) are off unless given, and the command line fills them from
-:func:`prefkit.accel.host_defaults`.
+pad_to_multiple_of) are off unless given, and the command line fills them from
+:func:`prefkit.accel.host_defaults`. The layouts (share_prompt, pack_pairs) left unset are decided from the
+loaded models (:func:`prefkit.layouts.resolve_layout`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ class PrefConfig(TrainingArguments):
     model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention of the loaded model (eager, sdpa, flash_attention_2, …). Packed pairs need sdpa, "
-                          "so another choice turns --pack_pairs off; one other than eager also turns --share_prompt "
-                          "off (its 4D mask needs eager or sdpa)."},
+        metadata={"help": "Attention of the loaded model (eager, sdpa, flash_attention_2, …). Packed pairs need sdpa "
+                          "and the shared prompt's 4D mask eager or sdpa: with another choice they are not used "
+                          "(and refused if asked for)."},
     )
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, else EOS)."})
     disable_dropout: bool = field(
@@ -102,15 +103,17 @@ class PrefConfig(TrainingArguments):
         default="keep_end",
         metadata={"help": "Prompt truncation: keep_end (drop the oldest tokens) or keep_start."},
     )
-    share_prompt: bool = field(
-        default=True,
-        metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); off: 2 rows."},
+    share_prompt: bool | None = field(
+        default=None,
+        metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); false: 2 rows. "
+                          "Default: on wherever it is exact on the model (docs/models.md); true on a model where it "
+                          "is not is refused."},
     )
     pack_pairs: bool | None = field(
         default=None,
         metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair. "
-                          "Default (command line): on; a PrefConfig built in Python: off (packing needs the "
-                          "segment attention that prefkit.accel.install registers with transformers)."},
+                          "Default: on wherever it is exact on the model and the segment attention is registered "
+                          "(the command line registers it; in Python, prefkit.accel.install does)."},
     )
     pad_to_multiple_of: int | None = field(
         default=None,
@@ -246,12 +249,7 @@ class PrefConfig(TrainingArguments):
             self.lora_target_modules = [s.strip() for s in self.lora_target_modules.split(",") if s.strip()]
         if self.output_dir is None:
             self.output_dir = "outputs/prefkit"
-        if self.attn_implementation not in (None, "sdpa"):  # the user's attention wins over the default layouts
-            self.pack_pairs = False  # packed pairs run prefkit's sdpa-based segment attention
-            if self.attn_implementation != "eager":
-                self.share_prompt = False  # its per-pair 4D mask needs eager or sdpa
         self.bf16 = bool(self.bf16)
-        self.pack_pairs = bool(self.pack_pairs)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
         super().__post_init__()

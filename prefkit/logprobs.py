@@ -13,6 +13,8 @@ behaves as ``sdpa`` for every other input.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 from collections.abc import Iterator
 
 import torch
@@ -111,7 +113,7 @@ def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want
     return out[:n], sq[:n] if want_sq else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers CausalLM inside peft / DDP wrappers (peft injects LoRA in place, so it stays active)."""
     while True:
         if hasattr(model, "get_base_model"):
@@ -122,9 +124,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# The causal-LM forward that the fused head may stand in for: the backbone's last hidden state as it is, one head
+# call on it, and the logits returned untouched (no scaling, soft-capping or transform before or after the head).
+_HIDDEN = re.compile(r"^\s*hidden_states\s*=\s*(.*?)\s*$", re.M)
+_PLAIN_HIDDEN = re.compile(r"\w*outputs(\.last_hidden_state|\[0\])|slice_logits_to_keep\(hidden_states, logits_to_keep\)")
+_HEAD_CALL = re.compile(r"^\s*logits\s*=\s*self\.(\w+)\(hidden_states(\[[^\]]*\])?\)(\.float\(\)|\.contiguous\(\))?\s*$", re.M)
+_LOGITS_CHANGED = re.compile(r"^\s*logits\s*(?:[-+*/]=|=[^\n]*(?:\blogits\b\s*[-+*/]|\w\(\s*logits\b))", re.M)
+
+
+def _plain_head_forward(inner: nn.Module, head: nn.Module) -> bool:
+    try:
+        src = inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):
+        return False
+    call = _HEAD_CALL.search(src)
+    return (call is not None and getattr(inner, call.group(1), None) is head
+            and all(_PLAIN_HIDDEN.fullmatch(m) for m in _HIDDEN.findall(src[: call.start()]))
+            and not _LOGITS_CHANGED.search(src[call.end():]))
+
+
 def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(backbone, lm_head) when the head can be applied separately to selected positions."""
-    inner = _unwrap(model)
+    """(backbone, lm_head) when the head can be applied separately to selected positions: the model's forward
+    is read, and any model that does more than ``head(backbone(x)[0])`` goes through its own forward."""
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     # models that scale or soft-cap their logits go through their own forward
     scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -135,6 +157,11 @@ def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     except (AttributeError, NotImplementedError):
         return None
     if backbone is None or head is None or backbone is inner:
+        return None
+    # logits = head(backbone(x)[0]) only if those two are the whole model: a head module nested in another
+    # (BERT's transform + decoder) or a further module with weights (a norm or projection between them) is not
+    others = [m for m in inner.children() if m is not backbone and m is not head and any(True for _ in m.parameters())]
+    if others or not any(m is head for m in inner.children()) or not _plain_head_forward(inner, head):
         return None
     return backbone, head
 
@@ -169,10 +196,12 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = Fa
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if batch.position_ids is not None:
         # the additive 4D mask must match the activations' dtype, which the input embedding sets
-        dtype = _unwrap(model).get_input_embeddings().weight.dtype
-        inputs.update(position_ids=batch.position_ids, attention_mask=batch.attention_mask.to(dtype))
+        dtype = unwrap_model(model).get_input_embeddings().weight.dtype
+        attn = batch.attention_mask
+        attn = {k: m.to(dtype) for k, m in attn.items()} if isinstance(attn, dict) else attn.to(dtype)
+        inputs.update(position_ids=batch.position_ids, attention_mask=attn)
     if batch.segments is not None:
-        use_segment_attention(_unwrap(model))
+        use_segment_attention(unwrap_model(model))
         inputs["prefkit_segments"] = batch.segments
     parts = None if _is_distributed_wrapper(model) else _fused_parts(model)
     if parts is not None:

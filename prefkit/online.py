@@ -41,6 +41,7 @@ from prefkit import accel
 from prefkit.config import PrefConfig, validate_config
 from prefkit.data import load_rows, prepare_dataset
 from prefkit.errors import ConfigError
+from prefkit.layouts import resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, resolve_model_path
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, Summary, make_pairs, write_outputs
@@ -194,6 +195,8 @@ def train_rounds(cfg: PrefConfig) -> dict:
     if cfg.sync_ref_model and ref_model is None:
         raise ConfigError("--sync_ref_model needs a separate reference model to update (not a peft model with "
                           "adapters disabled)")
+    accel.install(cfg)  # registers the segment attention, so packed pairs are a choice below
+    layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model, ref_model)
     if done:
         model.load_state_dict(load_file(str(out / f"round-{done}" / TRAINABLE_FILE)), strict=False)
         if cfg.sync_ref_model:
@@ -236,7 +239,8 @@ def train_rounds(cfg: PrefConfig) -> dict:
                 (round_dir / "metrics.jsonl").unlink()  # a killed round's partial curve
             ds, report = prepare_dataset(load_rows(str(pairs_file)), tokenizer, rcfg, source=str(pairs_file))
             trainer = PrefTrainer(model=model, args=rcfg, train_dataset=ds, processing_class=tokenizer,
-                                  ref_model=ref_model, run_forwards=accel.install(rcfg).run_forwards)
+                                  ref_model=ref_model, run_forwards=accel.install(rcfg).run_forwards,
+                                  layout=layout)
             train_metrics = dict(trainer.train().metrics)
             trainer.save_model(str(round_dir))
         else:

@@ -19,6 +19,7 @@ from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
+from prefkit.layouts import resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
 from prefkit.online import train_rounds
 from prefkit.plot import plot_runs
@@ -142,7 +143,8 @@ def train_main(cfg: PrefConfig) -> dict:
             ref_path, dtype=weight_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
         )
-    collator = PairCollator.for_config(cfg, tokenizer, training=False)
+    layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model, ref_model)
+    collator = PairCollator.for_config(cfg, tokenizer, layout, training=False)
     device = torch.device(cfg.device)
     if not getattr(model, "is_quantized", False):  # bitsandbytes placed it at load and refuses .to
         model.to(device)
@@ -163,12 +165,13 @@ def train_main(cfg: PrefConfig) -> dict:
     if cfg.precompute_ref_log_probs:  # sharded across processes under a distributed launch
         train_ds = attach_reference_logps(
             train_ds, ref_model if ref_model is not None else model, tokenizer, cfg,
-            model_path=cfg.ref_model_name_or_path or model_path,
+            model_path=cfg.ref_model_name_or_path or model_path, layout=layout,
         )
     try:
         trainer = PrefTrainer(
             model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model,
             eval_dataset=data.eval if cfg.eval_strategy != "no" else None, run_forwards=host.run_forwards,
+            layout=layout,
         )
     except (ValueError, ImportError) as e:  # Trainer's own checks of the options
         raise ConfigError(one_line(e)) from e
@@ -217,7 +220,9 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
     ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name or "bundled sample",
                                  max_samples=cfg.max_eval_samples)
-    collator = PairCollator.for_config(cfg, tokenizer, training=False)
+    layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model,
+                            reference if isinstance(reference, torch.nn.Module) else None)
+    collator = PairCollator.for_config(cfg, tokenizer, layout, training=False)
     bs = cfg.per_device_eval_batch_size
     policy = score_pairs(model, ds, collator, batch_size=bs, desc="policy")
     ref_scores: PairScores | None = None

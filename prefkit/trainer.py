@@ -28,7 +28,8 @@ from prefkit.data import PairCollator, prepare_dataset
 from prefkit.data.types import PairBatch, SkipReport
 from prefkit.dynamics import DynamicsMonitor
 from prefkit.errors import ConfigError, TrainingFault
-from prefkit.logprobs import compute_pair_logps, segment_attention_registered
+from prefkit.layouts import Layout, resolve_layout
+from prefkit.logprobs import compute_pair_logps
 from prefkit.models import is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
@@ -137,17 +138,14 @@ class PrefTrainer(Trainer):
         ref_model: nn.Module | None = None,
         callbacks: list[TrainerCallback] | None = None,
         run_forwards: Callable | None = None,
+        layout: Layout | None = None,
     ):
         validate_config(args)
-        if args.share_prompt and args.pack_pairs and not segment_attention_registered():
-            raise ConfigError("--pack_pairs: packed pairs need the segment attention, which the host layer registers "
-                              "with transformers: call prefkit.accel.install(args) first, or pass pack_pairs=False")
         self.run_forwards = run_forwards
         self.objective = build_objective(args)
         self.skip_reports: dict[str, SkipReport] = {}
         train_dataset = self._prepared(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepared(eval_dataset, processing_class, args, "eval")
-        collator = PairCollator.for_config(args, processing_class)
         precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
         if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
             ref_model = _reference_copy(model)
@@ -155,6 +153,9 @@ class PrefTrainer(Trainer):
                 _precast_linears(ref_model, args.autocast_dtype)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+        # decided once from the policy and the reference: a layout is used only where it is exact on both
+        self.layout = layout or resolve_layout(args.share_prompt, args.pack_pairs, model, ref_model)
+        collator = PairCollator.for_config(args, processing_class, self.layout)
         if args.disable_dropout:  # as TRL: noisy policy log-probs against a dropout-free reference bias the margin
             for m in [model, *([ref_model] if ref_model is not None else [])]:
                 for mod in m.modules():

@@ -78,18 +78,21 @@ def test_library_use_changes_no_process_wide_state(tmp_path):
 def test_the_command_line_installs_the_host_layer(tmp_path, model_dir, monkeypatch):
     from transformers import AttentionInterface
 
+    import prefkit.run
     from prefkit.cli import main
     from tests.test_train_e2e import write_pairs
 
-    plans = []
-    real = accel.install
-    monkeypatch.setattr(accel, "install", lambda cfg: plans.append((cfg.pack_pairs, real(cfg))) or plans[-1][1])
+    plans, layouts = [], []
+    real, real_resolve = accel.install, prefkit.run.resolve_layout
+    monkeypatch.setattr(accel, "install", lambda cfg: plans.append(real(cfg)) or plans[-1])
+    monkeypatch.setattr(prefkit.run, "resolve_layout", lambda *a: layouts.append(real_resolve(*a)) or layouts[-1])
     data = write_pairs(tmp_path / "p.jsonl", 8)
     assert main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
                  str(tmp_path / "o"), "--max_steps", "1", "--per_device_train_batch_size", "4",
                  "--max_length", "64", "--save_strategy", "no"]) == 0
-    (packed, plan), = plans
-    assert packed is True and "prefkit_segments" in AttentionInterface()
+    (plan,), (layout,) = plans, layouts
+    # the segment attention registered, packed pairs are the Llama model's layout by default
+    assert layout.pack_pairs is True and "prefkit_segments" in AttentionInterface()
     assert plan.run_forwards is accel.run_alongside  # CPU, --overlap_reference true (default)
 
 
@@ -140,7 +143,8 @@ def test_command_line_precision_defaults_follow_the_hardware(monkeypatch, tmp_pa
     out = ["--output_dir", str(tmp_path)]
     monkeypatch.setattr("prefkit.accel.precision._cpu_has_bf16_matmul", lambda: False)
     cfg = parse_config(out)
-    assert (cfg.bf16, cfg.pad_to_multiple_of, cfg.pack_pairs) == (False, None, True)
+    # the layouts are left to the model-based decision (prefkit.layouts), not filled in from the host
+    assert (cfg.bf16, cfg.pad_to_multiple_of, cfg.share_prompt, cfg.pack_pairs) == (False, None, None, None)
     monkeypatch.setattr("prefkit.accel.precision._cpu_has_bf16_matmul", lambda: True)
     cfg = parse_config(out)
     assert (cfg.bf16, cfg.use_cpu, cfg.pad_to_multiple_of) == (True, True, 64)
@@ -149,7 +153,7 @@ def test_command_line_precision_defaults_follow_the_hardware(monkeypatch, tmp_pa
     assert parse_config(out + ["--pad_to_multiple_of", "8"]).pad_to_multiple_of == 8
     assert parse_config(out + ["--pack_pairs", "false"]).pack_pairs is False
     plain = PrefConfig(output_dir=str(tmp_path))
-    assert (plain.bf16, plain.use_cpu, plain.pad_to_multiple_of, plain.pack_pairs) == (False, False, None, False)
+    assert (plain.bf16, plain.use_cpu, plain.pad_to_multiple_of, plain.pack_pairs) == (False, False, None, None)
 
 
 def test_deepspeed_on_cpu_gets_gloo_only_from_the_host_layer(monkeypatch):
@@ -169,7 +173,7 @@ def test_packed_pairs_without_the_host_layer_are_refused_up_front(tmp_path, tiny
     from prefkit import PrefConfig, PrefTrainer
     from prefkit.errors import ConfigError
 
-    monkeypatch.setattr("prefkit.trainer.segment_attention_registered", lambda: False)
+    monkeypatch.setattr("prefkit.layouts.segment_attention_registered", lambda: False)
     rows = [{"prompt": "the cat", "chosen": " sat", "rejected": " ran"}] * 2
     args = PrefConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", pack_pairs=True)
     with pytest.raises(ConfigError, match=r"prefkit\.accel\.install"):

@@ -154,19 +154,31 @@ def test_packed_batch_without_the_host_layer_is_refused(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_packed_pairs_refuse_a_sliding_window_shorter_than_a_pair():
-    import pytest
-
+def test_a_sliding_window_shorter_than_a_pair_counts_logical_positions_in_every_layout(
+        _segment_attention_registered):
+    """Window 4, pairs of 5-9 tokens: the shared-prompt mask and the packed attention window each rejected token
+    by its logical position (p + j), so both equal the two-row layout; without the window they would not."""
     from prefkit.data import PairCollator
-    from prefkit.errors import ModelError
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                         sliding_window=4, max_window_layers=0, layer_types=["sliding_attention"]))
-    feats = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2], "row_id": 0}]
-    with pytest.raises(ModelError, match="sliding window \\(4 tokens\\)"):
-        compute_pair_logps(model, PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats))
+                                         sliding_window=4, max_window_layers=1,
+                                         layer_types=["full_attention", "sliding_attention"])).eval()
+    feats = [{"prompt_ids": [5, 6, 11], "chosen_ids": [7, 8, 12, 13, 2], "rejected_ids": [9, 14, 15, 2], "row_id": 0},
+             {"prompt_ids": [16, 17], "chosen_ids": [18, 2], "rejected_ids": [19, 20, 21, 22, 23, 2], "row_id": 1}]
+    with torch.no_grad():
+        plain = compute_pair_logps(model, PairCollator(pad_token_id=0)(feats))
+        mapped = PairCollator(pad_token_id=0, share_prompt=True, window=4,
+                              mask_types=("full_attention", "sliding_attention"))(feats)
+        assert set(mapped.attention_mask) == {"full_attention", "sliding_attention"}
+        unwindowed = compute_pair_logps(model, PairCollator(pad_token_id=0, share_prompt=True)(feats))
+        for batch in (mapped, PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats)):
+            out = compute_pair_logps(model, batch)
+            torch.testing.assert_close(out.chosen, plain.chosen, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out.rejected, plain.rejected, rtol=0, atol=1e-5)
+    model.set_attn_implementation("sdpa")
+    assert (unwindowed.rejected - plain.rejected).abs().max() > 1e-3  # the window matters at these lengths
 
 
 def test_packed_pairs_equal_one_pair_per_row_values_and_gradients():

@@ -6,7 +6,7 @@ no process-wide state. The application (``prefkit.run``, the command line) insta
 
 1. :func:`host_defaults`, applied by the command line's option parsing (:func:`prefkit.configfile.parse_config`)
    to the options left unset: bf16 autocast where bf16 matmul is fast (and ``use_cpu`` so transformers accepts
-   it on a CPU), lengths rounded up to 64 for CPU bf16 kernels built per shape, packed pairs, and the gloo
+   it on a CPU), lengths rounded up to 64 for CPU bf16 kernels built per shape, and the gloo
    backend for DeepSpeed on a CPU.
 2. :func:`install`, once the config is known: registers the segment attention with transformers, sets glibc's
    malloc thresholds on a CPU (:mod:`~prefkit.accel.malloc`), and returns the :class:`HostPlan` whose
@@ -50,8 +50,6 @@ def host_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
                            trained=not options.get("use_peft"))
     if options.get("pad_to_multiple_of") is None and device_type == "cpu" and (bf16 or weights != torch.float32):
         out["pad_to_multiple_of"] = CPU_SHAPE_MULTIPLE
-    if options.get("pack_pairs") is None:
-        out["pack_pairs"] = True
     launched = "LOCAL_RANK" in os.environ
     if (not torch.cuda.is_available() and launched and not options.get("ddp_backend")
             and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"):

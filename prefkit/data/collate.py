@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from prefkit.config import PrefConfig
+    from prefkit.layouts import Layout
 
 
 def _response_matrix(values: list[list[float]], width: int, fill: float) -> torch.Tensor:
@@ -33,6 +34,10 @@ class PairCollator:
     (:mod:`prefkit.accel.attention`; needs the host layer installed).
     ``pad_to_multiple_of``: round every row's length up to a multiple (fewer distinct shapes, for kernels that are
     built per shape).
+    ``window`` (with ``share_prompt``): the model's sliding window, applied in logical positions (a rejected token
+    at position p + j sees the keys within the window of p + j, as in its own row); ``mask_types``: the layer types
+    of a model that takes one mask per type, of which only ``sliding_attention`` is windowed. Which layout is exact
+    on a model is :func:`prefkit.layouts.resolve_layout`'s decision (``for_config`` takes it).
     """
 
     pad_token_id: int
@@ -41,17 +46,23 @@ class PairCollator:
     share_prompt: bool = False
     pack_pairs: bool = False
     pad_to_multiple_of: int | None = None
+    window: int | None = None
+    mask_types: tuple[str, ...] | None = None
 
     @classmethod
-    def for_config(cls, cfg: PrefConfig, tokenizer: PreTrainedTokenizerBase, *, training: bool = True) -> PairCollator:
-        """The layout a run's options ask for; ``training=False`` (held-out scoring) never adds EOS padding."""
+    def for_config(cls, cfg: PrefConfig, tokenizer: PreTrainedTokenizerBase, layout: Layout, *,
+                   training: bool = True) -> PairCollator:
+        """The collator of a run's options in the ``layout`` resolved for its models; ``training=False`` (held-out
+        scoring) never adds EOS padding."""
         return cls(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             static_eos_padding=training and cfg.granularity == "static" and cfg.static_padding == "eos",
-            share_prompt=cfg.share_prompt,
-            pack_pairs=cfg.share_prompt and cfg.pack_pairs,
+            share_prompt=layout.share_prompt,
+            pack_pairs=layout.pack_pairs,
             pad_to_multiple_of=cfg.pad_to_multiple_of,
+            window=layout.window,
+            mask_types=layout.mask_types,
         )
 
     def __call__(self, features: list[dict]) -> PairBatch:
@@ -116,9 +127,13 @@ class PairCollator:
             allowed[row, :n, :n] = causal[:n, :n]
             allowed[row, n_p + n_c : n, n_p : n_p + n_c] = False  # rejected never sees chosen
             position_ids[row] = _pair_positions(n_p, n_c, len(r), width)
-        mask = torch.zeros(rows, 1, width, width, dtype=torch.float32).masked_fill(
-            ~allowed[:, None], torch.finfo(torch.float32).min
-        )
+        windowed = allowed
+        if self.window is not None:  # counted in logical positions: allowed keys never lie ahead of their query
+            windowed = allowed & ((position_ids[:, :, None] - position_ids[:, None, :]) < self.window)
+        if self.mask_types is None:
+            mask = _additive(windowed)
+        else:  # one mask per layer type; only the sliding-window layers see the windowed one
+            mask = {t: _additive(windowed if t == "sliding_attention" else allowed) for t in self.mask_types}
         start = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         return self._shared_batch(input_ids, mask, position_ids, torch.arange(rows), start, chosen, rejected, row_ids)
 
@@ -153,6 +168,12 @@ class PairCollator:
             first_pred=torch.cat([start - 1, start - 1]),
             position_ids=position_ids,
         )
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    """(rows, W, W) boolean -> (rows, 1, W, W) additive float mask."""
+    return torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=torch.float32).masked_fill(
+        ~allowed[:, None], torch.finfo(torch.float32).min)
 
 
 def _pair_positions(n_p: int, n_c: int, n_r: int, width: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ class PairBatch:
     Responses 0..B-1 are the chosen ones, B..2B-1 the rejected ones. In the plain layout input row i holds
     prompt+response i (2B rows, right-padded). In the shared-prompt layout (``position_ids`` set) a row segment
     holds prompt, chosen and rejected of one pair, with a 4D additive ``attention_mask`` that hides the chosen
-    tokens from the rejected ones and ``position_ids`` that restart the rejected response after the prompt,
+    tokens from the rejected ones (one per layer type, ``{layer type: mask}``, for a model whose windowed and full
+    layers need different masks) and ``position_ids`` that restart the rejected response after the prompt,
     so the prompt is computed once. In the packed layout (``segments`` set) all pairs lie end to end in one
     row without padding and attention follows ``segments`` (``attention_mask`` is an empty placeholder, see
     :mod:`prefkit.accel.attention`). ``response_start[i]`` is the position of response i's first token in
@@ -45,7 +46,7 @@ class PairBatch:
     """
 
     input_ids: Tensor
-    attention_mask: Tensor
+    attention_mask: Tensor | dict[str, Tensor]
     response_start: Tensor
     response_len: Tensor
     row_ids: Tensor
@@ -71,9 +72,12 @@ class PairBatch:
         return getattr(self, key)
 
     def to(self, device: torch.device | str) -> PairBatch:
-        moved = {
-            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v) for f in fields(self)
-        }
+        def move(v):
+            if isinstance(v, dict):
+                return {k: m.to(device) for k, m in v.items()}
+            return v.to(device) if isinstance(v, Tensor) else v
+
+        moved = {f.name: move(getattr(self, f.name)) for f in fields(self)}
         return PairBatch(**moved)
 
 
