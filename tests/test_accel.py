@@ -49,9 +49,10 @@ LIBRARY_USE = textwrap.dedent("""
     rows = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran home"}] * 4
     args = PrefConfig(output_dir=sys.argv[1], use_cpu=True, report_to="none", max_steps=1,
                       per_device_train_batch_size=2, max_length=32, save_strategy="no")
-    assert args.pack_pairs is False and args.pad_to_multiple_of is None
+    assert args.pack_pairs is None and args.pad_to_multiple_of is None  # decided from the model
     trainer = PrefTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     assert trainer.ref_model is not None  # full fine-tuning: the path the host layer would run on a thread
+    assert not trainer.layout.pack_pairs  # packed pairs need the host layer's attention: not installed
     trainer.train()
     untouched("PrefConfig + PrefTrainer + train()")
     assert not [m for m in sys.modules if m.startswith("prefkit.accel")], "the core imported prefkit.accel"

@@ -293,7 +293,8 @@ def test_static_eos_padding_trains_on_real_eos_tokens(tmp_path: Path, tiny_llama
                       "rejected_ids": r + [eos] * (n - len(r)), "row_id": i})
     assert sum(len(f["chosen_ids"]) != len(by_id[f["row_id"]]["chosen_ids"]) or
                len(f["rejected_ids"]) != len(by_id[f["row_id"]]["rejected_ids"]) for f in feats) == 4
-    want = PairCollator(pad_token_id=tiny_tokenizer.pad_token_id, share_prompt=True)(feats)  # the library layout
+    want = PairCollator(pad_token_id=tiny_tokenizer.pad_token_id, share_prompt=trainer.layout.share_prompt,
+                        pack_pairs=trainer.layout.pack_pairs)(feats)  # the layout the trainer resolved
     for f in dataclasses.fields(want):
         a, b = getattr(batch, f.name), getattr(want, f.name)
         assert (a is None and b is None) or (a == b if not torch.is_tensor(b) else torch.equal(a, b)), f.name
