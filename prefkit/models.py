@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefkit.errors import ModelError
+from prefkit.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,14 @@ def apply_lora(
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         **lora_kwargs)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "target_modules" not in str(e):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora_target_modules: {' '.join(target_modules)} names no module of this model; "
+                          f"its linear layers are {', '.join(names[:8])} (or pass all-linear)") from e
 
 
 def quantization_config(cfg) -> object | None:

@@ -26,6 +26,7 @@ from prefkit.refcache import attach_reference_logps
 from prefkit.runsetup import (
     CONFIG_FILE,
     check_output_dir,
+    check_writable_dir,
     load_model_and_tokenizer,
     resolved_config_dict,
     weight_dtype,
@@ -212,6 +213,10 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
         raise ConfigError("--model_name_or_path: required for eval (a trained output dir or a model)")
     if "beta" not in given:
         cfg.beta = saved_run_config(path).get("beta", cfg.beta)
+    validate_config(cfg)
+    out = Path(output_file) if output_file else (Path(path) / "eval_results.json" if Path(path).is_dir() else None)
+    if out is not None:  # checked before the work, not after the whole eval has run
+        check_writable_dir(out.parent, "--output_file" if output_file else "--model_name_or_path", create=False)
     accel.install(cfg)
     model, tokenizer, reference = load_for_eval(cfg)
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
@@ -228,7 +233,6 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
         ref_scores = score_pairs(reference, ds, collator, batch_size=bs, desc="reference")
     result = summarize(policy, ref_scores, cfg.beta).to_dict()
     result["skipped"] = dict(report.skipped)
-    out = Path(output_file) if output_file else (Path(path) / "eval_results.json" if Path(path).is_dir() else None)
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     return result

@@ -4,6 +4,7 @@ the model and tokenizer under the one dtype rule. Below both, so that imports on
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,15 +24,39 @@ def resolved_config_dict(cfg: PrefConfig) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("push_to_hub_token", "hub_token")}
 
 
+LOCK_FILE = ".prefkit.lock"
+
+
 def check_output_dir(cfg: PrefConfig) -> None:
+    """The output dir can be used: not a file, not under a file, writable, and empty unless overwriting or
+    resuming (the lock file of an earlier run does not count). Creates it, so that a path it cannot hold fails
+    here and not after training."""
     out = Path(cfg.output_dir)
     if out.is_file():
         raise ConfigError(f"--output_dir: {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not cfg.overwrite_output_dir \
+            and not cfg.resume_from_checkpoint:
         raise ConfigError(
             f"--output_dir: {out} is not empty; pass --overwrite_output_dir true, "
             "--resume_from_checkpoint latest, or choose another directory"
         )
+    check_writable_dir(out, "--output_dir", create=True)
+
+
+def check_writable_dir(path: Path, option: str, *, create: bool) -> None:
+    """ConfigError naming ``option`` unless files can be written in ``path`` (created first when ``create``)."""
+    above = next((p for p in [path, *path.parents] if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{option}: {path} lies under {above}, which is a file; choose another path")
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.is_dir():
+            raise ConfigError(f"{option}: the folder {path} does not exist; create it or choose another path")
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot write in {path} ({e.strerror or e}); choose a writable path") from e
 
 
 def load_model_and_tokenizer(cfg: PrefConfig):

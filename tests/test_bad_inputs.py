@@ -59,3 +59,104 @@ def test_prefkit_debug_shows_the_traceback(monkeypatch, capsys):
     monkeypatch.setenv("PREFKIT_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["train"])
+
+
+# ---- option ranges, checked before anything loads ---------------------------------------------------------
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    from tests.test_train_e2e import write_pairs
+
+    return write_pairs(tmp_path / "pairs.jsonl", 12)
+
+
+def _train(tmp_path, data, model, *extra: str) -> list[str]:
+    return ["train", "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "64",
+            "--logging_steps", "1", "--report_to", "none", *extra]
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("per_device_train_batch_size", "0", "--per_device_train_batch_size: must be at least 1, got 0"),
+    ("per_device_eval_batch_size", "0", "--per_device_eval_batch_size: must be at least 1"),
+    ("gradient_accumulation_steps", "0", "--gradient_accumulation_steps: must be at least 1"),
+    ("learning_rate", "-1", "--learning_rate: must be at least 0"),
+    ("lora_dropout", "2", "--lora_dropout: must be in [0, 1)"),
+    ("lora_dropout", "-0.1", "--lora_dropout: must be in [0, 1)"),
+    ("lora_r", "0", "--lora_r: must be positive"),
+    ("max_prompt_length", "0", "--max_prompt_length: must be at least 1"),
+    ("max_prompt_length", "-5", "--max_prompt_length: must be at least 1"),
+    ("max_train_samples", "0", "--max_train_samples: must be at least 1"),
+    ("max_eval_samples", "0", "--max_eval_samples: must be at least 1"),
+    ("max_length", "1", "--max_length: must be at least 2"),
+    ("warmup_steps", "-3", "warmup_steps >= 0"),  # TrainingArguments' own check, on one line
+    ("weight_decay", "-0.1", "--weight_decay: must be at least 0"),
+    ("max_grad_norm", "-1", "--max_grad_norm: must be at least 0"),
+    ("dynamics_probe_size", "0", "--dynamics_probe_size: must be at least 1"),
+    ("ref_model_mixup_alpha", "1.5", "--ref_model_mixup_alpha: must be in [0, 1]"),
+    ("max_steps", "0", "--max_steps: gives no training steps"),
+    ("learning_rate", "inf", "--learning_rate: must be a finite number"),
+])
+def test_numeric_option_out_of_range_is_refused_before_loading(tmp_path, capsys, pairs_file, option, value, match):
+    # the model path does not exist: the option must be refused before anything loads
+    argv = _train(tmp_path, pairs_file, tmp_path / "no-model", f"--{option}", value)
+    assert_clean(*run(argv, capsys), match)
+
+
+def test_loss_weights_must_be_non_negative(tmp_path, capsys, pairs_file):
+    argv = _train(tmp_path, pairs_file, tmp_path / "no-model", "--loss_type", "sigmoid", "hinge",
+                  "--loss_weights", "1", "-1")
+    assert_clean(*run(argv, capsys), "--loss_weights: must be finite, non-negative")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 is fine on a CUDA GPU")
+def test_fp16_on_a_cpu_is_refused_before_work(tmp_path, capsys, pairs_file):
+    argv = _train(tmp_path, pairs_file, tmp_path / "no-model", "--fp16", "true")
+    assert_clean(*run(argv, capsys), "--fp16: fp16 mixed precision needs a CUDA GPU")
+
+
+def test_lora_target_modules_naming_no_module(tmp_path, capsys, pairs_file, model_dir):
+    argv = _train(tmp_path, pairs_file, model_dir, "--use_peft", "true", "--lora_target_modules", "no_such_proj")
+    line = assert_clean(*run(argv, capsys), "--lora_target_modules: no_such_proj names no module")
+    assert "q_proj" in line
+
+
+def test_output_dir_under_a_file(tmp_path, capsys, pairs_file):
+    (tmp_path / "afile").write_text("x")
+    argv = _train(tmp_path, pairs_file, tmp_path / "no-model") + ["--output_dir", str(tmp_path / "afile" / "out")]
+    assert_clean(*run(argv, capsys), "--output_dir:", "which is a file")
+
+
+def test_output_dir_is_a_file(tmp_path, capsys, pairs_file):
+    (tmp_path / "afile").write_text("x")
+    argv = _train(tmp_path, pairs_file, tmp_path / "no-model") + ["--output_dir", str(tmp_path / "afile")]
+    assert_clean(*run(argv, capsys), "--output_dir:", "is a file")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes anywhere")
+def test_output_dir_not_writable(tmp_path, capsys, pairs_file):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        argv = _train(tmp_path, pairs_file, tmp_path / "no-model") + ["--output_dir", str(ro / "out")]
+        assert_clean(*run(argv, capsys), "--output_dir: cannot write")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_dir_unwritable_is_refused(tmp_path, capsys, pairs_file, monkeypatch):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    argv = _train(tmp_path, pairs_file, tmp_path / "no-model")
+    assert_clean(*run(argv, capsys), "--output_dir: cannot write", "Permission denied")
+
+
+def test_eval_output_file_in_a_missing_folder_is_refused_before_the_eval(tmp_path, capsys, pairs_file, model_dir):
+    argv = ["eval", "--model_name_or_path", str(model_dir), "--dataset_name", str(pairs_file),
+            "--output_file", str(tmp_path / "no" / "such" / "r.json"), "--max_length", "64"]
+    assert_clean(*run(argv, capsys), "--output_file: the folder", "does not exist")
