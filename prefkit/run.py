@@ -19,6 +19,7 @@ from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
+from prefkit.files import check_writable_dir
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
 from prefkit.online import train_rounds
 from prefkit.plot import plot_runs
@@ -26,7 +27,6 @@ from prefkit.refcache import attach_reference_logps
 from prefkit.runsetup import (
     CONFIG_FILE,
     check_output_dir,
-    check_writable_dir,
     load_model_and_tokenizer,
     resolved_config_dict,
     weight_dtype,

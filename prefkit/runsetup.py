@@ -4,7 +4,6 @@ the model and tokenizer under the one dtype rule. Below both, so that imports on
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from transformers import set_seed
 from prefkit.accel.precision import choose_dtype, default_device_type
 from prefkit.config import PrefConfig
 from prefkit.errors import ConfigError
+from prefkit.files import check_writable_dir
 from prefkit.models import apply_lora, load_causal_lm, load_tokenizer, quantization_config, resolve_model_path
 
 CONFIG_FILE = "prefkit_config.yaml"
@@ -41,22 +41,6 @@ def check_output_dir(cfg: PrefConfig) -> None:
             "--resume_from_checkpoint latest, or choose another directory"
         )
     check_writable_dir(out, "--output_dir", create=True)
-
-
-def check_writable_dir(path: Path, option: str, *, create: bool) -> None:
-    """ConfigError naming ``option`` unless files can be written in ``path`` (created first when ``create``)."""
-    above = next((p for p in [path, *path.parents] if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError(f"{option}: {path} lies under {above}, which is a file; choose another path")
-    try:
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
-        elif not path.is_dir():
-            raise ConfigError(f"{option}: the folder {path} does not exist; create it or choose another path")
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{option}: cannot write in {path} ({e.strerror or e}); choose a writable path") from e
 
 
 def load_model_and_tokenizer(cfg: PrefConfig):

@@ -160,3 +160,126 @@ def test_eval_output_file_in_a_missing_folder_is_refused_before_the_eval(tmp_pat
     argv = ["eval", "--model_name_or_path", str(model_dir), "--dataset_name", str(pairs_file),
             "--output_file", str(tmp_path / "no" / "such" / "r.json"), "--max_length", "64"]
     assert_clean(*run(argv, capsys), "--output_file: the folder", "does not exist")
+
+
+# ---- data files ---------------------------------------------------------------------------------------------
+
+GOOD = {"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran home"}
+
+
+def _lines_file(path, lines: list[str]):
+    path.write_text("".join(ln + "\n" for ln in lines))
+    return path
+
+
+def _data_case(tmp_path, name: str):
+    """(file, expected words of the error line) for one kind of bad data file."""
+    import gzip
+
+    good = json.dumps(GOOD)
+    p = tmp_path / name
+    if name == "deep.jsonl":
+        return _lines_file(p, [good, "[" * 100_000 + "]" * 100_000]), [f"{p}:2", "nested too deeply"]
+    if name == "deep.json":
+        p.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+        return p, [str(p), "nested too deeply"]
+    if name == "truncated.jsonl.gz":
+        p.write_bytes(gzip.compress(("\n".join([good] * 200) + "\n").encode())[:-30])
+        return p, [str(p), "not a valid or complete gzip file"]
+    if name == "notgzip.jsonl.gz":
+        p.write_text(good + "\n")
+        return p, [str(p), "gzip"]
+    if name == "badutf8.jsonl":
+        p.write_bytes(good.encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
+        return p, [f"{p}:2", "invalid UTF-8"]
+    if name == "malformed.jsonl":
+        return _lines_file(p, [good, "{oops"]), [f"{p}:2", "malformed JSON"]
+    if name == "notobject.jsonl":
+        return _lines_file(p, [good, "[1, 2]"]), [f"{p}:2", "expected a JSON object, got list"]
+    if name == "empty.jsonl":
+        p.write_text("")
+        return p, [str(p)]
+    if name == "missing_field.jsonl":
+        return _lines_file(p, [json.dumps({"prompt": "a", "chosen": "b", "rejectd": "c"})]), ["'rejected'", "rejectd"]
+    if name == "wrong_type.jsonl":
+        return _lines_file(p, [json.dumps({**GOOD, "chosen": 5})]), ["row 1", "'chosen'", "expected a string"]
+    if name == "unsupported.txt":
+        p.write_text("x")
+        return p, [str(p), "unsupported file type"]
+    raise AssertionError(name)
+
+
+DATA_CASES = ["deep.jsonl", "deep.json", "truncated.jsonl.gz", "notgzip.jsonl.gz", "badutf8.jsonl",
+              "malformed.jsonl", "notobject.jsonl", "empty.jsonl", "missing_field.jsonl", "wrong_type.jsonl",
+              "unsupported.txt"]
+
+
+@pytest.mark.parametrize("name", DATA_CASES)
+def test_bad_data_file(tmp_path, capsys, model_dir, name):
+    path, match = _data_case(tmp_path, name)
+    assert_clean(*run(_train(tmp_path, path, model_dir), capsys), *match)
+
+
+def test_missing_data_file(tmp_path, capsys, model_dir):
+    assert_clean(*run(_train(tmp_path, tmp_path / "nope.jsonl", model_dir), capsys), "nope.jsonl", "does not exist")
+
+
+def test_line_over_the_cap(tmp_path, capsys, model_dir, monkeypatch):
+    from prefkit.data import load
+
+    monkeypatch.setattr(load, "MAX_LINE_BYTES", 1000)
+    p = _lines_file(tmp_path / "long.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "chosen": "the " * 1000})])
+    assert_clean(*run(_train(tmp_path, p, model_dir), capsys), f"{p}:2", "line longer than")
+
+
+def test_gzip_bomb_over_the_decompressed_cap(tmp_path, capsys, model_dir, monkeypatch):
+    import gzip
+
+    from prefkit.data import load
+
+    monkeypatch.setattr(load, "MAX_DECOMPRESSED_BYTES", 100_000)
+    p = tmp_path / "bomb.jsonl.gz"
+    p.write_bytes(gzip.compress(((json.dumps(GOOD) + "\n") * 20_000).encode()))
+    assert_clean(*run(_train(tmp_path, p, model_dir), capsys), str(p), "decompresses to more than")
+
+
+@pytest.mark.parametrize("weight, match", [
+    ('"x"', 'weight 1 is "x", not a number'),
+    ("NaN", "weight 1 is nan"),
+    ("Infinity", "weight 1 is inf"),
+    ("-1.0", "weight 1 is -1.0"),
+    ("null", "weight 1 is null, not a number"),
+])
+def test_token_weights_must_be_finite_non_negative_numbers(tmp_path, capsys, model_dir, weight, match):
+    # "ran home" + EOS: 3 tokens under the test tokenizer
+    line = json.dumps({**GOOD, "rejected_token_weights": [1.0, 0.0, 1.0]}).replace("0.0", weight)
+    p = _lines_file(tmp_path / "w.jsonl", [line])
+    argv = _train(tmp_path, p, model_dir, "--use_token_weights", "true", "--loss_type", "sigmoid")
+    assert_clean(*run(argv, capsys), "row 1", "'rejected_token_weights'", match)
+
+
+def test_pairs_skips_and_counts_empty_prompts(tmp_path, capsys, model_dir):
+    p = _lines_file(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "1 + 1 =", "answer": "2"}),
+                                                 json.dumps({"prompt": "  ", "answer": "2"})])
+    out = tmp_path / "pairs.jsonl"
+    code, text = run(["pairs", "--model_name_or_path", str(model_dir), "--prompts", str(p), "--scorer", "math",
+                      "--num_samples", "2", "--max_new_tokens", "3", "--output", str(out)], capsys)
+    assert code == 0 and "Traceback" not in text
+    assert "empty prompts skipped: 1" in text
+    summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
+    assert summary["prompts"] == 1 and summary["empty_prompts_skipped"] == 1
+
+
+def test_pairs_with_only_empty_prompts_is_refused(tmp_path, capsys, model_dir):
+    p = _lines_file(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "", "answer": "2"})])
+    argv = ["pairs", "--model_name_or_path", str(model_dir), "--prompts", str(p), "--scorer", "math",
+            "--output", str(tmp_path / "o.jsonl")]
+    assert_clean(*run(argv, capsys), "every prompt is empty", "'prompt'")
+
+
+def test_pairs_output_under_a_file_is_refused_before_sampling(tmp_path, capsys, model_dir):
+    (tmp_path / "f").write_text("x")
+    p = _lines_file(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "1 + 1 =", "answer": "2"})])
+    argv = ["pairs", "--model_name_or_path", str(model_dir), "--prompts", str(p), "--scorer", "math",
+            "--output", str(tmp_path / "f" / "o.jsonl")]
+    assert_clean(*run(argv, capsys), "--output:", "which is a file")

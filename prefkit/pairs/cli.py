@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from prefkit.errors import ConfigError
+from prefkit.files import check_writable_dir
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, make_pairs, write_outputs
 from prefkit.pairs.sample import BACKENDS, check_backend
@@ -72,6 +74,7 @@ def pairs_main(argv: list[str]) -> int:
 
     a = build_parser().parse_args(argv)
     check_args(a)
+    check_writable_dir(Path(a.output).parent, "--output", create=True)  # before the sampling, not after it
     scorer = build_scorer(a.scorer, reference_field=a.reference_field)  # a bad spec fails before any loading
     rows = load_rows(a.prompts, a.prompts_split, trust_remote_code=a.trust_remote_code)
     rows = [dict(r) for r in rows][: a.max_prompts]  # a file mixing text and messages prompts is a plain list
