@@ -48,6 +48,7 @@ from prefkit.pairs.scorers import build_scorer
 from prefkit.runsetup import (
     CONFIG_FILE,
     check_output_dir,
+    check_same_run,
     load_model_and_tokenizer,
     resolved_config_dict,
     weight_dtype,
@@ -173,6 +174,7 @@ def train_rounds(cfg: PrefConfig) -> dict:
     validate_online(cfg)
     out = Path(cfg.output_dir)
     if cfg.resume_from_checkpoint:
+        check_same_run(cfg, out)
         done = finished_rounds(out)
         logger.info("resuming after round %d of %d", done, cfg.rounds)
     else:

@@ -19,16 +19,22 @@ from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
-from prefkit.files import check_writable_dir
+from prefkit.files import atomic_write_text, check_writable_dir, output_dir_lock
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
 from prefkit.online import train_rounds
 from prefkit.plot import plot_runs
 from prefkit.refcache import attach_reference_logps
 from prefkit.runsetup import (
     CONFIG_FILE,
+    DATA_FINGERPRINT,
+    LOCK_FILE,
     check_output_dir,
+    check_same_run,
+    data_fingerprint,
     load_model_and_tokenizer,
     resolved_config_dict,
+    run_finished,
+    verify_checkpoint,
     weight_dtype,
 )
 from prefkit.trainer import COMPLETE_MARKER, PrefTrainer, peak_memory_mb
@@ -125,11 +131,25 @@ def report_table(before: EvalResult | None, after: EvalResult | None) -> str:
 def train_main(cfg: PrefConfig) -> dict:
     """Run a whole training job; everything that can be checked is checked before training starts."""
     if cfg.rounds or cfg.online_prompts or cfg.online_scorer:
-        return train_rounds(cfg)
+        check_writable_dir(Path(cfg.output_dir), "--output_dir", create=True)
+        with output_dir_lock(Path(cfg.output_dir), LOCK_FILE):
+            return train_rounds(cfg)
     validate_config(cfg)
     check_output_dir(cfg)
+    with output_dir_lock(Path(cfg.output_dir), LOCK_FILE):
+        return _train(cfg)
+
+
+def _train(cfg: PrefConfig) -> dict:
     eval_dataset_source(cfg)  # before the model loads
     checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is not None:
+        state = verify_checkpoint(checkpoint, cfg)
+        check_same_run(cfg, Path(checkpoint).parent)
+        if run_finished(state):  # a rerun of a finished run changes nothing
+            print(f"nothing to do: {checkpoint} is step {state['global_step']} of {state['max_steps']}, the end of "
+                  f"the run; its weights are in {cfg.output_dir}")
+            return {"train": {}, "before": None, "after": None, "nothing_to_do": True}
     t0 = time.time()
     host = accel.install(cfg)
     model_path, model, tokenizer = load_model_and_tokenizer(cfg)
@@ -173,8 +193,17 @@ def train_main(cfg: PrefConfig) -> dict:
         )
     except (ValueError, ImportError) as e:  # Trainer's own checks of the options
         raise ConfigError(one_line(e)) from e
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.output_dir) / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
+    out = Path(cfg.output_dir)
+    fingerprint = data_fingerprint(data.train)
+    if checkpoint is not None:  # the saved options and data stay those the run started with
+        saved = (Path(checkpoint).parent / DATA_FINGERPRINT)
+        if saved.is_file() and saved.read_text().strip() != fingerprint:
+            raise ConfigError(f"--resume_from_checkpoint: the training pairs differ from those the run in "
+                              f"{Path(checkpoint).parent} started with (--dataset_name {cfg.dataset_name}); resume "
+                              "with the same data, or start a new run in another --output_dir")
+    elif trainer.is_world_process_zero():
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
+        atomic_write_text(out / DATA_FINGERPRINT, fingerprint + "\n")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.output_dir)
     metrics = dict(result.metrics)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +74,7 @@ def pairs_file(tmp_path):
 
 def _train(tmp_path, data, model, *extra: str) -> list[str]:
     return ["train", "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir",
-            str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "64",
+            str(Path(tmp_path) / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "64",
             "--logging_steps", "1", "--report_to", "none", *extra]
 
 
@@ -283,3 +285,174 @@ def test_pairs_output_under_a_file_is_refused_before_sampling(tmp_path, capsys, 
     argv = ["pairs", "--model_name_or_path", str(model_dir), "--prompts", str(p), "--scorer", "math",
             "--output", str(tmp_path / "f" / "o.jsonl")]
     assert_clean(*run(argv, capsys), "--output:", "which is a file")
+
+
+# ---- resume: what is resumed is checked first -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4 (the end), trained once for the module."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _small, make_tokenizer
+    from tests.test_train_e2e import write_pairs
+
+    base = tmp_path_factory.mktemp("finished")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**_small(len(tok)), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(base / "model")
+    tok.save_pretrained(base / "model")
+    write_pairs(base / "pairs.jsonl", 12)
+    cwd = os.getcwd()
+    os.chdir(base)  # relative paths, so that a copy of the run is the same run
+    try:
+        assert main(_resume(Path("."), ckpt="")[:-2]) == 0
+    finally:
+        os.chdir(cwd)
+    return base
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _resume(base, *extra: str, ckpt: str = "latest") -> list[str]:
+    """The finished run's command line (relative to its folder, the working directory), resuming from ``ckpt``."""
+    return _train(Path("."), "pairs.jsonl", "model", "--max_steps", "4", "--save_steps", "2", "--learning_rate",
+                  "1e-3", *extra, "--resume_from_checkpoint", ckpt)
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_of_a_finished_run_is_nothing_to_do(run_copy, capsys):
+    out = run_copy / "out"
+    before = {p.name: _digest(p) for p in out.rglob("*.safetensors")}
+    code, text = run(_resume(run_copy), capsys)
+    assert code == 0 and "nothing to do" in text and "Traceback" not in text, text[-3000:]
+    assert {p.name: _digest(p) for p in out.rglob("*.safetensors")} == before
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--loss_type", "hinge"], "--loss_type"),
+    (["--beta", "0.5"], "--beta"),
+    (["--granularity", "token"], "--granularity"),
+    (["--learning_rate", "5e-3"], "--learning_rate"),
+    (["--max_length", "32"], "--max_length"),
+    (["--seed", "7"], "--seed"),
+])
+def test_resume_refuses_a_changed_objective_or_data_option(run_copy, capsys, extra, option):
+    ckpt = "out/checkpoint-2"
+    assert_clean(*run(_resume(run_copy, *extra, ckpt=ckpt), capsys), "--resume_from_checkpoint", option, "the run:")
+
+
+def test_resume_allows_a_harmless_change_and_continues_the_curve(run_copy, capsys):
+    out = run_copy / "out"
+    full = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    code, text = run(_resume(run_copy, "--logging_steps", "2", "--save_steps", "1",
+                             ckpt="out/checkpoint-2"), capsys)
+    assert code == 0, text
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["loss"] for r in recs if "loss" in r]
+    assert resumed[:2] == full[:2]  # steps past the checkpoint were dropped, not kept twice
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+
+
+def test_resume_refuses_changed_data_content(run_copy, capsys):
+    from tests.test_train_e2e import write_pairs
+
+    write_pairs(run_copy / "pairs.jsonl", 12, seed=9)  # same path, other pairs
+    ckpt = "out/checkpoint-2"
+    assert_clean(*run(_resume(run_copy, ckpt=ckpt), capsys), "the training pairs differ")
+
+
+def _damage(ckpt, how: str) -> None:
+    if how == "truncated weights":
+        w = ckpt / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-100])
+    elif how == "no trainer state":
+        (ckpt / "trainer_state.json").unlink()
+    elif how == "garbage trainer state":
+        (ckpt / "trainer_state.json").write_text("{not json")
+    elif how == "no weights":
+        (ckpt / "model.safetensors").unlink()
+    elif how == "garbage header":
+        (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
+    elif how == "truncated optimizer":
+        o = ckpt / "optimizer.pt"
+        o.write_bytes(o.read_bytes()[:-200])
+
+
+@pytest.mark.parametrize("how, match", [
+    ("truncated weights", "model.safetensors is"),
+    ("no trainer state", "trainer_state.json is missing"),
+    ("garbage trainer state", "trainer_state.json cannot be read"),
+    ("no weights", "holds no model or adapter weights"),
+    ("garbage header", "no valid safetensors header"),
+    ("truncated optimizer", "optimizer.pt is not a whole torch archive"),
+])
+def test_resume_refuses_a_damaged_checkpoint(run_copy, capsys, how, match):
+    _damage(run_copy / "out" / "checkpoint-4", how)
+    assert_clean(*run(_resume(run_copy), capsys), "out/checkpoint-4", match)
+
+
+def test_resume_refuses_a_checkpoint_past_max_steps(run_copy, capsys):
+    argv = _resume(run_copy, "--max_steps", "2")
+    assert_clean(*run(argv, capsys), "checkpoint-4", "past --max_steps 2")
+
+
+def test_resume_without_the_saved_options_is_refused(run_copy, capsys):
+    (run_copy / "out" / "prefkit_config.yaml").unlink()
+    assert_clean(*run(_resume(run_copy, ckpt="out/checkpoint-2"), capsys),
+                 "prefkit_config.yaml is missing")
+
+
+def test_torn_last_metrics_line_is_dropped_and_said(run_copy, capsys, caplog):
+    m = run_copy / "out" / "metrics.jsonl"
+    m.write_text(m.read_text() + '{"step": 3, "lo')
+    code, text = run(_resume(run_copy, ckpt="out/checkpoint-2"), capsys)
+    assert code == 0 and "Traceback" not in text, text
+    assert "dropped a torn last line" in caplog.text
+    assert [r["step"] for r in map(json.loads, m.read_text().splitlines()) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_damaged_metrics_line_in_the_middle_is_named(run_copy, capsys):
+    m = run_copy / "out" / "metrics.jsonl"
+    lines = m.read_text().splitlines()
+    m.write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    assert_clean(*run(_resume(run_copy, ckpt="out/checkpoint-2"), capsys),
+                 "out/metrics.jsonl:2", "malformed JSON")
+
+
+def test_plot_of_a_torn_metrics_file(run_copy, capsys, caplog):
+    m = run_copy / "out" / "metrics.jsonl"
+    m.write_text(m.read_text() + '{"step": 5, "lo')
+    code, text = run(["plot", str(run_copy / "out")], capsys)
+    assert code == 0 and "dropped a torn last line" in caplog.text and "Traceback" not in text
+
+
+def test_second_run_into_a_locked_output_dir_is_refused(run_copy, capsys):
+    from prefkit.files import output_dir_lock
+
+    with output_dir_lock(run_copy / "out", ".prefkit.lock"):
+        line = assert_clean(*run(_resume(run_copy, ckpt="out/checkpoint-2"), capsys),
+                            "--output_dir", "is in use by another prefkit run")
+    assert str(__import__("os").getpid()) in line
+
+
+def test_resume_latest_with_no_complete_checkpoint(tmp_path, capsys, pairs_file, model_dir):
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)  # a save killed before its marker
+    argv = _train(tmp_path, pairs_file, model_dir, "--resume_from_checkpoint", "latest")
+    assert_clean(*run(argv, capsys), "no complete checkpoint")
