@@ -98,7 +98,8 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
-def _check_weights(path: str, allow_pickle: bool) -> None:
+def check_weights(path: str, allow_pickle: bool) -> None:
+    """ModelError for a local model dir without weights, or with only pickled ones unless ``allow_pickle``."""
     p = Path(path)
     if not p.is_dir():
         return
@@ -139,7 +140,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load a causal LM, refusing pickled weights and models that are not causal LMs with a clear message.
     ``load_kwargs`` (revision, attn_implementation, quantization_config) go to ``from_pretrained``."""
-    _check_weights(path, allow_pickle)
+    check_weights(path, allow_pickle)
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,

@@ -180,7 +180,8 @@ def train_rounds(cfg: PrefConfig) -> dict:
     else:
         check_output_dir(cfg)
         done = 0
-    scorer = build_scorer(cfg.online_scorer, reference_field=cfg.online_reference_field)
+    scorer = build_scorer(cfg.online_scorer, reference_field=cfg.online_reference_field,
+                          allow_pickle=cfg.allow_pickle)
     rows = [dict(r) for r in load_rows(cfg.online_prompts, trust_remote_code=cfg.trust_remote_code)]
     if not rows:
         raise ConfigError(f"--online_prompts: {cfg.online_prompts} holds no prompts")

@@ -274,9 +274,10 @@ def saved_run_config(path: str) -> dict:
 
 
 def load_for_eval(cfg: PrefConfig):
-    """(model, tokenizer, reference). The reference is the run's: ``--ref_model_name_or_path`` when set, else
-    the one the run trained against (its saved ``ref_model_name_or_path``), else the adapter disabled
-    ('adapter') for an adapter dir, or the model a full run started from; None when none is known."""
+    """(model, tokenizer, reference). The reference comes only from the user's options: ``--ref_model_name_or_path``
+    (``none``: no reference), else the adapter disabled ('adapter') for an adapter dir. When the run's saved
+    options name a reference and the user named none, it is refused with that name: a saved file must not pick
+    a model that is then loaded with the user's --trust_remote_code."""
     path = Path(cfg.model_name_or_path)
     saved = saved_run_config(str(path))
     dtype = weight_dtype(cfg)
@@ -284,8 +285,12 @@ def load_for_eval(cfg: PrefConfig):
     if is_adapter:
         from peft import AutoPeftModelForCausalLM
 
+        if not (path / "adapter_model.safetensors").is_file() and not cfg.allow_pickle:
+            raise ModelError(f"{path}: no adapter_model.safetensors (pickled adapter weights run code when loaded); "
+                             "pass --allow_pickle true if you trust them")
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                             use_safetensors=None if cfg.allow_pickle else True)
         except Exception as e:
             raise ModelError(f"{path}: cannot load the adapter and its base model ({e})") from e
         tokenizer = load_tokenizer(str(path))
@@ -294,9 +299,15 @@ def load_for_eval(cfg: PrefConfig):
         model = load_causal_lm(resolved, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                allow_pickle=cfg.allow_pickle)
         tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-    ref_name = cfg.ref_model_name_or_path or saved.get("ref_model_name_or_path")
-    ref_name = ref_name or (None if is_adapter else saved.get("model_name_or_path"))
-    reference: object = "adapter" if is_adapter and ref_name is None else None
+    saved_ref = saved.get("ref_model_name_or_path") or (None if is_adapter else saved.get("model_name_or_path"))
+    ref_name = cfg.ref_model_name_or_path
+    if ref_name is None and saved_ref:
+        raise ConfigError(f"--ref_model_name_or_path: the run in {path} trained against {saved_ref} (its "
+                          f"{CONFIG_FILE}); pass --ref_model_name_or_path {saved_ref} to score against it, or "
+                          "--ref_model_name_or_path none for metrics without a reference")
+    if ref_name == "none":
+        ref_name = None
+    reference: object = "adapter" if is_adapter and cfg.ref_model_name_or_path is None else None
     if ref_name:
         reference = load_causal_lm(resolve_model_path(ref_name), dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                    allow_pickle=cfg.allow_pickle)

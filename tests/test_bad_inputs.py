@@ -456,3 +456,152 @@ def test_resume_latest_with_no_complete_checkpoint(tmp_path, capsys, pairs_file,
     (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)  # a save killed before its marker
     argv = _train(tmp_path, pairs_file, model_dir, "--resume_from_checkpoint", "latest")
     assert_clean(*run(argv, capsys), "no complete checkpoint")
+
+
+# ---- security: inputs cannot reach further than asked ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["LD_PRELOAD", "PYTHONPATH", "PATH", "LD_LIBRARY_PATH", "PYTHONSTARTUP"])
+def test_config_env_outside_the_allowlist_is_refused(tmp_path, capsys, monkeypatch, name):
+    before = os.environ.get(name)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"env:\n  WANDB_PROJECT: p\n  {name}: /tmp/evil\nbeta: 0.1\n")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert_clean(*run(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "o")], capsys),
+                 f"env: {name} is not a variable a config file may set")
+    assert os.environ.get(name) == before and "WANDB_PROJECT" not in os.environ  # nothing was set
+
+
+def test_config_env_in_the_allowlist_is_set(tmp_path, monkeypatch):
+    from prefkit.configfile import given_options
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("env:\n  WANDB_PROJECT: prefkit-test\nbeta: 0.2\n")
+    assert "beta" in given_options(["--config", str(cfg)])
+    assert os.environ["WANDB_PROJECT"] == "prefkit-test"
+
+
+def test_python_scorer_leaves_sys_path_alone(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from prefkit.pairs.scorers import build_scorer
+
+    (tmp_path / "my_score_mod.py").write_text("import helper_mod\ndef f(p, c, row):\n    return helper_mod.X\n")
+    (tmp_path / "helper_mod.py").write_text("X = 2.0\n")
+    (tmp_path / "shadow_lib_mod.py").write_text("")  # a same-named file must not stand in for a library later
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    try:
+        scorer = build_scorer("python:my_score_mod:f")
+        assert scorer.fn(None, "x", {}) == 2.0  # a helper beside it is found while it loads
+        assert sys.path == path_before
+        assert importlib.util.find_spec("shadow_lib_mod") is None
+        assert "my_score_mod" not in sys.modules
+    finally:
+        sys.modules.pop("helper_mod", None)
+
+
+def _ref_ds(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from prefkit.config import PrefConfig
+    from prefkit.data import prepare_dataset
+    from tests.test_train_e2e import write_pairs
+
+    cfg = PrefConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", max_length=64,
+                     ref_cache_dir=str(tmp_path / "cache"), bf16=False)
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 4).read_text().splitlines()]
+    return prepare_dataset(Dataset.from_list(rows), tokenizer, cfg, source="p")[0], cfg
+
+
+def test_reference_cache_is_keyed_by_the_weights_content(tmp_path, tiny_llama, tiny_tokenizer):
+    import copy
+
+    import torch
+
+    from prefkit.refcache import cache_key
+
+    ds, _ = _ref_ds(tmp_path, tiny_tokenizer)
+    other = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.01)  # same path, same file names and sizes: other weights
+    assert cache_key(ds, "m", False, reference=tiny_llama) != cache_key(ds, "m", False, reference=other)
+    assert cache_key(ds, "m", False, reference=tiny_llama) == cache_key(ds, "m", False,
+                                                                        reference=copy.deepcopy(tiny_llama))
+
+
+@pytest.mark.parametrize("tamper", ["short row", "nan", "positive", "fewer rows"])
+def test_tampered_reference_cache_is_recomputed(tmp_path, tiny_llama, tiny_tokenizer, caplog, tamper):
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    from prefkit.refcache import attach_reference_logps
+
+    ds, cfg = _ref_ds(tmp_path, tiny_tokenizer)
+    fresh = attach_reference_logps(ds, tiny_llama, tiny_tokenizer, cfg, model_path="m")
+    (entry,) = (tmp_path / "cache").iterdir()
+    cached = load_from_disk(str(entry)).to_dict()
+    rows = cached["ref_chosen_logps"]
+    if tamper == "short row":
+        rows[0] = rows[0][:-1]
+    elif tamper == "nan":
+        rows[1][0] = float("nan")
+    elif tamper == "positive":
+        rows[1][0] = 5.0
+    else:
+        cached = {k: v[:-1] for k, v in cached.items()}
+    shutil.rmtree(entry)
+    Dataset.from_dict(cached).save_to_disk(str(entry))
+    again = attach_reference_logps(ds, tiny_llama, tiny_tokenizer, cfg, model_path="m")
+    assert again["ref_chosen_logps"] == fresh["ref_chosen_logps"]
+    assert "computing them again" in caplog.text
+    assert load_from_disk(str(entry))["ref_chosen_logps"] == fresh["ref_chosen_logps"]  # the entry is repaired
+
+
+def test_reward_model_scorer_refuses_pickled_weights(tmp_path, tiny_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from prefkit.pairs.scorers import build_scorer
+    from tests.conftest import _small
+
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(**_small(len(tiny_tokenizer)), num_labels=1))
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=False)
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    assert not list((tmp_path / "rm").glob("*.safetensors"))
+    from prefkit.errors import ModelError
+
+    with pytest.raises(ModelError, match="only pickled weights"):
+        build_scorer(f"reward_model:{tmp_path / 'rm'}")
+    assert build_scorer(f"reward_model:{tmp_path / 'rm'}", allow_pickle=True).model is not None
+
+
+def test_eval_refuses_a_pickled_adapter(tmp_path, capsys, model_dir, pairs_file):
+    from transformers import LlamaForCausalLM
+
+    from prefkit.models import apply_lora
+
+    peft = apply_lora(LlamaForCausalLM.from_pretrained(model_dir), r=2, alpha=4, dropout=0.0,
+                      target_modules=["q_proj"])
+    peft.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    (tmp_path / "tok").mkdir()
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    argv = ["eval", "--model_name_or_path", str(tmp_path / "adapter"), "--dataset_name", str(pairs_file),
+            "--max_length", "64", "--output_file", str(tmp_path / "e.json")]
+    assert_clean(*run(argv, capsys), "no adapter_model.safetensors", "--allow_pickle")
+
+
+def test_torch_floor_has_the_torch_load_fix():
+    import re
+    import tomllib
+
+    deps = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(r"torch\b", d)]
+    major, minor = map(int, re.search(r">=\s*(\d+)\.(\d+)", spec).groups())
+    assert (major, minor) >= (2, 6)
