@@ -1,7 +1,9 @@
 """Command line: `prefkit train | eval | plot | critical-tokens | pairs | bench`.
 
 Options are PrefConfig fields (TrainingArguments / DPOConfig names); ``--config run.yaml`` supplies a base
-and command-line options override it. Errors print one line and exit non-zero; ``--debug`` shows tracebacks.
+and command-line options override it. Every command runs inside one error boundary (:func:`main`): any
+exception becomes one ``prefkit: error:`` line and a non-zero exit; ``PREFKIT_DEBUG=1`` (or ``--debug``) shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from prefkit.configfile import given_options, parse_config
 from prefkit.configfile import options_to_argv as options_to_argv  # re-exported: scripts build argv with it
-from prefkit.errors import PrefkitError
+from prefkit.errors import describe
 
 # The commands import their modules when run, so that `prefkit --help` does not load torch and transformers.
 
@@ -88,7 +91,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or "--debug_traceback" in argv
+    debug = "--debug" in argv or "--debug_traceback" in argv or os.environ.get("PREFKIT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="prefkit: %(message)s", stream=sys.stderr)
     from prefkit.quiet import quiet_known_noise
@@ -109,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command][0](rest)
-    except PrefkitError as e:
-        if debug:
-            raise
-        print(f"prefkit: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("prefkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the one boundary: a library's exception must not reach the user as a traceback
+        if debug:
+            raise
+        message, code = describe(e)
+        print(f"prefkit: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -271,6 +271,7 @@ def validate_config(cfg: PrefConfig) -> None:
     def bad(option: str, msg: str) -> None:
         raise ConfigError(f"--{option}: {msg}")
 
+    _check_ranges(cfg, bad)
     if cfg.max_length is not None and cfg.max_length < 2:
         bad("max_length", f"must be at least 2, got {cfg.max_length}")
     if cfg.max_prompt_length is not None and cfg.max_length is not None and cfg.max_prompt_length >= cfg.max_length:
@@ -300,6 +301,45 @@ def validate_config(cfg: PrefConfig) -> None:
     validate_objective_config(cfg)
     _check_loggers(cfg, bad)
     _check_zero3(cfg, bad)
+
+
+# option → smallest allowed value (None values mean "not set" and are left alone)
+_AT_LEAST = {
+    "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+    "max_prompt_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "lora_alpha": 1,
+    "dynamics_probe_size": 1, "displacement_patience": 1, "ref_model_sync_steps": 1, "samples_per_round": 1,
+    "online_num_samples": 2, "online_max_new_tokens": 1, "rounds": 0, "warmup_steps": 0,
+    "learning_rate": 0, "weight_decay": 0, "max_grad_norm": 0, "online_temperature": 0, "cpo_alpha": 0,
+    "simpo_gamma": 0, "num_train_epochs": 0,
+}
+
+
+def _check_ranges(cfg: PrefConfig, bad) -> None:
+    """Every numeric option within its range, before anything loads (a batch size of 0 would otherwise divide by
+    zero at step 0, a negative --max_prompt_length silently drop a prompt's first tokens)."""
+    import math
+
+    for option, low in _AT_LEAST.items():
+        value = getattr(cfg, option, None)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(option, f"must be a finite number, got {value}")
+        if value < low:
+            bad(option, f"must be at least {low}, got {value}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0.0 <= cfg.ref_model_mixup_alpha <= 1.0:
+        bad("ref_model_mixup_alpha", f"must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
+    if cfg.max_steps == 0 or (cfg.max_steps < 0 and cfg.num_train_epochs <= 0):
+        bad("max_steps", f"gives no training steps (max_steps {cfg.max_steps}, num_train_epochs "
+            f"{cfg.num_train_epochs}); pass --max_steps N or --num_train_epochs N")
+    for w in cfg.loss_weights or []:
+        if not math.isfinite(w) or w < 0:
+            bad("loss_weights", f"must be finite, non-negative numbers, got {cfg.loss_weights}")
+    if cfg.fp16 and (cfg.use_cpu or not torch.cuda.is_available()):
+        bad("fp16", "fp16 mixed precision needs a CUDA GPU and this run is on the CPU; drop it (or pass --bf16 true "
+            "where the CPU has fast bf16)")
 
 
 def _check_rc(cfg: PrefConfig, bad) -> None:

@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefkit.errors import ModelError
+from prefkit.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
-def _check_weights(path: str, allow_pickle: bool) -> None:
+def check_weights(path: str, allow_pickle: bool) -> None:
+    """ModelError for a local model dir without weights, or with only pickled ones unless ``allow_pickle``."""
     p = Path(path)
     if not p.is_dir():
         return
@@ -139,7 +140,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load a causal LM, refusing pickled weights and models that are not causal LMs with a clear message.
     ``load_kwargs`` (revision, attn_implementation, quantization_config) go to ``from_pretrained``."""
-    _check_weights(path, allow_pickle)
+    check_weights(path, allow_pickle)
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
@@ -175,7 +176,14 @@ def apply_lora(
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         **lora_kwargs)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "target_modules" not in str(e):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora_target_modules: {' '.join(target_modules)} names no module of this model; "
+                          f"its linear layers are {', '.join(names[:8])} (or pass all-linear)") from e
 
 
 def quantization_config(cfg) -> object | None:

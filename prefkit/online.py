@@ -49,6 +49,7 @@ from prefkit.pairs.scorers import build_scorer
 from prefkit.runsetup import (
     CONFIG_FILE,
     check_output_dir,
+    check_same_run,
     load_model_and_tokenizer,
     resolved_config_dict,
     weight_dtype,
@@ -174,12 +175,14 @@ def train_rounds(cfg: PrefConfig) -> dict:
     validate_online(cfg)
     out = Path(cfg.output_dir)
     if cfg.resume_from_checkpoint:
+        check_same_run(cfg, out)
         done = finished_rounds(out)
         logger.info("resuming after round %d of %d", done, cfg.rounds)
     else:
         check_output_dir(cfg)
         done = 0
-    scorer = build_scorer(cfg.online_scorer, reference_field=cfg.online_reference_field)
+    scorer = build_scorer(cfg.online_scorer, reference_field=cfg.online_reference_field,
+                          allow_pickle=cfg.allow_pickle)
     rows = [dict(r) for r in load_rows(cfg.online_prompts, trust_remote_code=cfg.trust_remote_code)]
     if not rows:
         raise ConfigError(f"--online_prompts: {cfg.online_prompts} holds no prompts")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from prefkit.errors import PrefkitError
+from prefkit.files import read_jsonl_tolerant
 
 logger = logging.getLogger("prefkit")
 
@@ -28,7 +28,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PrefkitError(f"{run_dir}: no metrics.jsonl (is this a prefkit output dir?)")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return read_jsonl_tolerant(path)[0]
 
 
 def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:

@@ -1,9 +1,10 @@
 """Reference log-probs computed once and cached on disk (``--precompute_ref_log_probs true``).
 
 Per-token (not summed) reference log-probs are stored, so every granularity, POET and token weighting works
-on them. The cache key covers the reference model (its files or hub id, revision, weight dtypes, and whether
-it is a peft model with adapters disabled), the tokenized pairs and the collation settings, so a
-second run with the same inputs skips the reference pass entirely.
+on them. The cache key covers the reference model (a hash of its weights' content, its name, revision, weight
+dtypes, and whether it is a peft model with adapters disabled), prefkit's version, the tokenized pairs and the
+collation settings, so a second run with the same inputs skips the reference pass entirely. An entry is checked
+row by row on load (one finite log-prob per response token) and computed again when it fails the check.
 
 Under a multi-process launch the pass is sharded: every rank computes a contiguous 1/N of the pairs, the
 shards are gathered in rank order (no shared filesystem needed), and the main process writes the cache.
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -39,12 +43,20 @@ logger = logging.getLogger(__name__)
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def _model_identity(model_path: str) -> str:
-    p = Path(model_path)
-    if p.is_dir():
-        files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
-        return json.dumps([str(p.resolve()), files])
-    return model_path
+def _weights_digest(model: nn.Module) -> str:
+    """A hash of the reference's weights as loaded (names, dtypes, shapes and bytes of every parameter and
+    buffer), so an entry belongs to these weights and not to a path whose files may change. A peft model's
+    adapters are left out: the reference runs with them disabled."""
+    h = hashlib.blake2b(digest_size=20)
+    peft = is_peft_model(model)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in sorted(tensors, key=lambda nt: nt[0]):
+        if peft and ("lora_" in name or "modules_to_save" in name):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _reference_identity(model: nn.Module) -> str:
@@ -60,7 +72,10 @@ def _reference_identity(model: nn.Module) -> str:
 def cache_key(ds: Dataset, model_path: str, static_eos_padding: bool, autocast: torch.dtype | None = None, *,
               reference: nn.Module) -> str:
     h = hashlib.sha256()
-    h.update(_model_identity(model_path).encode())
+    # another version may compute or store log-probs differently
+    h.update(f"prefkit={importlib.metadata.version('prefkit')}".encode())
+    h.update(model_path.encode())
+    h.update(_weights_digest(reference).encode())
     h.update(_reference_identity(reference).encode())
     h.update(f"eos_pad={static_eos_padding}".encode())
     if autocast is not None:  # the reference pass runs under the training's autocast
@@ -99,6 +114,20 @@ def _sharded_reference_logps(ds: Dataset, model: nn.Module, collator: PairCollat
     return {c: [row for part in parts for row in part[c]] for c in COLUMNS}
 
 
+def _check_cached(cached: Dataset, ds: Dataset) -> str | None:
+    """What is wrong with a cache entry for ``ds`` (None when nothing): one row per pair, one log-prob per
+    response token, every one finite and at most 0 (a log-probability)."""
+    if len(cached) != len(ds) or any(c not in cached.column_names for c in COLUMNS):
+        return f"has {len(cached)} rows for {len(ds)} pairs"
+    for col, ids in zip(COLUMNS, ("chosen_ids", "rejected_ids")):
+        for i, (row, tokens) in enumerate(zip(cached[col], ds[ids])):
+            if len(row) != len(tokens):
+                return f"has {len(row)} {col} for the {len(tokens)} tokens of pair {i}"
+            if not all(math.isfinite(x) and x <= 1e-4 for x in row):
+                return f"has a value in {col} of pair {i} that is not a finite log-probability"
+    return None
+
+
 def attach_reference_logps(
     ds: Dataset, ref_model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: PrefConfig, *, model_path: str,
     layout: Layout | None = None,
@@ -115,16 +144,25 @@ def attach_reference_logps(
     hit = (path / "dataset_info.json").is_file()
     if state.num_processes > 1:
         hit = all(gather_object([hit]))
+    cached = None
     if hit:
-        logger.info("reference log-probs: cache hit %s", path)
         cached = load_from_disk(str(path))
-    else:
+        problem = _check_cached(cached, ds)
+        if problem is None:
+            logger.info("reference log-probs: cache hit %s", path)
+        else:
+            logger.warning("reference log-probs: cache entry %s %s; computing them again", path, problem)
+            cached = None
+    if state.num_processes > 1:  # every rank recomputes, or none does
+        cached = None if not all(gather_object([cached is not None])) else cached
+    if cached is None:
         cached = Dataset.from_dict(_sharded_reference_logps(ds, ref_model, collator, cfg.per_device_eval_batch_size,
                                                               autocast))
         if state.is_main_process:
             logger.info("reference log-probs: writing cache %s", path)
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             cached.save_to_disk(str(tmp))
+            shutil.rmtree(path, ignore_errors=True)  # an entry that failed its checks
             try:
                 os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
             except OSError:

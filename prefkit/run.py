@@ -19,6 +19,7 @@ from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
+from prefkit.files import atomic_write_text, check_writable_dir, output_dir_lock
 from prefkit.layouts import resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
 from prefkit.online import train_rounds
@@ -26,9 +27,15 @@ from prefkit.plot import plot_runs
 from prefkit.refcache import attach_reference_logps
 from prefkit.runsetup import (
     CONFIG_FILE,
+    DATA_FINGERPRINT,
+    LOCK_FILE,
     check_output_dir,
+    check_same_run,
+    data_fingerprint,
     load_model_and_tokenizer,
     resolved_config_dict,
+    run_finished,
+    verify_checkpoint,
     weight_dtype,
 )
 from prefkit.trainer import COMPLETE_MARKER, PrefTrainer, peak_memory_mb
@@ -125,11 +132,25 @@ def report_table(before: EvalResult | None, after: EvalResult | None) -> str:
 def train_main(cfg: PrefConfig) -> dict:
     """Run a whole training job; everything that can be checked is checked before training starts."""
     if cfg.rounds or cfg.online_prompts or cfg.online_scorer:
-        return train_rounds(cfg)
+        check_writable_dir(Path(cfg.output_dir), "--output_dir", create=True)
+        with output_dir_lock(Path(cfg.output_dir), LOCK_FILE):
+            return train_rounds(cfg)
     validate_config(cfg)
     check_output_dir(cfg)
+    with output_dir_lock(Path(cfg.output_dir), LOCK_FILE):
+        return _train(cfg)
+
+
+def _train(cfg: PrefConfig) -> dict:
     eval_dataset_source(cfg)  # before the model loads
     checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is not None:
+        state = verify_checkpoint(checkpoint, cfg)
+        check_same_run(cfg, Path(checkpoint).parent)
+        if run_finished(state):  # a rerun of a finished run changes nothing
+            print(f"nothing to do: {checkpoint} is step {state['global_step']} of {state['max_steps']}, the end of "
+                  f"the run; its weights are in {cfg.output_dir}")
+            return {"train": {}, "before": None, "after": None, "nothing_to_do": True}
     t0 = time.time()
     host = accel.install(cfg)
     model_path, model, tokenizer = load_model_and_tokenizer(cfg)
@@ -175,8 +196,17 @@ def train_main(cfg: PrefConfig) -> dict:
         )
     except (ValueError, ImportError) as e:  # Trainer's own checks of the options
         raise ConfigError(one_line(e)) from e
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.output_dir) / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
+    out = Path(cfg.output_dir)
+    fingerprint = data_fingerprint(data.train)
+    if checkpoint is not None:  # the saved options and data stay those the run started with
+        saved = (Path(checkpoint).parent / DATA_FINGERPRINT)
+        if saved.is_file() and saved.read_text().strip() != fingerprint:
+            raise ConfigError(f"--resume_from_checkpoint: the training pairs differ from those the run in "
+                              f"{Path(checkpoint).parent} started with (--dataset_name {cfg.dataset_name}); resume "
+                              "with the same data, or start a new run in another --output_dir")
+    elif trainer.is_world_process_zero():
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
+        atomic_write_text(out / DATA_FINGERPRINT, fingerprint + "\n")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.output_dir)
     metrics = dict(result.metrics)
@@ -215,6 +245,10 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
         raise ConfigError("--model_name_or_path: required for eval (a trained output dir or a model)")
     if "beta" not in given:
         cfg.beta = saved_run_config(path).get("beta", cfg.beta)
+    validate_config(cfg)
+    out = Path(output_file) if output_file else (Path(path) / "eval_results.json" if Path(path).is_dir() else None)
+    if out is not None:  # checked before the work, not after the whole eval has run
+        check_writable_dir(out.parent, "--output_file" if output_file else "--model_name_or_path", create=False)
     accel.install(cfg)
     model, tokenizer, reference = load_for_eval(cfg)
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
@@ -233,7 +267,6 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
         ref_scores = score_pairs(reference, ds, collator, batch_size=bs, desc="reference")
     result = summarize(policy, ref_scores, cfg.beta).to_dict()
     result["skipped"] = dict(report.skipped)
-    out = Path(output_file) if output_file else (Path(path) / "eval_results.json" if Path(path).is_dir() else None)
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     return result
@@ -246,9 +279,10 @@ def saved_run_config(path: str) -> dict:
 
 
 def load_for_eval(cfg: PrefConfig):
-    """(model, tokenizer, reference). The reference is the run's: ``--ref_model_name_or_path`` when set, else
-    the one the run trained against (its saved ``ref_model_name_or_path``), else the adapter disabled
-    ('adapter') for an adapter dir, or the model a full run started from; None when none is known."""
+    """(model, tokenizer, reference). The reference comes only from the user's options: ``--ref_model_name_or_path``
+    (``none``: no reference), else the adapter disabled ('adapter') for an adapter dir. When the run's saved
+    options name a reference and the user named none, it is refused with that name: a saved file must not pick
+    a model that is then loaded with the user's --trust_remote_code."""
     path = Path(cfg.model_name_or_path)
     saved = saved_run_config(str(path))
     dtype = weight_dtype(cfg)
@@ -256,8 +290,12 @@ def load_for_eval(cfg: PrefConfig):
     if is_adapter:
         from peft import AutoPeftModelForCausalLM
 
+        if not (path / "adapter_model.safetensors").is_file() and not cfg.allow_pickle:
+            raise ModelError(f"{path}: no adapter_model.safetensors (pickled adapter weights run code when loaded); "
+                             "pass --allow_pickle true if you trust them")
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                             use_safetensors=None if cfg.allow_pickle else True)
         except Exception as e:
             raise ModelError(f"{path}: cannot load the adapter and its base model ({e})") from e
         tokenizer = load_tokenizer(str(path))
@@ -266,9 +304,15 @@ def load_for_eval(cfg: PrefConfig):
         model = load_causal_lm(resolved, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                allow_pickle=cfg.allow_pickle)
         tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-    ref_name = cfg.ref_model_name_or_path or saved.get("ref_model_name_or_path")
-    ref_name = ref_name or (None if is_adapter else saved.get("model_name_or_path"))
-    reference: object = "adapter" if is_adapter and ref_name is None else None
+    saved_ref = saved.get("ref_model_name_or_path") or (None if is_adapter else saved.get("model_name_or_path"))
+    ref_name = cfg.ref_model_name_or_path
+    if ref_name is None and saved_ref:
+        raise ConfigError(f"--ref_model_name_or_path: the run in {path} trained against {saved_ref} (its "
+                          f"{CONFIG_FILE}); pass --ref_model_name_or_path {saved_ref} to score against it, or "
+                          "--ref_model_name_or_path none for metrics without a reference")
+    if ref_name == "none":
+        ref_name = None
+    reference: object = "adapter" if is_adapter and cfg.ref_model_name_or_path is None else None
     if ref_name:
         reference = load_causal_lm(resolve_model_path(ref_name), dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                    allow_pickle=cfg.allow_pickle)

@@ -28,6 +28,7 @@ from prefkit.data import PairCollator, prepare_dataset
 from prefkit.data.types import PairBatch, SkipReport
 from prefkit.dynamics import DynamicsMonitor
 from prefkit.errors import ConfigError, TrainingFault
+from prefkit.files import atomic_write_text, read_jsonl_tolerant
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.logprobs import compute_pair_logps
 from prefkit.models import is_peft_model
@@ -85,8 +86,9 @@ class MetricsFileCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state.global_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            records, _ = read_jsonl_tolerant(self.path)
+            kept = [r for r in records if r.get("step", 0) <= state.global_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -325,7 +327,7 @@ class PrefTrainer(Trainer):
         ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if ckpt.is_dir() and self.args.should_save:
             torch.save(self.monitor.state_dict(), ckpt / STATE_FILE)
-            tmp = ckpt / (COMPLETE_MARKER + ".tmp")
+            tmp = ckpt / f"{COMPLETE_MARKER}.{os.getpid()}.tmp"  # unique: two writers never share a temp file
             with tmp.open("w") as f:
                 f.write(str(self.state.global_step))
                 f.flush()

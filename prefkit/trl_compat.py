@@ -162,11 +162,28 @@ def _warmup_ratio(values: list[str]) -> str:
     return repr(ratio)  # transformers 5: warmup_steps below 1 is a share of the training steps
 
 
+# The environment variables a --config file's ``env:`` may set (docs/reliability.md): devices, threads, caches,
+# offline switches and logger names. Others (LD_PRELOAD, PYTHONPATH, PATH, …) could run code in every process
+# started after it, which a config file must not be able to do.
+ENV_ALLOWED = frozenset({
+    "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    "PYTORCH_CUDA_ALLOC_CONF", "NCCL_DEBUG", "NCCL_P2P_DISABLE", "NCCL_IB_DISABLE", "HF_HOME", "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_PROJECT",
+    "WANDB_ENTITY", "WANDB_MODE", "WANDB_LOG_MODEL", "WANDB_RUN_GROUP", "WANDB_TAGS", "ACCELERATE_LOG_LEVEL",
+    "PREFKIT_CPU_BF16",
+})
+
+
 def yaml_env(data: dict) -> dict:
-    """TRL's YAML may set environment variables under ``env:``; set them and return the rest of the mapping."""
+    """TRL's YAML may set environment variables under ``env:``; set those of :data:`ENV_ALLOWED` (refusing
+    any other name, before any is set) and return the rest of the mapping."""
     env = data.pop("env", None) or {}
     if not isinstance(env, dict):
         raise ConfigError("--config: `env` must be a mapping of NAME: value")
+    for key in env:
+        if str(key) not in ENV_ALLOWED:
+            raise ConfigError(f"--config: env: {key} is not a variable a config file may set; set it in the shell "
+                              f"that starts prefkit, or use one of {', '.join(sorted(ENV_ALLOWED))}")
     for key, value in env.items():
         os.environ[str(key)] = str(value)
     return data

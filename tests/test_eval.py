@@ -1,5 +1,5 @@
-"""`prefkit eval` of a saved run: explicit options win over the saved ones, the reference is the run's, and
-every model is loaded under one dtype rule."""
+"""`prefkit eval` of a saved run: explicit options win over the saved ones, the reference comes only from the
+user's options (a saved one is named, not loaded), and every model is loaded under one dtype rule."""
 
 from __future__ import annotations
 
@@ -45,15 +45,32 @@ def _eval(run: Path, data: Path, capsys, *extra: str) -> dict:
 
 
 def test_eval_explicit_beta_wins_over_the_saved_one(tmp_path, saved_run, capsys):
-    run, _ = saved_run
+    run, ref = saved_run
     data = write_pairs(tmp_path / "p.jsonl", 6)
-    saved = _eval(run, data, capsys)
-    explicit = _eval(run, data, capsys, "--beta", "0.1")  # 0.1 is also the default: given is what counts
+    saved = _eval(run, data, capsys, "--ref_model_name_or_path", str(ref))
+    explicit = _eval(run, data, capsys, "--beta", "0.1", "--ref_model_name_or_path", str(ref))  # 0.1 is also the default: given is what counts
     assert saved["reward_margin"] != 0
     assert explicit["reward_margin"] == pytest.approx(saved["reward_margin"] * 0.1 / 0.5, rel=1e-5)
 
 
-def test_eval_of_a_full_model_uses_the_runs_reference_model(tmp_path, saved_run, capsys, monkeypatch):
+def test_eval_names_the_saved_reference_instead_of_loading_it(tmp_path, saved_run, capsys, monkeypatch):
+    run, ref = saved_run
+    loaded: list[str] = []
+    monkeypatch.setattr(prefkit.run, "load_causal_lm", lambda path, **kw: loaded.append(str(path)))
+    code = main(["eval", "--model_name_or_path", str(run), "--dataset_name", str(write_pairs(tmp_path / "p.jsonl", 4)),
+                 "--max_length", "64", "--trust_remote_code", "true"])
+    err = capsys.readouterr().err
+    assert code != 0 and f"pass --ref_model_name_or_path {ref}" in err and "Traceback" not in err
+    assert str(ref) not in loaded  # never loaded with the user's trust_remote_code on a saved file's word
+
+
+def test_eval_without_a_reference(tmp_path, saved_run, capsys):
+    run, _ = saved_run
+    result = _eval(run, write_pairs(tmp_path / "p.jsonl", 4), capsys, "--ref_model_name_or_path", "none")
+    assert result["ranking_accuracy"] is not None and result.get("reward_margin") is None
+
+
+def test_eval_of_a_full_model_uses_the_given_reference_model(tmp_path, saved_run, capsys, monkeypatch):
     run, ref = saved_run
     loaded: list[str] = []
     real = prefkit.run.load_causal_lm
@@ -63,7 +80,7 @@ def test_eval_of_a_full_model_uses_the_runs_reference_model(tmp_path, saved_run,
         return real(path, **kw)
 
     monkeypatch.setattr(prefkit.run, "load_causal_lm", recording)
-    _eval(run, write_pairs(tmp_path / "p.jsonl", 4), capsys)
+    _eval(run, write_pairs(tmp_path / "p.jsonl", 4), capsys, "--ref_model_name_or_path", str(ref))
     assert loaded == [str(run), str(ref)]
 
 

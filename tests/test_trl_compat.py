@@ -141,7 +141,7 @@ def test_trl_style_yaml_and_model_config_flags(tmp_path, model_dir, hub_like_dat
         "eval_strategy: 'no'\nremove_unused_columns: false\nuse_liger_kernel: false\nbeta: 0.1\nloss_type: [sigmoid]\n"
         "dtype: float32\nattn_implementation: eager\nmodel_revision: main\nuse_peft: true\nlora_r: 8\n"
         "lora_alpha: 16\nlora_task_type: CAUSAL_LM\nuse_rslora: true\nlora_target_modules: [q_proj, v_proj]\n"
-        "report_to: none\nenv:\n  PREFKIT_TEST_ENV: from-yaml\n"
+        "report_to: none\nenv:\n  WANDB_PROJECT: prefkit-test\n"
     )
     assert main(["train", "--config", str(yaml_file)]) == 0
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

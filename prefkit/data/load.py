@@ -7,8 +7,11 @@ row index otherwise.
 from __future__ import annotations
 
 import gzip
-import io
+import itertools
 import json
+import os
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -29,15 +32,39 @@ def _suffixes(path: Path) -> tuple[str, bool]:
     return Path(base).suffix, gz
 
 
+# Caps on what one file may make prefkit hold: a line (one row) and a .gz file's decompressed bytes. Both are
+# far above real preference data and far below what would exhaust a machine's memory.
+MAX_LINE_BYTES = int(os.environ.get("PREFKIT_MAX_LINE_BYTES", 64 << 20))
+MAX_DECOMPRESSED_BYTES = int(os.environ.get("PREFKIT_MAX_DECOMPRESSED_BYTES", 16 << 30))
+
+
+def _lines(path: Path, gz: bool) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) streamed from the file, un-gzipped on the fly, each line and the whole stream capped."""
+    opener = gzip.open if gz else open
+    total = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno in itertools.count(1):
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    raise DataError(f"line longer than {MAX_LINE_BYTES >> 20} MiB (PREFKIT_MAX_LINE_BYTES); "
+                                    "one row that large is not preference data", source=f"{path}:{lineno}")
+                total += len(line)
+                if gz and total > MAX_DECOMPRESSED_BYTES:
+                    raise DataError(f"decompresses to more than {MAX_DECOMPRESSED_BYTES >> 20} MiB "
+                                    "(PREFKIT_MAX_DECOMPRESSED_BYTES); a damaged or hostile .gz file?", source=str(path))
+                yield lineno, line
+    except (OSError, EOFError, zlib.error) as e:
+        if not gz or isinstance(e, (PermissionError, FileNotFoundError)):
+            raise DataError(f"cannot read the file ({e})", source=str(path)) from e
+        raise DataError(f"not a valid or complete gzip file ({e})", source=str(path)) from e
+
+
 def _read_jsonl(path: Path, gz: bool) -> Dataset:
-    raw = path.read_bytes()
-    if gz:
-        try:
-            raw = gzip.decompress(raw)
-        except OSError as e:
-            raise DataError(f"not a valid gzip file ({e})", source=str(path)) from e
     rows: list[dict] = []
-    for lineno, line in enumerate(io.BytesIO(raw), start=1):
+    for lineno, line in _lines(path, gz):
         try:
             # utf-8-sig on line 1: Windows tools (Notepad, PowerShell) start UTF-8 files with a byte-order mark
             text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -49,6 +76,8 @@ def _read_jsonl(path: Path, gz: bool) -> Dataset:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", source=f"{path}:{lineno}") from e
+        except RecursionError as e:
+            raise DataError("JSON nested too deeply to read", source=f"{path}:{lineno}") from e
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", source=f"{path}:{lineno}")
         obj[ROW] = lineno
@@ -145,6 +174,8 @@ def _read_json_file(path: Path) -> Dataset:
         raise DataError("invalid UTF-8", source=str(path)) from e
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e.msg})", source=f"{path}:{e.lineno}") from e
+    except RecursionError as e:
+        raise DataError("JSON nested too deeply to read", source=str(path)) from e
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         n = len(next(iter(data.values()), []))
         data = [{k: v[i] for k, v in data.items()} for i in range(n)]

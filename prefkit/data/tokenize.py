@@ -14,6 +14,9 @@ Content problems skip the row and are counted by reason; schema problems raise `
 
 from __future__ import annotations
 
+import json
+import math
+
 from datasets import Dataset
 
 from prefkit.data.formats import PairText, check_columns, conversational_pair, row_kind, text_pair
@@ -151,10 +154,25 @@ def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | Non
                         f"got {len(w) if isinstance(w, list) else type(w).__name__}",
                         source=source, row=row_no, field=field,
                     )
-                result[field].append([float(x) for x in w[: len(ids)]])
+                result[field].append(_weights(w[: len(ids)], source, row_no, field))
     if not result["row_id"]:
         raise DataError(f"every pair was skipped: {report.summary()}", source=source)
     return Dataset.from_dict(result), report
+
+
+def _weights(values: list, source: str, row_no: int, field: str) -> list[float]:
+    """Token weights as floats: each a finite, non-negative number (a NaN or negative weight would change the
+    loss without a word)."""
+    out = []
+    for i, x in enumerate(values):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise DataError(f"weight {i} is {json.dumps(x, default=str)[:40]}, not a number", source=source, row=row_no,
+                            field=field)
+        if not math.isfinite(x) or x < 0:
+            raise DataError(f"weight {i} is {x}; token weights must be finite and >= 0", source=source, row=row_no,
+                            field=field)
+        out.append(float(x))
+    return out
 
 
 def split_train_eval(ds: Dataset, eval_split_size: float, seed: int) -> tuple[Dataset, Dataset | None]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from prefkit.errors import ConfigError
+from prefkit.files import check_writable_dir
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, make_pairs, write_outputs
 from prefkit.pairs.sample import BACKENDS, check_backend
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--use_cpu", action="store_true", help="generate on the CPU even when a GPU is present")
     p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--allow_pickle", action="store_true", help="allow pickled (.bin) weights: they run code when loaded")
     return p
 
 
@@ -72,7 +75,8 @@ def pairs_main(argv: list[str]) -> int:
 
     a = build_parser().parse_args(argv)
     check_args(a)
-    scorer = build_scorer(a.scorer, reference_field=a.reference_field)  # a bad spec fails before any loading
+    check_writable_dir(Path(a.output).parent, "--output", create=True)  # before the sampling, not after it
+    scorer = build_scorer(a.scorer, reference_field=a.reference_field, allow_pickle=a.allow_pickle)  # a bad spec fails before any loading
     rows = load_rows(a.prompts, a.prompts_split, trust_remote_code=a.trust_remote_code)
     rows = [dict(r) for r in rows][: a.max_prompts]  # a file mixing text and messages prompts is a plain list
     path = resolve_model_path(a.model_name_or_path)
@@ -81,7 +85,7 @@ def pairs_main(argv: list[str]) -> int:
     if a.backend == "hf":
         device = torch.device("cuda" if torch.cuda.is_available() and not a.use_cpu else "cpu")
         model = load_causal_lm(path, dtype=choose_dtype(a.model_dtype, device),
-                               trust_remote_code=a.trust_remote_code).to(device)
+                               trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle).to(device)
     sopts = SampleOptions(num_samples=a.num_samples, temperature=a.temperature, top_p=a.top_p,
                           max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size, backend=a.backend,
                           apply_chat_template=a.apply_chat_template)

@@ -40,6 +40,7 @@ class PairOptions:
 @dataclass
 class Summary:
     prompts: int = 0
+    empty_prompts_skipped: int = 0
     samples: int = 0
     nan_dropped: int = 0
     duplicates: int = 0
@@ -70,7 +71,8 @@ class Summary:
         hist = ", ".join(f"{k}: {v}" for k, v in self.score_histogram.items())
         return "\n".join([
             f"prompts: {self.prompts}, samples: {self.samples} ({self.nan_dropped} NaN-scored dropped, "
-            f"{self.duplicates} duplicates merged)",
+            f"{self.duplicates} duplicates merged)"
+            + (f"; empty prompts skipped: {self.empty_prompts_skipped}" if self.empty_prompts_skipped else ""),
             f"correct samples: {self.correct} ({100 * self.share_correct:.1f}% of scored)",
             f"prompts with at least one pair: {self.prompts_with_pair}; pairs: {self.pairs}; tied pairs dropped: "
             f"{self.tied_pairs}" + (f"; reference fallbacks: {self.reference_fallbacks}" if self.reference_fallbacks
@@ -92,6 +94,15 @@ def histogram(scores: list[float], bins: int = 10) -> dict[str, int]:
     width = (hi - lo) / bins
     counts = Counter(min(int((s - lo) / width), bins - 1) for s in finite)
     return {f"[{lo + b * width:.3g}, {lo + (b + 1) * width:.3g})": counts[b] for b in range(bins)}
+
+
+def _empty_prompt(p: object) -> bool:
+    """A prompt with no text: an empty or blank string, or messages whose contents are all blank."""
+    if isinstance(p, str):
+        return not p.strip()
+    if isinstance(p, list):
+        return all(isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip() for m in p)
+    return False
 
 
 def render_prompts(rows: list[dict], tokenizer, *, prompt_field: str, chat: str, source: str) -> tuple[list, list[str]]:
@@ -197,7 +208,12 @@ def make_pairs(
     prompt_field: str = "prompt", source: str = "", model_name: str | None = None,
     rng: random.Random | None = None,
 ) -> tuple[list[dict], Summary]:
-    """Render the prompts, sample ``num_samples`` completions each, score, pair; pairs carry provenance."""
+    """Render the prompts, sample ``num_samples`` completions each, score, pair; pairs carry provenance. Empty
+    prompts are skipped and counted (a model continuing nothing makes no preference data)."""
+    kept = [r for r in rows if not _empty_prompt(r.get(prompt_field))]
+    if rows and not kept:
+        raise DataError(f"every prompt is empty ({len(rows)} rows)", source=source or None, field=prompt_field)
+    empty, rows = len(rows) - len(kept), kept
     shown, texts = render_prompts(rows, tokenizer, prompt_field=prompt_field, chat=sopts.apply_chat_template,
                                   source=source)
     gens = sample(model, tokenizer, texts, sopts, model_path=model_name)
@@ -205,6 +221,7 @@ def make_pairs(
     pairs, summary = score_and_pair(rows, shown, texts, gens.texts, scorer, sopts.num_samples, popts,
                                     rng=rng if rng is not None else random.Random(sopts.seed), source=source,
                                     provenance=provenance)
+    summary.empty_prompts_skipped = empty
     summary.generated_tokens = sum(gens.num_tokens)
     summary.generation_seconds = gens.seconds
     summary.backend = sopts.backend

@@ -14,6 +14,7 @@ prompt row; NaN is allowed and means "drop this sample" (counted in the summary)
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import sys
 from dataclasses import dataclass
@@ -159,10 +160,8 @@ class PythonScorer(Scorer):
         module_name, _, func_name = target.rpartition(":")
         if not module_name or not func_name:
             raise ConfigError(f"--scorer {spec}: expected python:module:function")
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # a scorer module beside the user's data, as `python -m` finds it
         try:
-            module = importlib.import_module(module_name)
+            module = _import_user_module(module_name)
         except Exception as e:
             raise ConfigError(f"--scorer {spec}: cannot import module {module_name!r} "
                               f"({type(e).__name__}: {e})") from e
@@ -184,6 +183,33 @@ class PythonScorer(Scorer):
         return out
 
 
+def _import_user_module(module_name: str):
+    """The scorer's module: a file of that name under the working directory (``a/b.py`` for ``a.b``), loaded from
+    its path under a private name, else an installed module. ``sys.path`` is left as it was, so a file in the
+    working directory never stands in for a library module later in the run; while the scorer's file runs, the
+    working directory is importable after every library, for helper modules beside it."""
+    rel = Path(*module_name.split("."))
+    for candidate in (Path.cwd() / rel.with_suffix(".py"), Path.cwd() / rel / "__init__.py"):
+        if candidate.is_file():
+            name = f"_prefkit_scorer_{module_name}"
+            spec = importlib.util.spec_from_file_location(name, candidate)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses and pickling look a module up by its name
+            added = str(Path.cwd()) not in sys.path
+            if added:
+                sys.path.append(str(Path.cwd()))
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            finally:
+                if added:
+                    sys.path.remove(str(Path.cwd()))
+            return module
+    return importlib.import_module(module_name)
+
+
 def _as_float(value: object, spec: str, row_no: int) -> float:
     """A number, a numpy scalar or a one-element tensor → float; anything else is the scorer's bug."""
     try:
@@ -196,12 +222,16 @@ def _as_float(value: object, spec: str, row_no: int) -> float:
 
 
 class RewardModelScorer(Scorer):
-    def __init__(self, spec: str, path: str, batch_size: int = 16, max_length: int = 1024):
+    def __init__(self, spec: str, path: str, batch_size: int = 16, max_length: int = 1024, allow_pickle: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from prefkit.models import check_weights
+
+        check_weights(path, allow_pickle)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, use_safetensors=None if allow_pickle else True).eval()
         except Exception as e:
             raise ConfigError(f"--scorer {spec}: cannot load a sequence-classification model from {path} "
                               f"({type(e).__name__}: {e})") from e
@@ -232,8 +262,10 @@ class RewardModelScorer(Scorer):
         return out
 
 
-def build_scorer(spec: str, *, reference_field: str = "answer", batch_size: int = 16) -> Scorer:
-    """A scorer from its spec; ConfigError for a bad spec, a bad pattern or an unimportable module."""
+def build_scorer(spec: str, *, reference_field: str = "answer", batch_size: int = 16,
+                 allow_pickle: bool = False) -> Scorer:
+    """A scorer from its spec; ConfigError for a bad spec, a bad pattern or an unimportable module. A reward
+    model loads from safetensors only unless ``allow_pickle``."""
     kind, _, arg = spec.partition(":")
     if kind == "math" and not arg:
         return MathScorer(spec, reference_field)
@@ -242,5 +274,5 @@ def build_scorer(spec: str, *, reference_field: str = "answer", batch_size: int 
     if kind == "python" and arg:
         return PythonScorer(spec, arg)
     if kind == "reward_model" and arg:
-        return RewardModelScorer(spec, arg, batch_size=batch_size)
+        return RewardModelScorer(spec, arg, batch_size=batch_size, allow_pickle=allow_pickle)
     raise ConfigError(f"--scorer: unknown spec {spec!r}; expected {SPECS}")
