@@ -8,6 +8,10 @@
     train: {...}                  # prefkit train options shared by all methods
     sweep:                        # optional: a grid of train options; every method runs at every point
       learning_rate: [1.0e-5, 3.0e-5, 1.0e-4]   # (a method's own value of a swept key wins)
+    # or an explicit list of points (same keys in each), e.g. lr·β held fixed across β:
+    #   sweep: [{beta: 0.1, learning_rate: 1.0e-5}, {beta: 1.0, learning_rate: 1.0e-6}]
+    reuses: [arithmetic]          # optional: sections some of whose runs.jsonl records were copied here
+    power_effect: 0.01            # optional: the report gives the seeds a claim needs for 80% power at it
     select_baseline: DPO          # with a sweep: the method whose best validation point is the shared one
     methods:                      # name: option overrides (ordered; every method is run and reported)
       SFT only: {sft_only: true}
@@ -42,11 +46,15 @@ class BenchConfig:
     trajectory_methods: list[str] = field(default_factory=list)
     metric_note: str = ""
     source: str = ""
-    sweep: dict[str, list] = field(default_factory=dict)
+    sweep: dict[str, list] | list[dict] = field(default_factory=dict)
     select_baseline: str | None = None
+    reuses: list[str] = field(default_factory=list)
+    power_effect: float | None = None  # report: seeds for 80% power at this effect, from the paired SDs
 
     def points(self) -> list[dict]:
-        """The sweep's grid points ({} alone without a sweep), in config order."""
+        """The sweep's points ({} alone without a sweep), in config order: the grid of a mapping, or the list."""
+        if isinstance(self.sweep, list):
+            return [dict(p) for p in self.sweep]
         grid: list[dict] = [{}]
         for key, values in self.sweep.items():
             grid = [{**g, key: v} for g in grid for v in values]
@@ -71,7 +79,7 @@ def load_bench_config(path: str) -> BenchConfig:
     p = Path(path)
     raw = read_yaml_mapping(path, "bench config")
     allowed = {"name", "title", "task", "task_options", "seeds", "train", "methods", "claims",
-               "trajectory_methods", "metric_note", "sweep", "select_baseline"}
+               "trajectory_methods", "metric_note", "sweep", "select_baseline", "reuses", "power_effect"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -93,8 +101,15 @@ def load_bench_config(path: str) -> BenchConfig:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")
     sweep = raw.get("sweep") or {}
-    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...]")
+    if isinstance(sweep, list):
+        if not all(isinstance(q, dict) and q and set(q) == set(sweep[0]) for q in sweep):
+            raise ConfigError(f"{path}: sweep: a list of points must hold mappings of train option: value, "
+                              "every one with the same keys")
+    elif not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...] or a list of points")
+    reuses = raw.get("reuses") or []
+    if not isinstance(reuses, list) or not all(isinstance(r, str) for r in reuses):
+        raise ConfigError(f"{path}: reuses: must be a list of section names (benchmarks/results/<name>)")
     select_baseline = raw.get("select_baseline")
     if select_baseline is not None and select_baseline not in methods:
         raise ConfigError(f"{path}: select_baseline: {select_baseline!r} is not one of the methods")
@@ -111,5 +126,7 @@ def load_bench_config(path: str) -> BenchConfig:
         train=dict(raw.get("train") or {}), methods={k: dict(v or {}) for k, v in methods.items()},
         task_options=dict(raw.get("task_options") or {}), claims=claims,
         trajectory_methods=list(raw.get("trajectory_methods") or []), metric_note=str(raw.get("metric_note", "")),
-        source=str(p), sweep={k: list(v) for k, v in sweep.items()}, select_baseline=select_baseline,
+        source=str(p), sweep=[dict(q) for q in sweep] if isinstance(sweep, list) else {k: list(v) for k, v in sweep.items()},
+        select_baseline=select_baseline, reuses=reuses,
+        power_effect=float(raw["power_effect"]) if raw.get("power_effect") is not None else None,
     )
