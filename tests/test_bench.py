@@ -8,6 +8,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +384,34 @@ def test_no_results_yet_read_as_none_and_report_only_says_so(tmp_path):
     cfg.write_text(MICRO)
     with pytest.raises(ConfigError, match="--report_only: no runs and saved state in"):
         report_only(load_bench_config(str(cfg)), tmp_path)
+
+
+def test_readme_verdict_block_is_the_generated_one():
+    """README's verdict table is what `prefkit bench --report_only` generates from the committed results."""
+    from prefkit.bench.report import README_END, README_START, verdict_block
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert readme.count(README_START) == 1 and readme.count(README_END) == 1
+    block = readme[readme.index(README_START): readme.index(README_END) + len(README_END)]
+    assert block == verdict_block(root / "benchmarks", root / "benchmarks" / "results")
+
+
+def test_report_only_writes_the_readme_block_found_from_the_config(tmp_path, monkeypatch):
+    from prefkit.bench.report import README_END, README_START, regenerate_readme_block
+
+    bench_dir, elsewhere = tmp_path / "repo" / "benchmarks", tmp_path / "cwd"
+    (bench_dir / "results" / "s").mkdir(parents=True)
+    elsewhere.mkdir()
+    (bench_dir / "bench_s.yaml").write_text("name: s\ntitle: S. s\ntask: arithmetic\nseeds: [0, 1]\nmethods: {A: {}, B: {}}\n"
+                                            "claims: [{text: A beats B, method: A, baseline: B, metric: accuracy}]\n")
+    runs = _runs({"A": [0.5, 0.6], "B": [0.4, 0.45]})
+    (bench_dir / "results" / "s" / "runs.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in runs))
+    readme = tmp_path / "repo" / "README.md"
+    readme.write_text(f"intro\n{README_START}\nstale\n{README_END}\nrest\n")
+    monkeypatch.chdir(elsewhere)  # found from the config's folder, not the working directory
+    assert regenerate_readme_block(bench_dir, bench_dir / "results")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "stale" not in text
+    assert "| S | A beats B | – | not resolved: +12.5 points" in text
+    assert not regenerate_readme_block(bench_dir, tmp_path / "other_results")  # results elsewhere: README untouched
