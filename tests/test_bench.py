@@ -415,3 +415,52 @@ def test_report_only_writes_the_readme_block_found_from_the_config(tmp_path, mon
     assert text.startswith("intro\n") and text.endswith("\nrest\n") and "stale" not in text
     assert "| S | A beats B | – | not resolved: +12.5 points" in text
     assert not regenerate_readme_block(bench_dir, tmp_path / "other_results")  # results elsewhere: README untouched
+
+
+def test_flat_rejected_weights_keep_the_mean_and_drop_the_position(tmp_path):
+    from prefkit.bench.tasks import flat_rejected_weights
+
+    src = tmp_path / "pairs_weighted.jsonl"
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_token_weights": [1.0, 0.5],
+             "rejected_token_weights": [0.1, 0.0, 0.5]}]
+    src.write_text(json.dumps(rows[0]) + "\n")
+    out = flat_rejected_weights(str(src))
+    assert out.endswith("pairs_weighted_flat.jsonl")
+    got = json.loads(Path(out).read_text())
+    assert got["chosen_token_weights"] == [1.0, 1.0] and got["rejected_token_weights"] == pytest.approx([0.2] * 3)
+    assert got["prompt"] == "p" and json.loads(src.read_text()) == rows[0]  # the source is left as it was
+
+
+def test_a5_and_control_configs_and_claim_points(tmp_path):
+    a5 = load_bench_config("benchmarks/bench_arithmetic_adpo.yaml")
+    lr_beta = sorted({round(p["learning_rate"] * p["beta"], 9) for p in a5.points()})
+    assert lr_beta == [5e-7, 1e-6, 2e-6] and sorted({p["beta"] for p in a5.points()}) == [0.1, 0.3, 1.0]
+    assert a5.train["num_train_epochs"] == 2 and a5.task_options["sft_from"] == "arithmetic"
+    assert point_label(a5.claims[2]["point"]) == "beta=1.0, learning_rate=2e-06"
+    flat = load_bench_config("benchmarks/bench_arithmetic_cadpo_flat.yaml")
+    assert flat.methods["cADPO flat"]["token_weights"] == "flat_rejected"
+    # a claim at a fixed point is one comparison in both views
+    runs = [RunResult(m, s, p, accuracy=a, val_accuracy=v) for m, s, p, a, v in [
+        ("A", 0, "learning_rate=1e-05", 0.5, 0.9), ("A", 1, "learning_rate=1e-05", 0.6, 0.9),
+        ("B", 0, "learning_rate=1e-05", 0.5, 0.9), ("B", 1, "learning_rate=1e-05", 0.5, 0.9),
+        ("A", 0, "learning_rate=0.0001", 0.3, 0.1), ("A", 1, "learning_rate=0.0001", 0.35, 0.1),
+        ("B", 0, "learning_rate=0.0001", 0.1, 0.1), ("B", 1, "learning_rate=0.0001", 0.12, 0.1)]]
+    claim = {"text": "c", "method": "A", "baseline": "B", "metric": "accuracy", "point": {"learning_rate": 1e-4}}
+    shared = {"A": "learning_rate=1e-05", "B": "learning_rate=1e-05"}
+    [[v1], [v2]] = section_verdicts(runs, [claim], [shared, shared])
+    assert v1 == v2 and "difference +0.215" in v1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\ntask: arithmetic\nsweep: {learning_rate: [1.0e-5]}\nmethods: {A: {}, B: {}}\n"
+                   "claims: [{text: t, method: A, baseline: B, metric: accuracy, point: {learning_rate: 3.0e-5}}]\n")
+    with pytest.raises(ConfigError, match=r"claims\[0\]\.point: .* is not a point of the sweep"):
+        load_bench_config(str(cfg))
+    cfg.write_text("name: c\ntask: arithmetic\nmethods: {A: {token_weights: flat_rejected}}\n")
+    with pytest.raises(ConfigError, match=r"methods\.A\.token_weights: .* with critical_tokens: true"):
+        load_bench_config(str(cfg))
+
+
+def test_splits_may_fill_three_quarters_of_the_distinct_problems():
+    # 2 one-digit terms: 9·9·2 = 162 distinct problems
+    assert len(make_splits(0, {"a": 100, "b": 21}, 2, 1)["b"]) == 21
+    with pytest.raises(ConfigError, match="at most three quarters"):
+        make_splits(0, {"a": 100, "b": 22}, 2, 1)

@@ -18,6 +18,10 @@
       DPO: {loss_type: sigmoid}
       cADPO: {critical_tokens: true, granularity: adaptive, num_segments: 256}
       DPO+RC α=1: {reward_calibration: true, rc_alpha_one: true}   # a control: RC's machinery, α held at 1
+      cADPO flat: {critical_tokens: true, token_weights: flat_rejected, granularity: adaptive, num_segments: 256}
+    claims:                       # a claim is judged at each view's points, or at one fixed sweep point
+      - {text: "...", method: cADPO, baseline: DPO, metric: accuracy}
+      - {text: "...", method: cADPO, baseline: DPO, metric: accuracy, point: {learning_rate: 1.0e-4}}
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from prefkit.errors import ConfigError
 
 TASKS = ("arithmetic", "preference", "gsm8k")
 # method keys that are not prefkit train options
-BENCH_KEYS = ("sft_only", "critical_tokens", "rc_alpha_one")
+BENCH_KEYS = ("sft_only", "critical_tokens", "rc_alpha_one", "token_weights")
+# token_weights (with critical_tokens): "critical" = the critical-token weights as written; "flat_rejected" =
+# chosen weights 1 and every rejected token weighted by its response's mean weight (the cADPO control)
+TOKEN_WEIGHTS = ("critical", "flat_rejected")
 
 
 @dataclass
@@ -97,6 +104,10 @@ def load_bench_config(path: str) -> BenchConfig:
         if (opts or {}).get("rc_alpha_one") and not opts.get("reward_calibration"):
             raise ConfigError(f"{path}: methods.{name}: rc_alpha_one holds RC's α at 1; it needs "
                               "reward_calibration: true")
+        tw = (opts or {}).get("token_weights")
+        if tw is not None and (tw not in TOKEN_WEIGHTS or not opts.get("critical_tokens")):
+            raise ConfigError(f"{path}: methods.{name}.token_weights: must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                              "with critical_tokens: true")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")
@@ -121,7 +132,9 @@ def load_bench_config(path: str) -> BenchConfig:
         for k in ("method", "baseline"):
             if c[k] not in methods:
                 raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not one of the methods")
-    return BenchConfig(
+        if "point" in c and not isinstance(c["point"], dict):
+            raise ConfigError(f"{path}: claims[{i}].point: must be a mapping of swept option: value")
+    bench = BenchConfig(
         name=str(raw["name"]), title=str(raw.get("title", raw["name"])), task=raw["task"], seeds=seeds,
         train=dict(raw.get("train") or {}), methods={k: dict(v or {}) for k, v in methods.items()},
         task_options=dict(raw.get("task_options") or {}), claims=claims,
@@ -130,3 +143,10 @@ def load_bench_config(path: str) -> BenchConfig:
         select_baseline=select_baseline, reuses=reuses,
         power_effect=float(raw["power_effect"]) if raw.get("power_effect") is not None else None,
     )
+    for i, c in enumerate(claims):
+        if "point" in c:
+            match = [q for q in bench.points() if q == dict(c["point"])]
+            if not match:
+                raise ConfigError(f"{path}: claims[{i}].point: {c['point']} is not a point of the sweep")
+            c["point"] = match[0]  # in the sweep's key order, so its label is the runs' point label
+    return bench

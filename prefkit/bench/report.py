@@ -165,6 +165,8 @@ def _higher_is_better(claim: dict) -> bool:
 
 def claim_test(results: list[RunResult], claim: dict, chosen: dict[str, str] | None = None) -> PairedTest:
     m, b, metric = claim["method"], claim["baseline"], claim["metric"]
+    if "point" in claim:  # a claim at one fixed sweep point, the same in every view
+        chosen = {m: point_label(claim["point"]), b: point_label(claim["point"])}
     pm = chosen.get(m, "") if chosen else ""
     pb = chosen.get(b, "") if chosen else ""
     return paired_test(per_seed(results, m, pm, metric), per_seed(results, b, pb, metric), _higher_is_better(claim))
@@ -172,6 +174,8 @@ def claim_test(results: list[RunResult], claim: dict, chosen: dict[str, str] | N
 
 def _comparison(claim: dict, chosen: dict[str, str] | None) -> tuple:
     c = chosen or {}
+    if "point" in claim:
+        c = {claim["method"]: point_label(claim["point"]), claim["baseline"]: point_label(claim["point"])}
     return claim["method"], c.get(claim["method"], ""), claim["baseline"], c.get(claim["baseline"], ""), claim["metric"]
 
 
@@ -254,6 +258,8 @@ def reused_runs(bench: BenchConfig, results: list[RunResult], results_dir: Path)
 
 
 def _reuse_mark(reused: dict[str, set], results: list[RunResult], claim: dict, chosen: dict[str, str] | None) -> str:
+    if "point" in claim:
+        chosen = {claim["method"]: point_label(claim["point"]), claim["baseline"]: point_label(claim["point"])}
     used = {(m, (chosen or {}).get(m, ""), r.seed) for m in (claim["method"], claim["baseline"]) for r in results
             if r.method == m and r.point == (chosen or {}).get(m, "")}
     parts = [f"{len(used & keys)} of its {len(used)} runs are section {name}'s" for name, keys in reused.items()
@@ -554,6 +560,8 @@ def verdict_rows(bench: BenchConfig, results: list[RunResult], reused: dict[str,
             if key not in keys:
                 continue
             keys.remove(key)
+            if distinct[key].kind == "not run":  # a grid still under way: nothing to say yet
+                continue
             view = "both views" if len(views) > 1 and not keys and name == views[0][0] else name
             where = f"{view}: {key[1]} vs {key[3]}" if bench.sweep else "–"
             mark = _reuse_mark(reused, results, c, chosen)
