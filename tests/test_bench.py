@@ -4,9 +4,11 @@ end-to-end micro run that writes the report."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +17,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefkit.bench.arithmetic import Problem, extract_answer, make_problem, make_splits, make_tokenizer
 from prefkit.bench.config import load_bench_config
 from prefkit.bench.generate import generate, sequence_kl
-from prefkit.bench.report import ci95, claim_verdict, own_best_points, read_results, shared_points, summarize
+from prefkit.bench.report import (
+    ci95,
+    grid_edge,
+    own_best_points,
+    read_results,
+    reused_runs,
+    section_verdicts,
+    shared_points,
+    summarize,
+)
 from prefkit.bench.runner import RunResult, planned_runs, point_label, report_only
+from prefkit.bench.stats import holm, mde, paired_t_p, seeds_for_power, sign_flip_p, t_cdf, t_quantile
 from prefkit.bench.tasks import _pairs_from_samples, apply_variant, pad_solution, slip_solution
 from prefkit.errors import ConfigError
 
@@ -114,6 +126,10 @@ def _runs(values: dict[str, list[float]], point: str = "") -> list[RunResult]:
     return [RunResult(method=m, seed=i, point=point, accuracy=v) for m, vs in values.items() for i, v in enumerate(vs)]
 
 
+def claim_verdict(runs: list[RunResult], claim: dict) -> str:
+    return section_verdicts(runs, [claim], [None])[0][0]
+
+
 def test_claim_verdicts_from_hand_numbers():
     claim = {"text": "x", "method": "A", "baseline": "B", "metric": "accuracy"}
     runs = _runs({"A": [0.50, 0.52, 0.54], "B": [0.40, 0.41, 0.42]})
@@ -122,11 +138,15 @@ def test_claim_verdicts_from_hand_numbers():
     # paired differences 0.10, 0.11, 0.12: mean 0.11, sd 0.01, half-width t(0.975, 2)·0.01/√3 = 4.303·0.005774
     assert ci95([0.10, 0.11, 0.12]) == (pytest.approx(0.11), pytest.approx(4.303 * 0.01 / math.sqrt(3)), 3)
     held = claim_verdict(runs, claim)
+    # t = 0.11/(0.01/√3) = 19.05 on 2 df: two-sided p = 1 − t/√(2 + t²) = 0.0027; 3 seeds all positive: 2/8
     assert held.startswith("**held**") and "95% CI [+0.08516, +0.1348]" in held
+    assert "p 0.0027, Holm 0.0027, sign-flip 0.25" in held
     assert claim_verdict(runs, {**claim, "higher_is_better": False}).startswith("**contradicted**")
-    # differences -0.1, 0.19, 0.03: mean 0.04, sd 0.1453 → half-width 4.303·0.1453/√3 = 0.361 straddles 0
+    # differences -0.1, 0.19, 0.03: mean 0.04, sd 0.1453 → half-width 4.303·0.1453/√3 = 0.361 straddles 0;
+    # MDE = (t(0.975, 2) + t(0.8, 2))·sd/√3 = (4.303 + 1.061)·0.1453/√3 = 0.45
     noisy = claim_verdict(_runs({"A": [0.3, 0.6, 0.45], "B": [0.40, 0.41, 0.42]}), claim)
-    assert noisy.startswith("not resolved") and "smallest detectable effect ±0.36" in noisy
+    assert noisy.startswith("not resolved") and "CI half-width ±0.36" in noisy
+    assert "minimum detectable effect at 80% power ±0.45" in noisy
     same = claim_verdict(_runs({"A": [0.40, 0.41, 0.42], "B": [0.40, 0.41, 0.42]}), claim)
     assert same == "no difference (identical in all 3 paired seeds)"
     one = _runs({"A": [0.5], "B": [0.4]})
@@ -137,6 +157,76 @@ def test_claim_verdicts_from_hand_numbers():
     kl = [RunResult(method=m, seed=i, kl=v) for m, vs in {"A": [0.1, 0.2, 0.3], "B": [0.5, 0.6, 0.8]}.items()
           for i, v in enumerate(vs)]
     assert claim_verdict(kl, {**claim, "metric": "kl"}).startswith("**held**")
+
+
+def test_holm_decides_and_a_claim_at_the_same_points_counts_once():
+    # differences A−B: 0.02, 0.03, 0.025, 0.035, 0.015 (p = 0.0021); C−B: -0.01, 0.05, 0.02, 0.04, 0.0 (p = 0.17)
+    runs = _runs({"A": [0.42, 0.43, 0.425, 0.435, 0.415], "B": [0.4] * 5, "C": [0.39, 0.45, 0.42, 0.44, 0.4]})
+    a = {"text": "a", "method": "A", "baseline": "B", "metric": "accuracy"}
+    c = {"text": "c", "method": "C", "baseline": "B", "metric": "accuracy"}
+    pa = paired_t_p([0.02, 0.03, 0.025, 0.035, 0.015])
+    pc = paired_t_p([-0.01, 0.05, 0.02, 0.04, 0.0])
+    assert pa < 0.025 < 0.05 < pc
+    [[va, vc]] = section_verdicts(runs, [a, c], [None])
+    assert va.startswith("**held**") and f"Holm {min(1, 2 * pa):.2g}," in va and f"Holm {pc:.2g}," in vc
+    # the same comparison in two views is one test: the family stays 2
+    both = section_verdicts(runs, [a, c], [None, {"A": "", "B": "", "C": ""}])
+    assert both[0] == both[1] == [va, vc]
+    # a third, strong-looking test that Holm turns: raw p < 0.05 alone no longer holds
+    d = {"text": "d", "method": "D", "baseline": "B", "metric": "accuracy"}
+    runs += _runs({"D": [0.40 + x for x in (0.01, 0.03, 0.005, 0.04, 0.015)]})
+    pd = paired_t_p([0.01, 0.03, 0.005, 0.04, 0.015])
+    [[_, _, vd]] = section_verdicts(runs, [a, c, d], [None])
+    assert pd < 0.05 and 2 * pd > 0.05  # p 0.037, the second smallest of three: ×2
+    assert vd.startswith("not resolved") and "the CI excludes 0 but Holm's p does not survive" in vd
+
+
+def test_statistics_by_hand():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])  # ×4, ×3 → max, ×2 → 0.09, ×1
+    assert holm([0.3, 0.6]) == pytest.approx([0.6, 0.6]) and holm([]) == []
+    # sign flips: n = 5 all positive → only +++++ and −−−−− reach |Σ|: 2/32; [3, 1, 1]: 2 of 8; Σ = 0 → 1
+    assert sign_flip_p([1, 2, 3, 4, 5]) == 0.0625 and sign_flip_p([3, 1, 1]) == 0.25
+    assert sign_flip_p([1, -1, 1, -1]) == 1.0
+    # 17 seeds: Monte Carlo from a fixed seed, counted with the observed pattern; reproducible
+    big = [1.0] * 17
+    assert sign_flip_p(big) == sign_flip_p(big) and sign_flip_p(big) < 1e-3
+    # Student's t: df = 2 has F(t) = ½ + t/(2√(2 + t²)); quantiles against the table
+    assert t_cdf(1.5, 2) == pytest.approx(0.5 + 1.5 / (2 * math.sqrt(2 + 1.5**2)), rel=1e-10)
+    assert t_quantile(0.975, 4) == pytest.approx(2.776, abs=5e-4) and t_quantile(0.8, 4) == pytest.approx(0.941, abs=5e-4)
+    assert t_quantile(0.8, 9) == pytest.approx(0.883, abs=5e-4)
+    assert mde(1.0, 5) == pytest.approx((2.7764 + 0.9410) / math.sqrt(5), rel=1e-3)
+    # paired t-test, standardized effect 0.5, α 0.05, 80% power: 34 pairs (the textbook figure)
+    assert seeds_for_power(sd=2.0, effect=1.0) == 34 and seeds_for_power(sd=1.0, effect=1.0) == 10
+
+
+def test_grid_edge_and_reused_runs(tmp_path):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("name: e\ntask: arithmetic\nsweep: {learning_rate: [1.0e-5, 3.0e-5, 1.0e-4]}\n"
+                   "methods: {DPO: {}, S: {learning_rate: 1.0e-5}}\nreuses: [other]\n")
+    bench = load_bench_config(str(cfg))
+    assert grid_edge(bench, "DPO", "learning_rate=1e-05") == " (grid edge: lowest learning_rate)"
+    assert grid_edge(bench, "DPO", "learning_rate=0.0001") == " (grid edge: highest learning_rate)"
+    assert grid_edge(bench, "DPO", "learning_rate=3e-05") == "" and grid_edge(bench, "S", "") == ""
+    # an explicit list of points: lr·β fixed per β; the edge is along lr at the point's own β
+    cfg.write_text("name: e\ntask: arithmetic\nmethods: {DPO: {}}\nsweep: [{beta: 0.1, learning_rate: 1.0e-5}, "
+                   "{beta: 0.1, learning_rate: 2.0e-5}, {beta: 0.1, learning_rate: 4.0e-5}, "
+                   "{beta: 1.0, learning_rate: 1.0e-6}, {beta: 1.0, learning_rate: 2.0e-6}]\n")
+    listed = load_bench_config(str(cfg))
+    assert [point_label(p) for p in listed.points()][:2] == ["beta=0.1, learning_rate=1e-05",
+                                                             "beta=0.1, learning_rate=2e-05"]
+    assert grid_edge(listed, "DPO", "beta=0.1, learning_rate=2e-05") == ""
+    assert grid_edge(listed, "DPO", "beta=1.0, learning_rate=2e-06") == " (grid edge: highest learning_rate)"
+    cfg.write_text("name: e\ntask: arithmetic\nmethods: {DPO: {}}\nsweep: [{beta: 0.1}, {learning_rate: 1.0e-5}]\n")
+    with pytest.raises(ConfigError, match="sweep: a list of points"):
+        load_bench_config(str(cfg))
+    # reused: identical records of another section's runs.jsonl
+    (tmp_path / "other").mkdir()
+    (tmp_path / "mine").mkdir()
+    shared_run = RunResult("DPO", 0, "learning_rate=1e-05", accuracy=0.5, commit="abc")
+    (tmp_path / "other" / "runs.jsonl").write_text(json.dumps(shared_run.to_dict()) + "\n")
+    own = [shared_run, RunResult("DPO", 1, "learning_rate=1e-05", accuracy=0.5, commit="abc"),
+           RunResult("DPO", 0, "learning_rate=3e-05", accuracy=0.4, commit="def")]
+    assert reused_runs(bench, own, tmp_path / "mine") == {"other": {("DPO", "learning_rate=1e-05", 0)}}
 
 
 def test_sweep_points_selection_on_validation_only(tmp_path):
@@ -294,3 +384,83 @@ def test_no_results_yet_read_as_none_and_report_only_says_so(tmp_path):
     cfg.write_text(MICRO)
     with pytest.raises(ConfigError, match="--report_only: no runs and saved state in"):
         report_only(load_bench_config(str(cfg)), tmp_path)
+
+
+def test_readme_verdict_block_is_the_generated_one():
+    """README's verdict table is what `prefkit bench --report_only` generates from the committed results."""
+    from prefkit.bench.report import README_END, README_START, verdict_block
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert readme.count(README_START) == 1 and readme.count(README_END) == 1
+    block = readme[readme.index(README_START): readme.index(README_END) + len(README_END)]
+    assert block == verdict_block(root / "benchmarks", root / "benchmarks" / "results")
+
+
+def test_report_only_writes_the_readme_block_found_from_the_config(tmp_path, monkeypatch):
+    from prefkit.bench.report import README_END, README_START, regenerate_readme_block
+
+    bench_dir, elsewhere = tmp_path / "repo" / "benchmarks", tmp_path / "cwd"
+    (bench_dir / "results" / "s").mkdir(parents=True)
+    elsewhere.mkdir()
+    (bench_dir / "bench_s.yaml").write_text("name: s\ntitle: S. s\ntask: arithmetic\nseeds: [0, 1]\nmethods: {A: {}, B: {}}\n"
+                                            "claims: [{text: A beats B, method: A, baseline: B, metric: accuracy}]\n")
+    runs = _runs({"A": [0.5, 0.6], "B": [0.4, 0.45]})
+    (bench_dir / "results" / "s" / "runs.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in runs))
+    readme = tmp_path / "repo" / "README.md"
+    readme.write_text(f"intro\n{README_START}\nstale\n{README_END}\nrest\n")
+    monkeypatch.chdir(elsewhere)  # found from the config's folder, not the working directory
+    assert regenerate_readme_block(bench_dir, bench_dir / "results")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "stale" not in text
+    assert "| S | A beats B | – | not resolved: +12.5 points" in text
+    assert not regenerate_readme_block(bench_dir, tmp_path / "other_results")  # results elsewhere: README untouched
+
+
+def test_flat_rejected_weights_keep_the_mean_and_drop_the_position(tmp_path):
+    from prefkit.bench.tasks import flat_rejected_weights
+
+    src = tmp_path / "pairs_weighted.jsonl"
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_token_weights": [1.0, 0.5],
+             "rejected_token_weights": [0.1, 0.0, 0.5]}]
+    src.write_text(json.dumps(rows[0]) + "\n")
+    out = flat_rejected_weights(str(src))
+    assert out.endswith("pairs_weighted_flat.jsonl")
+    got = json.loads(Path(out).read_text())
+    assert got["chosen_token_weights"] == [1.0, 1.0] and got["rejected_token_weights"] == pytest.approx([0.2] * 3)
+    assert got["prompt"] == "p" and json.loads(src.read_text()) == rows[0]  # the source is left as it was
+
+
+def test_a5_and_control_configs_and_claim_points(tmp_path):
+    a5 = load_bench_config("benchmarks/bench_arithmetic_adpo.yaml")
+    lr_beta = sorted({round(p["learning_rate"] * p["beta"], 9) for p in a5.points()})
+    assert lr_beta == [5e-7, 1e-6, 2e-6] and sorted({p["beta"] for p in a5.points()}) == [0.1, 0.3, 1.0]
+    assert a5.train["num_train_epochs"] == 2 and a5.task_options["sft_from"] == "arithmetic"
+    assert point_label(a5.claims[2]["point"]) == "beta=1.0, learning_rate=2e-06"
+    flat = load_bench_config("benchmarks/bench_arithmetic_cadpo_flat.yaml")
+    assert flat.methods["cADPO flat"]["token_weights"] == "flat_rejected"
+    # a claim at a fixed point is one comparison in both views
+    runs = [RunResult(m, s, p, accuracy=a, val_accuracy=v) for m, s, p, a, v in [
+        ("A", 0, "learning_rate=1e-05", 0.5, 0.9), ("A", 1, "learning_rate=1e-05", 0.6, 0.9),
+        ("B", 0, "learning_rate=1e-05", 0.5, 0.9), ("B", 1, "learning_rate=1e-05", 0.5, 0.9),
+        ("A", 0, "learning_rate=0.0001", 0.3, 0.1), ("A", 1, "learning_rate=0.0001", 0.35, 0.1),
+        ("B", 0, "learning_rate=0.0001", 0.1, 0.1), ("B", 1, "learning_rate=0.0001", 0.12, 0.1)]]
+    claim = {"text": "c", "method": "A", "baseline": "B", "metric": "accuracy", "point": {"learning_rate": 1e-4}}
+    shared = {"A": "learning_rate=1e-05", "B": "learning_rate=1e-05"}
+    [[v1], [v2]] = section_verdicts(runs, [claim], [shared, shared])
+    assert v1 == v2 and "difference +0.215" in v1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\ntask: arithmetic\nsweep: {learning_rate: [1.0e-5]}\nmethods: {A: {}, B: {}}\n"
+                   "claims: [{text: t, method: A, baseline: B, metric: accuracy, point: {learning_rate: 3.0e-5}}]\n")
+    with pytest.raises(ConfigError, match=r"claims\[0\]\.point: .* is not a point of the sweep"):
+        load_bench_config(str(cfg))
+    cfg.write_text("name: c\ntask: arithmetic\nmethods: {A: {token_weights: flat_rejected}}\n")
+    with pytest.raises(ConfigError, match=r"methods\.A\.token_weights: .* with critical_tokens: true"):
+        load_bench_config(str(cfg))
+
+
+def test_splits_may_fill_three_quarters_of_the_distinct_problems():
+    # 2 one-digit terms: 9·9·2 = 162 distinct problems
+    assert len(make_splits(0, {"a": 100, "b": 21}, 2, 1)["b"]) == 21
+    with pytest.raises(ConfigError, match="at most three quarters"):
+        make_splits(0, {"a": 100, "b": 22}, 2, 1)

@@ -3,6 +3,7 @@ gradcheck for link x granularity, and independence of padding width and batch co
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -307,7 +308,7 @@ def test_token_weights_and_ld_alpha_multiply():
 def test_metrics_carry_trls_names():
     m = build_objective(spec())(make_logps()).stats.metrics()
     assert set(m) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                      "logps/rejected", "objective/num_units", "nll_loss"}
+                      "logps/rejected", "objective/num_units", "nll_loss", "adpo/response_weight"}
     assert m["logps/rejected"] == pytest.approx(sum(sum(p) for p in PL) / 2) and m["objective/num_units"] == 1.0
 
 
@@ -441,6 +442,48 @@ def test_static_windows_count_by_ceiling_division():
     p0 = -ls(BETA * H[0])
     p1 = -ls(BETA * (sum(lrw1) - sum(lrl1[:3]))) - ls(BETA * (0.0 - lrl1[3]))
     assert loss_of(spec(granularity="static", window_size=3)) == pytest.approx((p0 + p1) / 2, rel=1e-9)
+
+
+def test_unit_weights_are_dpos_and_adpos_gradient_weights_by_hand():
+    """σ(−β·ΣΔ) per pair (mean over pairs) and σ(−β·Δ_u) over the valid units, at token granularity: pair 0's
+    token margins (chosen log-ratios [0.5, 0, −1] minus rejected [−1, 0]) are [1.5, 0, −1]; pair 1's ([0.5, 0]
+    minus [0, 1, 0, −0.5]) are [0.5, −1, 0, 0.5]: seven valid units."""
+    m = build_objective(spec(granularity="static", window_size=1))(make_logps()).stats.metrics()
+    assert m["adpo/response_weight"] == pytest.approx((sig(-BETA * H[0]) + sig(-BETA * H[1])) / 2, rel=1e-6)
+    w = [sig(-BETA * d) for d in (1.5, 0.0, -1.0, 0.5, -1.0, 0.0, 0.5)]
+    mean = sum(w) / 7
+    assert m["adpo/unit_weight_mean"] == pytest.approx(mean, rel=1e-6)
+    assert m["adpo/unit_weight_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in w) / 7), rel=1e-6)
+    response = build_objective(spec())(make_logps()).stats.metrics()
+    assert response["adpo/response_weight"] == pytest.approx(m["adpo/response_weight"], rel=1e-12)
+    assert "adpo/unit_weight_mean" not in response and "adpo/unit_weight_std" not in response
+    # reference-free or another link: σ(−β·ΣΔ) is not its weight, so nothing is logged
+    assert not any(k.startswith("adpo/") for k in build_objective(spec("simpo", beta=2.0))(make_logps()).stats.metrics())
+    assert not any(k.startswith("adpo/") for k in build_objective(spec("ipo"))(make_logps()).stats.metrics())
+
+
+def test_unit_weights_reach_metrics_jsonl(tmp_path, tiny_tokenizer):
+    """A real two-step ADPO run logs the three weights at every logging step."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefkit import PrefConfig, PrefTrainer
+    from tests.conftest import _small
+    from tests.test_train_e2e import write_pairs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_small(len(tiny_tokenizer))))
+    rows = [json.loads(ln) for ln in write_pairs(tmp_path / "p.jsonl", 8).read_text().splitlines()]
+    args = PrefConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                      use_cpu=True, bf16=False, report_to="none", max_length=64, dynamics_steps=0,
+                      save_strategy="no", granularity="adaptive", num_segments=2)
+    PrefTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer).train()
+    recs = [json.loads(ln) for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert 0 < r["adpo/response_weight"] < 1 and 0 < r["adpo/unit_weight_mean"] < 1
+        assert r["adpo/unit_weight_std"] >= 0
 
 
 def test_adaptive_runs_log_their_effective_m():

@@ -8,12 +8,20 @@
     train: {...}                  # prefkit train options shared by all methods
     sweep:                        # optional: a grid of train options; every method runs at every point
       learning_rate: [1.0e-5, 3.0e-5, 1.0e-4]   # (a method's own value of a swept key wins)
+    # or an explicit list of points (same keys in each), e.g. lr·β held fixed across β:
+    #   sweep: [{beta: 0.1, learning_rate: 1.0e-5}, {beta: 1.0, learning_rate: 1.0e-6}]
+    reuses: [arithmetic]          # optional: sections some of whose runs.jsonl records were copied here
+    power_effect: 0.01            # optional: the report gives the seeds a claim needs for 80% power at it
     select_baseline: DPO          # with a sweep: the method whose best validation point is the shared one
     methods:                      # name: option overrides (ordered; every method is run and reported)
       SFT only: {sft_only: true}
       DPO: {loss_type: sigmoid}
       cADPO: {critical_tokens: true, granularity: adaptive, num_segments: 256}
       DPO+RC α=1: {reward_calibration: true, rc_alpha_one: true}   # a control: RC's machinery, α held at 1
+      cADPO flat: {critical_tokens: true, token_weights: flat_rejected, granularity: adaptive, num_segments: 256}
+    claims:                       # a claim is judged at each view's points, or at one fixed sweep point
+      - {text: "...", method: cADPO, baseline: DPO, metric: accuracy}
+      - {text: "...", method: cADPO, baseline: DPO, metric: accuracy, point: {learning_rate: 1.0e-4}}
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from prefkit.errors import ConfigError
 
 TASKS = ("arithmetic", "preference", "gsm8k")
 # method keys that are not prefkit train options
-BENCH_KEYS = ("sft_only", "critical_tokens", "rc_alpha_one")
+BENCH_KEYS = ("sft_only", "critical_tokens", "rc_alpha_one", "token_weights")
+# token_weights (with critical_tokens): "critical" = the critical-token weights as written; "flat_rejected" =
+# chosen weights 1 and every rejected token weighted by its response's mean weight (the cADPO control)
+TOKEN_WEIGHTS = ("critical", "flat_rejected")
 
 
 @dataclass
@@ -42,11 +53,15 @@ class BenchConfig:
     trajectory_methods: list[str] = field(default_factory=list)
     metric_note: str = ""
     source: str = ""
-    sweep: dict[str, list] = field(default_factory=dict)
+    sweep: dict[str, list] | list[dict] = field(default_factory=dict)
     select_baseline: str | None = None
+    reuses: list[str] = field(default_factory=list)
+    power_effect: float | None = None  # report: seeds for 80% power at this effect, from the paired SDs
 
     def points(self) -> list[dict]:
-        """The sweep's grid points ({} alone without a sweep), in config order."""
+        """The sweep's points ({} alone without a sweep), in config order: the grid of a mapping, or the list."""
+        if isinstance(self.sweep, list):
+            return [dict(p) for p in self.sweep]
         grid: list[dict] = [{}]
         for key, values in self.sweep.items():
             grid = [{**g, key: v} for g in grid for v in values]
@@ -71,7 +86,7 @@ def load_bench_config(path: str) -> BenchConfig:
     p = Path(path)
     raw = read_yaml_mapping(path, "bench config")
     allowed = {"name", "title", "task", "task_options", "seeds", "train", "methods", "claims",
-               "trajectory_methods", "metric_note", "sweep", "select_baseline"}
+               "trajectory_methods", "metric_note", "sweep", "select_baseline", "reuses", "power_effect"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -89,12 +104,23 @@ def load_bench_config(path: str) -> BenchConfig:
         if (opts or {}).get("rc_alpha_one") and not opts.get("reward_calibration"):
             raise ConfigError(f"{path}: methods.{name}: rc_alpha_one holds RC's α at 1; it needs "
                               "reward_calibration: true")
+        tw = (opts or {}).get("token_weights")
+        if tw is not None and (tw not in TOKEN_WEIGHTS or not opts.get("critical_tokens")):
+            raise ConfigError(f"{path}: methods.{name}.token_weights: must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                              "with critical_tokens: true")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")
     sweep = raw.get("sweep") or {}
-    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...]")
+    if isinstance(sweep, list):
+        if not all(isinstance(q, dict) and q and set(q) == set(sweep[0]) for q in sweep):
+            raise ConfigError(f"{path}: sweep: a list of points must hold mappings of train option: value, "
+                              "every one with the same keys")
+    elif not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...] or a list of points")
+    reuses = raw.get("reuses") or []
+    if not isinstance(reuses, list) or not all(isinstance(r, str) for r in reuses):
+        raise ConfigError(f"{path}: reuses: must be a list of section names (benchmarks/results/<name>)")
     select_baseline = raw.get("select_baseline")
     if select_baseline is not None and select_baseline not in methods:
         raise ConfigError(f"{path}: select_baseline: {select_baseline!r} is not one of the methods")
@@ -106,10 +132,21 @@ def load_bench_config(path: str) -> BenchConfig:
         for k in ("method", "baseline"):
             if c[k] not in methods:
                 raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not one of the methods")
-    return BenchConfig(
+        if "point" in c and not isinstance(c["point"], dict):
+            raise ConfigError(f"{path}: claims[{i}].point: must be a mapping of swept option: value")
+    bench = BenchConfig(
         name=str(raw["name"]), title=str(raw.get("title", raw["name"])), task=raw["task"], seeds=seeds,
         train=dict(raw.get("train") or {}), methods={k: dict(v or {}) for k, v in methods.items()},
         task_options=dict(raw.get("task_options") or {}), claims=claims,
         trajectory_methods=list(raw.get("trajectory_methods") or []), metric_note=str(raw.get("metric_note", "")),
-        source=str(p), sweep={k: list(v) for k, v in sweep.items()}, select_baseline=select_baseline,
+        source=str(p), sweep=[dict(q) for q in sweep] if isinstance(sweep, list) else {k: list(v) for k, v in sweep.items()},
+        select_baseline=select_baseline, reuses=reuses,
+        power_effect=float(raw["power_effect"]) if raw.get("power_effect") is not None else None,
     )
+    for i, c in enumerate(claims):
+        if "point" in c:
+            match = [q for q in bench.points() if q == dict(c["point"])]
+            if not match:
+                raise ConfigError(f"{path}: claims[{i}].point: {c['point']} is not a point of the sweep")
+            c["point"] = match[0]  # in the sweep's key order, so its label is the runs' point label
+    return bench

@@ -20,10 +20,12 @@ import math
 import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefkit.bench.config import BenchConfig
 from prefkit.bench.results import RunResult, point_label, slug, trajectory_name
+from prefkit.bench.stats import holm, mde, paired_t_p, seeds_for_power, sign_flip_p, t_quantile
 from prefkit.bench.tasks import Setup
 
 METRICS = [  # (field, column title, percent?, higher is better?)
@@ -38,14 +40,14 @@ METRICS = [  # (field, column title, percent?, higher is better?)
     ("in_band", "in band", True, True),
 ]
 
-# two-sided 95% quantiles of Student's t, df = 1..30 (beyond: the normal's 1.96)
+# two-sided 95% quantiles of Student's t, df = 1..30 (beyond: computed)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
 
 
 def t975(df: int) -> float:
-    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+    return T975[df - 1] if 1 <= df <= len(T975) else t_quantile(0.975, df)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -81,10 +83,10 @@ def summarize(results: list[RunResult], chosen: dict[str, str] | None = None
             out.setdefault(r.method, {})
     for method in out:
         runs = [r for r in results if r.method == method and (chosen is None or chosen.get(method) == r.point)]
-        for field, *_ in METRICS + [("train_seconds", "", False, None)]:
-            vals = [getattr(r, field) for r in runs if getattr(r, field) is not None]
+        for name, *_ in METRICS + [("train_seconds", "", False, None)]:
+            vals = [getattr(r, name) for r in runs if getattr(r, name) is not None]
             if vals:
-                out[method][field] = _stats(vals)
+                out[method][name] = _stats(vals)
     return out
 
 
@@ -98,27 +100,61 @@ def _fmt(stat: tuple[float, float, int] | None, pct: bool) -> str:
     return text + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
 
 
-def paired_verdict(method: dict[int, float], baseline: dict[int, float], higher_is_better: bool = True) -> str:
-    """Verdict on ``method − baseline`` from per-seed values (paired on the seeds both have)."""
-    if not method or not baseline:
-        return "not run"
+ALPHA = 0.05
+
+
+@dataclass
+class PairedTest:
+    """One claim's paired comparison: per-seed differences ``method − baseline`` on the seeds both have."""
+
+    kind: str  # "not run" | "one seed" | "identical" | "t"
+    sign: float = 1.0  # +1 when higher is better
+    diffs: list[float] = field(default_factory=list)
+    raw: float = 0.0  # one seed: the difference of means
+    p: float | None = None  # two-sided paired t-test
+    perm_p: float | None = None  # two-sided sign-flip permutation test
+
+    def text(self, adjusted: float | None) -> str:
+        """The verdict, judged on the Holm-adjusted p (``adjusted``) and the direction of the mean."""
+        if self.kind == "not run":
+            return "not run"
+        if self.kind == "one seed":
+            # one seed has no interval, so it can neither hold nor contradict a claim: the sign is shown, not judged
+            side = "the claimed direction" if self.sign * self.raw > 0 else "not the claimed direction"
+            return f"not resolved (one seed, no interval; difference {self.raw:+.4g}, {side})"
+        if self.kind == "identical":  # e.g. a method that reduces to its baseline: no spread, so no interval
+            return f"no difference (identical in all {len(self.diffs)} paired seeds)"
+        mean, half, n = ci95(self.diffs)
+        _, sd, _ = _stats(self.diffs)
+        ps = f"p {self.p:.2g}, Holm {adjusted:.2g}, sign-flip {self.perm_p:.2g}"
+        detail = f"difference {mean:+.4g}, 95% CI [{mean - half:+.4g}, {mean + half:+.4g}], {n} paired seeds; {ps}"
+        if adjusted is not None and adjusted < ALPHA:
+            return f"**{'held' if self.sign * mean > 0 else 'contradicted'}** ({detail})"
+        after = "; the CI excludes 0 but Holm's p does not survive" if self.p < ALPHA else ""
+        return (f"not resolved ({detail}{after}; CI half-width ±{half:.2g}, minimum detectable effect at 80% power "
+                f"±{mde(sd, n, ALPHA, 0.8):.2g})")
+
+
+def paired_test(method: dict[int, float], baseline: dict[int, float], higher_is_better: bool = True) -> PairedTest:
+    """The paired comparison of ``method − baseline`` from per-seed values (paired on the seeds both have)."""
     sign = 1.0 if higher_is_better else -1.0
+    if not method or not baseline:
+        return PairedTest("not run", sign)
     seeds = sorted(set(method) & set(baseline))
     if len(seeds) < 2:
         raw = sum(method.values()) / len(method) - sum(baseline.values()) / len(baseline)
-        # one seed has no interval, so it can neither hold nor contradict a claim: the sign is shown, not judged
-        side = "the claimed direction" if sign * raw > 0 else "not the claimed direction"
-        return f"not resolved (one seed, no interval; difference {raw:+.4g}, {side})"
+        return PairedTest("one seed", sign, raw=raw)
     diffs = [method[s] - baseline[s] for s in seeds]
-    if all(d == 0 for d in diffs):  # e.g. a method that reduces to its baseline: no spread, so no interval
-        return f"no difference (identical in all {len(diffs)} paired seeds)"
-    mean, half, n = ci95(diffs)
-    detail = f"difference {mean:+.4g}, 95% CI [{mean - half:+.4g}, {mean + half:+.4g}], {n} paired seeds"
-    if sign * mean - half > 0:
-        return f"**held** ({detail})"
-    if sign * mean + half < 0:
-        return f"**contradicted** ({detail})"
-    return f"not resolved ({detail}; smallest detectable effect ±{half:.2g})"
+    if all(d == 0 for d in diffs):
+        return PairedTest("identical", sign, diffs, p=1.0, perm_p=1.0)
+    return PairedTest("t", sign, diffs, p=paired_t_p(diffs), perm_p=sign_flip_p(diffs))
+
+
+def holm_adjusted(tests: list[PairedTest]) -> list[float | None]:
+    """Holm's adjustment over one family of tests (those with a p-value; None for the others)."""
+    tested = [i for i, t in enumerate(tests) if t.p is not None]
+    adjusted = dict(zip(tested, holm([tests[i].p for i in tested])))
+    return [adjusted.get(i) for i in range(len(tests))]
 
 
 def _higher_is_better(claim: dict) -> bool:
@@ -127,11 +163,40 @@ def _higher_is_better(claim: dict) -> bool:
     return next((m[3] for m in METRICS if m[0] == claim["metric"] and m[3] is not None), True)
 
 
-def claim_verdict(results: list[RunResult], claim: dict, chosen: dict[str, str] | None = None) -> str:
+def claim_test(results: list[RunResult], claim: dict, chosen: dict[str, str] | None = None) -> PairedTest:
     m, b, metric = claim["method"], claim["baseline"], claim["metric"]
+    if "point" in claim:  # a claim at one fixed sweep point, the same in every view
+        chosen = {m: point_label(claim["point"]), b: point_label(claim["point"])}
     pm = chosen.get(m, "") if chosen else ""
     pb = chosen.get(b, "") if chosen else ""
-    return paired_verdict(per_seed(results, m, pm, metric), per_seed(results, b, pb, metric), _higher_is_better(claim))
+    return paired_test(per_seed(results, m, pm, metric), per_seed(results, b, pb, metric), _higher_is_better(claim))
+
+
+def _comparison(claim: dict, chosen: dict[str, str] | None) -> tuple:
+    c = chosen or {}
+    if "point" in claim:
+        c = {claim["method"]: point_label(claim["point"]), claim["baseline"]: point_label(claim["point"])}
+    return claim["method"], c.get(claim["method"], ""), claim["baseline"], c.get(claim["baseline"], ""), claim["metric"]
+
+
+def section_verdicts(results: list[RunResult], claims: list[dict], views: list[dict[str, str] | None]
+                     ) -> list[list[str]]:
+    """Every claim's verdict in every view (a view: the point each method is compared at). The family Holm
+    adjusts over is the section's distinct comparisons (method and baseline at their points, metric): a claim
+    whose points are the same in two views is one test, not two."""
+    distinct: dict[tuple, PairedTest] = {}
+    for chosen in views:
+        for c in claims:
+            distinct.setdefault(_comparison(c, chosen), claim_test(results, c, chosen))
+    adjusted = dict(zip(distinct, holm_adjusted(list(distinct.values()))))
+    return [[distinct[_comparison(c, chosen)].text(adjusted[_comparison(c, chosen)]) for c in claims]
+            for chosen in views]
+
+
+def family_size(results: list[RunResult], claims: list[dict], views: list[dict[str, str] | None]) -> int:
+    keys = {_comparison(c, chosen) for chosen in views for c in claims}
+    return sum(1 for k in keys if claim_test(results, {"method": k[0], "baseline": k[2], "metric": k[4]},
+                                             {k[0]: k[1], k[2]: k[3]}).p is not None)
 
 
 def _restrict(bench: BenchConfig, method: str, point: dict) -> str:
@@ -164,6 +229,57 @@ def own_best_points(bench: BenchConfig, results: list[RunResult]) -> dict[str, s
                 best, best_val = point, v
         chosen[m] = best or ""
     return chosen
+
+
+def grid_edge(bench: BenchConfig, method: str, label: str) -> str:
+    """" (grid edge: lowest learning_rate)" when the selected point's value of a swept key is the lowest or
+    highest among the method's points that agree with it on every other key (so the grid does not bracket
+    the optimum along that key); "" otherwise."""
+    points = bench.method_points(method)
+    point = next((p for p in points if point_label(p) == label), None)
+    if point is None:
+        return ""
+    edges = []
+    for key, value in point.items():
+        line = [p[key] for p in points if all(p.get(k) == v for k, v in point.items() if k != key)]
+        if len(set(line)) > 1 and value in (min(line), max(line)):
+            edges.append(f"{'lowest' if value == min(line) else 'highest'} {key}")
+    return f" (grid edge: {', '.join(edges)})" if edges else ""
+
+
+def reused_runs(bench: BenchConfig, results: list[RunResult], results_dir: Path) -> dict[str, set]:
+    """Section name → keys of this section's runs that are identical records (commit and timings included) of
+    that section's runs.jsonl (config key ``reuses``): the same runs, so not independent evidence."""
+    out = {}
+    for name in bench.reuses:
+        theirs = {json.dumps(r.to_dict(), sort_keys=True) for r in read_results(results_dir.parent / name)}
+        out[name] = {r.key for r in results if json.dumps(r.to_dict(), sort_keys=True) in theirs}
+    return out
+
+
+def _reuse_mark(reused: dict[str, set], results: list[RunResult], claim: dict, chosen: dict[str, str] | None) -> str:
+    if "point" in claim:
+        chosen = {claim["method"]: point_label(claim["point"]), claim["baseline"]: point_label(claim["point"])}
+    used = {(m, (chosen or {}).get(m, ""), r.seed) for m in (claim["method"], claim["baseline"]) for r in results
+            if r.method == m and r.point == (chosen or {}).get(m, "")}
+    parts = [f"{len(used & keys)} of its {len(used)} runs are section {name}'s" for name, keys in reused.items()
+             if used & keys]
+    return f" [reused runs: {'; '.join(parts)}]" if parts else ""
+
+
+def _power_table(results: list[RunResult], claims: list[dict], views: list[dict[str, str]], effect: float
+                 ) -> list[str]:
+    """Seeds each claim needs for 80% power (two-sided paired t, α = 0.05) at ``effect``, from its paired SD."""
+    lines = [f"Seeds for 80% power at an effect of {effect:g} (two-sided paired t, α = 0.05; docs/bench.md), "
+             "from each comparison's paired SD over the seeds run so far:", "",
+             "| claim | view | paired seeds | paired SD | seeds needed |", "|---|---|---:|---:|---:|"]
+    for c in claims:
+        for name, chosen in zip(("shared point", "own best point"), views):
+            t = claim_test(results, c, chosen)
+            if t.kind == "t":
+                sd = _stats(t.diffs)[1]
+                lines.append(f"| {c['text']} | {name} | {len(t.diffs)} | {sd:.3g} | {seeds_for_power(sd, effect)} |")
+    return lines + [""]
 
 
 def _git_commit() -> str:
@@ -285,14 +401,15 @@ def provenance() -> dict:
             "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
 
 
-def _metrics_table(summary: dict, cols: list, chosen: dict[str, str] | None) -> list[str]:
+def _metrics_table(summary: dict, cols: list, chosen: dict[str, str] | None,
+                   edges: dict[str, str] | None = None) -> list[str]:
     point_col = chosen is not None
     lines = ["| method | " + ("point | " if point_col else "") + " | ".join(c[1] for c in cols) + " | train s |",
              "|---|" + ("---|" if point_col else "") + "---:|" * (len(cols) + 1)]
     for method, s in summary.items():
         cells = [_fmt(s.get(c[0]), c[2]) for c in cols]
         train_s = f"{s['train_seconds'][0]:.0f}" if "train_seconds" in s else "–"
-        where = f"{chosen.get(method) or '–'} | " if point_col else ""
+        where = f"{chosen.get(method) or '–'}{(edges or {}).get(method, '')} | " if point_col else ""
         lines.append(f"| {method} | {where}" + " | ".join(cells) + f" | {train_s} |")
     return lines
 
@@ -343,16 +460,27 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], res
         lines.append(f"- sweep: {bench.sweep}; {n_done} of {n_planned} planned runs done; points are picked "
                      "on validation accuracy only (mean over seeds), never on test")
     lines += [f"- {n}" for n in setup.notes]
+    reused = reused_runs(bench, results, results_dir)
+    for name, keys in reused.items():
+        which = sorted({f"{m} at {p or 'its point'}" for m, p, _ in keys})
+        lines.append(f"- reused runs: {len(keys)} of these {len(results)} runs are identical records of section "
+                     f"{name}'s runs.jsonl ({'; '.join(which)}): verdicts that use them are not independent of "
+                     f"section {name}'s")
     lines.append("")
     if bench.sweep:
-        lines += [f"### Every method at one shared point: {shared_label} (best validation accuracy of "
+        base = bench.select_baseline or next(m for m in bench.methods if not bench.methods[m].get("sft_only"))
+        lines += [f"### Every method at one shared point: {shared_label}"
+                  f"{grid_edge(bench, base, shared.get(base, ''))} (best validation accuracy of "
                   f"{bench.select_baseline or 'the first method'})", ""]
-    lines += _metrics_table(summary, cols, shared if bench.sweep else None)
+    def edges(chosen: dict[str, str]) -> dict[str, str]:
+        return {m: grid_edge(bench, m, p) for m, p in chosen.items() if m in bench.methods}
+
+    lines += _metrics_table(summary, cols, shared if bench.sweep else None, edges(shared))
     lines += ["", "mean ± std over seeds. " + bench.metric_note, ""]
     own = own_best_points(bench, results) if bench.sweep else None
     if own is not None:
         lines += ["### Every method at its own best validation point", ""]
-        lines += _metrics_table(summarize(results, own), cols, own)
+        lines += _metrics_table(summarize(results, own), cols, own, edges(own))
         lines += [""]
         lines += _sweep_table(bench, results, "val_accuracy", "Validation accuracy (%) by sweep point, mean ± 95% CI "
                               "half-width (this selects the points)")
@@ -365,22 +493,110 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], res
         else:
             lines += ["| claim | method vs baseline | metric | at the shared point | each at its own best point |",
                       "|---|---|---|---|---|"]
-        for c in bench.claims:
-            row = f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | {claim_verdict(results, c, shared)} |"
-            if own is not None:
-                row += f" {claim_verdict(results, c, own)} |"
-            lines.append(row)
-        lines += ["", "Verdicts: 95% t-interval of the per-seed paired difference (docs/bench.md); "
-                  "held / contradicted when it excludes 0, else not resolved with the smallest detectable effect "
-                  "(no difference when every seed's difference is 0).",
+        points = [shared, own] if own is not None else [shared]
+        views = section_verdicts(results, bench.claims, points)
+        for i, c in enumerate(bench.claims):
+            cells = [v[i] + _reuse_mark(reused, results, c, chosen) for v, chosen in zip(views, points)]
+            lines.append(f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | " + " | ".join(cells) + " |")
+        lines += ["", f"Verdicts (docs/bench.md): per-seed paired differences; p = two-sided paired t-test, Holm = "
+                  f"Holm-adjusted over this section's {family_size(results, bench.claims, points)} distinct comparisons "
+                  "(a claim at the same points in both views counts once), sign-flip = "
+                  "permutation test over the 2^n sign patterns (exact up to 16 seeds; no normality; it cannot go "
+                  "below 2/2^n). held / "
+                  "contradicted only when Holm's p < 0.05, else not resolved with the CI half-width and the minimum "
+                  "detectable effect at 80% power (no difference when every seed's difference is 0).",
                   ""]
+        if bench.power_effect:
+            lines += _power_table(results, bench.claims, points, bench.power_effect)
     for name in _plots(bench, summary, results_dir, shared):
         lines.append(f"![{name}](results/{results_dir.name}/{name})")
     lines.append("")
     section = results_dir / "section.md"
     section.write_text("\n".join(lines) + "\n")
     regenerate_results_md(results_dir.parent)
+    if bench.source:
+        regenerate_readme_block(Path(bench.source).resolve().parent, results_dir.parent)
     return section
+
+
+def regenerate_readme_block(config_dir: Path, results_root: Path) -> bool:
+    """The repository's README (beside the configs' folder, found from the config, not the working directory)
+    gets the verdict block, when the results went to the configs' own results folder."""
+    if (config_dir / "results").resolve() != results_root.resolve():
+        return False
+    return update_readme(config_dir.parent / "README.md", verdict_block(config_dir, results_root))
+
+
+README_START = "<!-- bench verdicts: generated by `prefkit bench CONFIG --report_only`; do not edit by hand -->"
+README_END = "<!-- end of bench verdicts -->"
+
+
+def _short(test: PairedTest, adjusted: float | None, pct: bool) -> str:
+    verdict = test.text(adjusted).split(" (")[0]
+    if test.kind != "t":
+        return verdict
+    mean, half, n = ci95(test.diffs)
+    scale, unit = (100.0, " points") if pct else (1.0, "")
+    return (f"{verdict}: {scale * mean:+.3g}{unit}, 95% CI [{scale * (mean - half):+.3g}, {scale * (mean + half):+.3g}], "
+            f"{n} seeds; p {test.p:.2g}, Holm {adjusted:.2g}, sign-flip {test.perm_p:.2g}")
+
+
+def verdict_rows(bench: BenchConfig, results: list[RunResult], reused: dict[str, set]) -> list[str]:
+    """README rows of one section: every claim in each view (one row when both views compare the same points)."""
+    shared, _ = shared_points(bench, results)
+    views = [("shared point", shared)] + ([("own best point", own_best_points(bench, results))] if bench.sweep else [])
+    distinct: dict[tuple, PairedTest] = {}
+    for _, chosen in views:
+        for c in bench.claims:
+            distinct.setdefault(_comparison(c, chosen), claim_test(results, c, chosen))
+    adjusted = dict(zip(distinct, holm_adjusted(list(distinct.values()))))
+    section = bench.title.split(" ")[0].rstrip(".")
+    rows = []
+    for c in bench.claims:
+        keys = list(dict.fromkeys(_comparison(c, chosen) for _, chosen in views))
+        pct = next((m[2] for m in METRICS if m[0] == c["metric"]), False)
+        for name, chosen in views:
+            key = _comparison(c, chosen)
+            if key not in keys:
+                continue
+            keys.remove(key)
+            if distinct[key].kind == "not run":  # a grid still under way: nothing to say yet
+                continue
+            view = "both views" if len(views) > 1 and not keys and name == views[0][0] else name
+            where = f"{view}: {key[1]} vs {key[3]}" if bench.sweep else "–"
+            mark = _reuse_mark(reused, results, c, chosen)
+            rows.append(f"| {section} | {c['text']} | {where} | {_short(distinct[key], adjusted[key], pct)}{mark} |")
+    return rows
+
+
+def verdict_block(config_dir: Path, results_root: Path) -> str:
+    """README's verdict table, from every config in ``config_dir`` with claims and runs in ``results_root``."""
+    from prefkit.bench.config import load_bench_config
+
+    benches = [load_bench_config(str(p)) for p in sorted(config_dir.glob("bench_*.yaml"))]
+    lines = [README_START, "", "| section | claim | compared at | verdict (Holm within the section) |",
+             "|---|---|---|---|"]
+    for bench in sorted(benches, key=lambda b: b.title):
+        results = read_results(results_root / bench.name)
+        if bench.claims and results:
+            order = list(bench.methods)
+            results = sorted(results, key=lambda r: (order.index(r.method) if r.method in order else len(order),
+                                                     r.point, r.seed))
+            lines += verdict_rows(bench, results, reused_runs(bench, results, results_root / bench.name))
+    return "\n".join(lines + ["", README_END])
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace README's marked block with ``block``; False (and nothing written) when it has no markers."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(head + block + tail)
+    return True
 
 
 RESULTS_HEADER = """# prefkit bench results

@@ -28,7 +28,7 @@ import torch
 from prefkit.bench.config import BENCH_KEYS, BenchConfig
 from prefkit.bench.report import append_run, provenance, read_results, write_report
 from prefkit.bench.results import RunResult, point_label, slug, trajectory_name
-from prefkit.bench.tasks import PREPARE, Setup
+from prefkit.bench.tasks import PREPARE, Setup, flat_rejected_weights
 from prefkit.configfile import options_to_argv, parse_config
 from prefkit.errors import ConfigError
 
@@ -65,10 +65,13 @@ def _dynamics_summary(run_dir: Path) -> tuple[float | None, list[tuple[int, floa
 def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_dir: Path,
                    point: dict | None = None) -> dict:
     options = {**bench.train, **(point or {}), **{k: v for k, v in opts.items() if k not in BENCH_KEYS}}
+    train_file, eval_file = setup.train_file, setup.eval_file
+    if opts.get("critical_tokens"):
+        train_file, eval_file = setup.weighted_train_file, setup.weighted_eval_file
+        if opts.get("token_weights") == "flat_rejected":
+            train_file, eval_file = flat_rejected_weights(train_file), flat_rejected_weights(eval_file)
     options.update(
-        model_name_or_path=setup.model_path,
-        dataset_name=setup.weighted_train_file if opts.get("critical_tokens") else setup.train_file,
-        eval_dataset_name=setup.weighted_eval_file if opts.get("critical_tokens") else setup.eval_file,
+        model_name_or_path=setup.model_path, dataset_name=train_file, eval_dataset_name=eval_file,
         eval_split="train", output_dir=str(run_dir), seed=seed,
         overwrite_output_dir=True, save_strategy="no", disable_tqdm=True,
     )

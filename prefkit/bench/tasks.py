@@ -271,6 +271,19 @@ def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
     return setup
 
 
+def flat_rejected_weights(src: str) -> str:
+    """The cADPO control's data: the weighted pairs with every chosen weight 1 and every rejected token weighted
+    by its response's mean critical-token weight, so the rejected side shrinks as much as cADPO's on average
+    but with no position. Written once beside ``src`` (``*_flat.jsonl``); deterministic in ``src``."""
+    out = Path(src).with_name(Path(src).name.replace(".jsonl", "_flat.jsonl"))
+    rows = [json.loads(line) for line in open(src)]
+    for r in rows:
+        w = r["rejected_token_weights"]
+        r["chosen_token_weights"] = [1.0] * len(r["chosen_token_weights"])
+        r["rejected_token_weights"] = [sum(w) / len(w)] * len(w) if w else []
+    return _write_jsonl(out, rows)
+
+
 def _length_gap_note(rows: list[dict]) -> str:
     if not rows:
         return "no pairs"

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from prefkit.objectives.granularity import assign_units, unit_sums
-from prefkit.objectives.links import LinkParams, UnitScores
+from prefkit.objectives.links import LinkParams, UnitScores, margin
 from prefkit.objectives.masks import combine_weights, ld_weights, poet_masks, weighted
 from prefkit.objectives.registry import LINKS
 from prefkit.objectives.types import LossOutput, LossStats, PairLogps
@@ -123,9 +123,9 @@ class Objective:
         nll_weight = self._nll_weight()
         if nll_weight:
             loss = loss + nll_weight * nll.mean()
-        return LossOutput(loss, self._stats(logps, u, units.mu_prime, nll))
+        return LossOutput(loss, self._stats(logps, u, units.mu_prime, nll, units.valid))
 
-    def _stats(self, logps: PairLogps, u: UnitScores, mu: Tensor, nll: Tensor) -> LossStats:
+    def _stats(self, logps: PairLogps, u: UnitScores, mu: Tensor, nll: Tensor, valid: Tensor) -> LossStats:
         beta = self.spec.params.beta
         with torch.no_grad():
             pw, pl = u.policy_chosen.sum(1), u.policy_rejected.sum(1)
@@ -141,7 +141,23 @@ class Objective:
             extra = {"nll_loss": nll.detach()}
             if self.spec.granularity == "adaptive":
                 extra["objective/effective_m"] = mu.detach()
+            if self.spec.loss_type[0] == "sigmoid" and logps.ref_chosen is not None:
+                extra.update(self._unit_weights(u, valid))
             return LossStats(rw.detach(), rl.detach(), pw.detach(), pl.detach(), mu.detach(), extra)
+
+    def _unit_weights(self, u: UnitScores, valid: Tensor) -> dict[str, Tensor]:
+        """What separates ADPO's gradient from DPO's (docs/dynamics.md): DPO weights a pair's summed gradient by
+        σ(−β·Σ_uΔ_u), ADPO (sum over units) each unit's by σ(−β·Δ_u), Δ the margin the loss uses. Logged: DPO's
+        response weight per pair and, with units finer than the response, the mean and the (population) spread
+        of the unit weights over the batch's valid units."""
+        beta = self.spec.params.beta
+        h = margin(u, self.spec.params)
+        out = {"adpo/response_weight": torch.sigmoid(-beta * (h * valid).sum(1)).detach()}
+        if self.spec.granularity != "response":
+            w = torch.sigmoid(-beta * h.detach())[valid]
+            out["adpo/unit_weight_mean"] = w.mean()
+            out["adpo/unit_weight_std"] = w.std(correction=0)
+        return out
 
 
 def wpo_weights(logps: PairLogps, chosen_mask: Tensor, rejected_mask: Tensor) -> Tensor:
