@@ -261,3 +261,76 @@ def test_an_explicit_layout_that_is_not_exact_is_refused(tmp_path, capsys):
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert len(err) == 1 and err[0].startswith(f"prefkit: error: {flag} true:") and "NemotronH" in err[0], err
         assert "Traceback" not in err[0]
+
+
+def _two_rows_vs_used(model, feats) -> None:
+    """Every layout prefkit uses on ``model`` gives the two-row layout's per-token log-probs."""
+    with torch.no_grad():
+        plain = compute_pair_logps(model, PairCollator(pad_token_id=0)(feats))
+        try:
+            for layout in _used_layouts(model):
+                out = compute_pair_logps(model, _collate(layout, feats))
+                torch.testing.assert_close(out.chosen, plain.chosen, rtol=0, atol=TOL, msg=layout.describe())
+                torch.testing.assert_close(out.rejected, plain.rejected, rtol=0, atol=TOL, msg=layout.describe())
+        finally:
+            _restore(model)
+
+
+# rotary scalings: "dynamic" and "longrope" change with the longest position, which the tiny
+# max_position_embeddings (16) puts inside the pairs (up to 24 positions), so both branches are reached
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                 "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+def test_scaled_rotary_positions_equal_two_rows(scaling):
+    """The rejected response gets the positions it has in two rows, under every rotary scaling: a
+    length-dependent one sees the same longest position in every layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                         rope_parameters={"rope_theta": 10000.0, **ROPE_SCALINGS[scaling]})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert resolve_layout(None, None, model).share_prompt
+    _two_rows_vs_used(model, pair_features(64))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "bloom", "mpt", "gpt_neox", "phi"])
+def test_non_rotary_positions_are_exact_or_refused(model_type):
+    """Learned absolute positions (GPT-2, OPT), ALiBi (BLOOM, MPT) and partial rotary (GPT-NeoX, Phi): each layout
+    used gives the two-row log-probs; where the decision refuses the shared prompt it says why."""
+    model, feats, _ = _model(model_type)
+    support = layout_support(model)
+    _two_rows_vs_used(model, feats)
+    if model_type in ("bloom", "mpt"):  # ALiBi's bias is not built from position_ids: never a shared prompt
+        assert support.shared is not None and not resolve_layout(None, None, model).share_prompt
+
+
+def test_fused_head_with_lora_on_the_head_equals_the_models_logits():
+    """A LoRA adapter on lm_head: the fused path applies the adapted head, not the base weight."""
+    from peft import LoraConfig, get_peft_model
+
+    model, feats, _ = _model("llama")
+    peft_model = get_peft_model(__import__("copy").deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    assert _fused_parts(peft_model) is not None
+    batch = PairCollator(pad_token_id=0)(feats)
+    with torch.no_grad():
+        fused = compute_pair_logps(peft_model, batch)
+        lp = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().log_softmax(-1)
+        base = compute_pair_logps(model, batch)
+    assert (fused.chosen - base.chosen).abs().max() > 1e-3  # the adapter changes the logits ...
+    for i in range(batch.num_pairs * 2):
+        s, n = int(batch.response_start[i]), int(batch.response_len[i])
+        want = lp[i, s - 1 : s + n - 1].gather(1, batch.input_ids[i, s : s + n, None]).squeeze(1)
+        got = (fused.chosen if i < batch.num_pairs else fused.rejected)[i % batch.num_pairs, :n]
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL)  # ... and the fused head applies it
