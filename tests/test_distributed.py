@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,17 @@ def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--max_length", "64", "--seed", "3", "--use_cpu", "true", *extra]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(args: list[str], config: Path = CONFIG) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefkit", *args]
+    # a port of its own: launches from parallel test workers must not meet at accelerate's default port
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--main_process_port", str(_free_port()), "-m", "prefkit", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
