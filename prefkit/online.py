@@ -175,7 +175,8 @@ def train_rounds(cfg: PrefConfig) -> dict:
     validate_online(cfg)
     out = Path(cfg.output_dir)
     if cfg.resume_from_checkpoint:
-        check_same_run(cfg, out)
+        # more rounds extend the run: a round trains on its own schedule and seed, whatever the count
+        check_same_run(cfg, out, may_change=frozenset({"rounds"}))
         done = finished_rounds(out)
         logger.info("resuming after round %d of %d", done, cfg.rounds)
     else:

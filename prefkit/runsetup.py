@@ -167,9 +167,9 @@ def _comparable(d: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(d, sort_keys=True)) or {}
 
 
-def check_same_run(cfg: PrefConfig, run_dir: Path) -> None:
+def check_same_run(cfg: PrefConfig, run_dir: Path, may_change: frozenset[str] = frozenset()) -> None:
     """ConfigError naming every option whose value differs from the one ``run_dir``'s run saved, except those a
-    resume may change (:data:`RESUME_MAY_CHANGE`)."""
+    resume may change (:data:`RESUME_MAY_CHANGE` and ``may_change``)."""
     saved_file = run_dir / CONFIG_FILE
     try:
         saved = yaml.safe_load(saved_file.read_text()) or {}
@@ -179,7 +179,7 @@ def check_same_run(cfg: PrefConfig, run_dir: Path) -> None:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"--resume_from_checkpoint: {saved_file} cannot be read ({e})") from e
     current = _comparable(resolved_config_dict(cfg))
-    changed = sorted(k for k in saved.keys() & current.keys() if k not in RESUME_MAY_CHANGE and saved[k] != current[k])
+    changed = sorted(k for k in saved.keys() & current.keys() if k not in RESUME_MAY_CHANGE | may_change and saved[k] != current[k])
     if changed:
         shown = "; ".join(f"--{k} {current[k]!r} (the run: {saved[k]!r})" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""

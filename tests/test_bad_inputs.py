@@ -569,7 +569,8 @@ def test_reward_model_scorer_refuses_pickled_weights(tmp_path, tiny_tokenizer):
 
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(LlamaConfig(**_small(len(tiny_tokenizer)), num_labels=1))
-    rm.save_pretrained(tmp_path / "rm", safe_serialization=False)
+    rm.config.save_pretrained(tmp_path / "rm")  # transformers saves safetensors only: write the pickle by hand
+    torch.save(rm.state_dict(), tmp_path / "rm" / "pytorch_model.bin")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     assert not list((tmp_path / "rm").glob("*.safetensors"))
     from prefkit.errors import ModelError

@@ -37,6 +37,8 @@ def killed_at(run: Path, dest: Path, checkpoint: int) -> Path:
     to step N+1 (not the finished run's later checkpoints, final model or metrics)."""
     dest.mkdir()
     shutil.copytree(run / f"checkpoint-{checkpoint}", dest / f"checkpoint-{checkpoint}")
+    for name in ("prefkit_config.yaml", "prefkit_data_fingerprint"):  # written before the first step
+        shutil.copy(run / name, dest / name)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     kept = [ln for ln in lines if json.loads(ln)["step"] <= checkpoint + 1 and "train_runtime" not in ln]
     assert any(json.loads(ln)["step"] == checkpoint + 1 for ln in kept)  # a step the resume must log again
@@ -112,8 +114,11 @@ def test_train_save_reload_eval_resume(tmp_path: Path, model_dir: Path, capsys):
     start = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(reloaded.lm_head.weight, start.lm_head.weight)  # it did train
 
+    # the run's own reference is named, not loaded: eval takes the reference only from its options
+    assert main(["eval", "--model_name_or_path", str(out), "--dataset_name", str(data), "--max_length", "64"]) == 2
+    assert f"--ref_model_name_or_path {model_dir} to score against it" in capsys.readouterr().err
     assert main(["eval", "--model_name_or_path", str(out), "--dataset_name", str(data),
-                 "--max_length", "64"]) == 0
+                 "--max_length", "64", "--ref_model_name_or_path", str(model_dir)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     want = _eval_by_hand(out, model_dir, data, beta=0.1)  # the reference: the model the run started from
     assert metrics["num_pairs"] == want["num_pairs"] == 28
