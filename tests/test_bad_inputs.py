@@ -516,6 +516,18 @@ def test_disk_full_during_a_checkpoint_save(tmp_path, capsys, pairs_file, model_
     assert_clean(*run(argv + ["--resume_from_checkpoint", "latest"], capsys), "no complete checkpoint")
 
 
+def test_atomic_writes_use_unique_temp_names(tmp_path, monkeypatch):
+    from prefkit import files
+
+    temps = []
+    replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (temps.append(Path(a).name), replace(a, b)))
+    files.atomic_write_text(tmp_path / "x.json", "1")
+    files.atomic_write_text(tmp_path / "x.json", "2")
+    assert len(set(temps)) == 2 and all(str(os.getpid()) in t for t in temps)  # two writers never share one
+    assert (tmp_path / "x.json").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
 def test_resume_latest_with_no_complete_checkpoint(tmp_path, capsys, pairs_file, model_dir):
     (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)  # a save killed before its marker
     argv = _train(tmp_path, pairs_file, model_dir, "--resume_from_checkpoint", "latest")
