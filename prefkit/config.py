@@ -284,6 +284,8 @@ def validate_config(cfg: PrefConfig) -> None:
         bad("pad_to_multiple_of", f"must be a positive integer, got {cfg.pad_to_multiple_of}")
     if cfg.eval_split_size < 0:
         bad("eval_split_size", f"must be >= 0, got {cfg.eval_split_size}")
+    if cfg.eval_split_size >= 1 and cfg.eval_split_size != int(cfg.eval_split_size):
+        bad("eval_split_size", f"a share below 1 or a whole count of pairs, got {cfg.eval_split_size}")
     if cfg.dynamics_steps < 0:
         bad("dynamics_steps", f"must be >= 0, got {cfg.dynamics_steps}")
     if cfg.dynamics_params not in ("auto", "lm_head", "last_block", "lora", "trainable"):

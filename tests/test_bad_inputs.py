@@ -98,10 +98,59 @@ def _train(tmp_path, data, model, *extra: str) -> list[str]:
     ("ref_model_mixup_alpha", "1.5", "--ref_model_mixup_alpha: must be in [0, 1]"),
     ("max_steps", "0", "--max_steps: gives no training steps"),
     ("learning_rate", "inf", "--learning_rate: must be a finite number"),
+    ("eval_split_size", "1.5", "--eval_split_size: a share below 1 or a whole count of pairs, got 1.5"),
+    ("eval_split_size", "-0.1", "--eval_split_size: must be >= 0"),
+    ("beta", "0", "--beta: must be positive, got 0.0"),
+    ("label_smoothing", "0.7", "--label_smoothing: must be in [0, 0.5)"),
+    ("loss_type", "nosuch", "--loss_type: unknown value 'nosuch'"),
+    ("max_steps", "abc", "--max_steps/--max-steps: invalid int value: 'abc'"),
 ])
 def test_numeric_option_out_of_range_is_refused_before_loading(tmp_path, capsys, pairs_file, option, value, match):
     # the model path does not exist: the option must be refused before anything loads
     argv = _train(tmp_path, pairs_file, tmp_path / "no-model", f"--{option}", value)
+    assert_clean(*run(argv, capsys), match)
+
+
+def test_eval_split_leaving_no_training_pair_is_refused(tmp_path, capsys, pairs_file, model_dir):
+    argv = _train(tmp_path, pairs_file, model_dir, "--eval_split_size", "50")
+    assert_clean(*run(argv, capsys), "--eval_split_size: 50 holds out 50 of the 12 training pairs")
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("per_device_eval_batch_size", "0", "--per_device_eval_batch_size: must be at least 1"),
+    ("max_length", "1", "--max_length: must be at least 2"),
+    ("beta", "-1", "--beta: must be positive"),
+    ("max_eval_samples", "-1", "--max_eval_samples: must be at least 1"),
+])
+def test_eval_option_out_of_range_is_refused_before_loading(tmp_path, capsys, pairs_file, option, value, match):
+    argv = ["eval", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(pairs_file),
+            f"--{option}", value]
+    assert_clean(*run(argv, capsys), match)
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("num_samples", "0", "--num_samples: must be at least 1"),
+    ("max_new_tokens", "0", "--max_new_tokens: must be at least 1"),
+    ("temperature", "-1", "--temperature: must be >= 0"),
+    ("scorer", "nosuch", "--scorer: unknown spec 'nosuch'"),
+    ("scorer", "regex:(", "--scorer regex:(: not a valid regular expression"),
+    ("scorer", "python:no_such_scorer_mod:f", "cannot import module 'no_such_scorer_mod'"),
+])
+def test_pairs_option_refused_before_sampling(tmp_path, capsys, model_dir, option, value, match):
+    p = _lines_file(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "1 + 1 =", "answer": "2"})])
+    argv = ["pairs", "--model_name_or_path", str(model_dir), "--prompts", str(p), "--scorer", "math",
+            "--output", str(tmp_path / "o.jsonl"), f"--{option}", value]
+    assert_clean(*run(argv, capsys), match)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--config", "no-such.yaml"], "--config: no-such.yaml does not exist"),
+    (["train", "--resume_from_checkpoint", "no-such-dir"], "--resume_from_checkpoint: no-such-dir is not a directory"),
+    (["plot", "no-such-dir"], "no-such-dir: no metrics.jsonl"),
+])
+def test_missing_named_file_or_folder(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
     assert_clean(*run(argv, capsys), match)
 
 
@@ -450,6 +499,33 @@ def test_second_run_into_a_locked_output_dir_is_refused(run_copy, capsys):
         line = assert_clean(*run(_resume(run_copy, ckpt="out/checkpoint-2"), capsys),
                             "--output_dir", "is in use by another prefkit run")
     assert str(__import__("os").getpid()) in line
+
+
+def test_disk_full_during_a_checkpoint_save(tmp_path, capsys, pairs_file, model_dir, monkeypatch):
+    import torch
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)  # checkpoint-1's torch archives (after its weights)
+    argv = _train(tmp_path, pairs_file, model_dir, "--save_steps", "1")
+    assert_clean(*run(argv, capsys), "out/checkpoint-1/", "no space left on the device")
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    assert ckpt.is_dir() and not (ckpt / "prefkit_checkpoint_complete").exists()  # the half save is not marked
+    monkeypatch.undo()
+    assert_clean(*run(argv + ["--resume_from_checkpoint", "latest"], capsys), "no complete checkpoint")
+
+
+def test_atomic_writes_use_unique_temp_names(tmp_path, monkeypatch):
+    from prefkit import files
+
+    temps = []
+    replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (temps.append(Path(a).name), replace(a, b)))
+    files.atomic_write_text(tmp_path / "x.json", "1")
+    files.atomic_write_text(tmp_path / "x.json", "2")
+    assert len(set(temps)) == 2 and all(str(os.getpid()) in t for t in temps)  # two writers never share one
+    assert (tmp_path / "x.json").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
 def test_resume_latest_with_no_complete_checkpoint(tmp_path, capsys, pairs_file, model_dir):

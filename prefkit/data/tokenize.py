@@ -22,7 +22,7 @@ from datasets import Dataset
 from prefkit.data.formats import PairText, check_columns, conversational_pair, row_kind, text_pair
 from prefkit.data.load import ROW
 from prefkit.data.types import SkipReport
-from prefkit.errors import DataError
+from prefkit.errors import ConfigError, DataError
 
 WEIGHT_FIELDS = ("chosen_token_weights", "rejected_token_weights")
 # texts per tokenizer call: one call over a whole column builds every row's encoding (tokens, offsets, masks) at
@@ -176,10 +176,13 @@ def _weights(values: list, source: str, row_no: int, field: str) -> list[float]:
 
 
 def split_train_eval(ds: Dataset, eval_split_size: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Deterministic held-out split: a share if < 1, a count if >= 1."""
+    """Deterministic held-out split: a share if < 1 (at least one pair), a count if >= 1. ConfigError when it
+    would leave no training pair."""
     if eval_split_size <= 0:
         return ds, None
-    n_eval = int(round(eval_split_size * len(ds))) if eval_split_size < 1 else int(eval_split_size)
-    n_eval = min(max(n_eval, 1), len(ds) - 1)
+    n_eval = max(int(round(eval_split_size * len(ds))), 1) if eval_split_size < 1 else int(eval_split_size)
+    if n_eval >= len(ds):
+        raise ConfigError(f"--eval_split_size: {eval_split_size:g} holds out {n_eval} of the {len(ds)} training "
+                          "pairs, leaving none to train on; pass a smaller share or count")
     parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
