@@ -1,4 +1,5 @@
-"""Command line: `prefkit train | eval | plot | critical-tokens | pairs | bench`.
+"""Command line: `prefkit train | eval | plot | critical-tokens | pairs | bench`; ``prefkit COMMAND --help`` shows
+a command's options, ``prefkit --version`` the version.
 
 Options are PrefConfig fields (TrainingArguments / DPOConfig names); ``--config run.yaml`` supplies a base
 and command-line options override it. Every command runs inside one error boundary (:func:`main`): any
@@ -16,14 +17,28 @@ import os
 import sys
 from pathlib import Path
 
-from prefkit.configfile import given_options, parse_config
+from prefkit.configfile import given_options, options_help, parse_config, wants_help
 from prefkit.configfile import options_to_argv as options_to_argv  # re-exported: scripts build argv with it
 from prefkit.errors import describe
 
 # The commands import their modules when run, so that `prefkit --help` does not load torch and transformers.
 
 
+_TRAIN_HELP = ("Train a model on preference pairs. With no --model_name_or_path and no --dataset_name: the embedded "
+               "demo (SmolLM2-135M-Instruct + LoRA on a bundled HH-RLHF sample). --log_level debug shows prefkit's "
+               "internal detail; --debug (or PREFKIT_DEBUG=1) a traceback instead of a one-line error.")
+_EVAL_HELP = ("Preference metrics (reward accuracy, margins, log-prob changes) of a trained model or adapter on a "
+              "preference dataset, printed as JSON. A run's saved --beta applies unless given; the reference is "
+              "the adapter's base, or --ref_model_name_or_path.")
+# the options `prefkit eval` reads itself, shown first in its help; the data and model groups hold the rest
+_EVAL_LEAD = ("eval", ("model_name_or_path", "ref_model_name_or_path", "dataset_name", "dataset_split", "beta",
+                       "per_device_eval_batch_size", "max_eval_samples"))
+
+
 def _cmd_train(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(options_help("prefkit train", _TRAIN_HELP))
+        return 0
     from prefkit.run import train_main
 
     train_main(parse_config(argv, demo=True))
@@ -31,6 +46,12 @@ def _cmd_train(argv: list[str]) -> int:
 
 
 def _cmd_eval(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(options_help("prefkit eval", _EVAL_HELP, lead=_EVAL_LEAD,
+                           groups=("model and LoRA", "data", "layouts and performance"),
+                           own=[("--output_file", "JSON file of the metrics (default: <model dir>/eval_results.json "
+                                                  "for a run's output dir)")]))
+        return 0
     from prefkit.run import eval_main
 
     output_file = _pop_option(argv, "output_file")
@@ -89,6 +110,15 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefkit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or "--debug_traceback" in argv or os.environ.get("PREFKIT_DEBUG", "") not in ("", "0")
@@ -100,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: prefkit {" + ",".join(COMMANDS) + "} [options]\n")
+        print("usage: prefkit {" + ",".join(COMMANDS) + "} [options]\n       prefkit --version\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<16} {help_text}")
+        print("\n`prefkit COMMAND --help` shows a command's options.")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"prefkit {_version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
@@ -112,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command][0](rest)
+    except SystemExit as e:  # a command's own argparse parser after --help (0) or on a bad argument (2)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     except KeyboardInterrupt:
         print("prefkit: interrupted", file=sys.stderr)
         return 130

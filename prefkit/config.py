@@ -13,11 +13,13 @@ loaded models (:func:`prefkit.layouts.resolve_layout`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
+from prefkit.aliases import resolve_names
 from prefkit.errors import ConfigError
 
 
@@ -103,24 +105,6 @@ class PrefConfig(TrainingArguments):
         default="keep_end",
         metadata={"help": "Prompt truncation: keep_end (drop the oldest tokens) or keep_start."},
     )
-    share_prompt: bool | None = field(
-        default=None,
-        metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); false: 2 rows. "
-                          "Default: on wherever it is exact on the model (docs/models.md); true on a model where it "
-                          "is not is refused."},
-    )
-    pack_pairs: bool | None = field(
-        default=None,
-        metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair. "
-                          "Default: on wherever it is exact on the model and the segment attention is registered "
-                          "(the command line registers it; in Python, prefkit.accel.install does)."},
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None,
-        metadata={"help": "Round row lengths (and the LM head's token count) up to a multiple of this. Default "
-                          "(command line): 64 for bf16 on a CPU (its bf16 kernels are built per shape, so unbucketed "
-                          "lengths rebuild them every step), else none."},
-    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
 
@@ -156,6 +140,8 @@ class PrefConfig(TrainingArguments):
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mix-up weight α of the policy."})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: optimizer steps between syncs."})
     discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP temperature τ."})
+
+    # ---- granularity (ADPO) ------------------------------------------------------------------------
     granularity: str = field(
         default="response",
         metadata={"help": "ADPO feedback units: response (DPO) | static (window k) | adaptive (m pieces) | token."},
@@ -169,11 +155,13 @@ class PrefConfig(TrainingArguments):
         default="zero",
         metadata={"help": "Static windows: pad the shorter response with log-ratio 0 (zero) or scored EOS (eos)."},
     )
-    poet: bool = field(default=False, metadata={"help": "POET: truncate chosen/rejected to the shorter length."})
     use_token_weights: bool = field(
         default=False,
         metadata={"help": "cADPO: weight tokens by dataset fields chosen_token_weights/rejected_token_weights."},
     )
+
+    # ---- POET --------------------------------------------------------------------------------------
+    poet: bool = field(default=False, metadata={"help": "POET: truncate chosen/rejected to the shorter length."})
 
     # ---- dynamics ----------------------------------------------------------------------------------
     dynamics_steps: int = field(default=0, metadata={"help": "Log incentive/score/band diagnostics every N steps."})
@@ -219,7 +207,25 @@ class PrefConfig(TrainingArguments):
     online_reference_field: str = field(default="answer", metadata={"help": "Reference field for math/regex."})
     online_prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (text or messages)."})
 
-    # ---- run ---------------------------------------------------------------------------------------
+    # ---- layouts and performance ------------------------------------------------------------------
+    share_prompt: bool | None = field(
+        default=None,
+        metadata={"help": "Run the prompt once per pair (chosen and rejected in one row, 4D mask); false: 2 rows. "
+                          "Default: on wherever it is exact on the model (docs/models.md); true on a model where it "
+                          "is not is refused."},
+    )
+    pack_pairs: bool | None = field(
+        default=None,
+        metadata={"help": "With share_prompt: all pairs of a batch in one row, no padding, attention per pair. "
+                          "Default: on wherever it is exact on the model and the segment attention is registered "
+                          "(the command line registers it; in Python, prefkit.accel.install does)."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Round row lengths (and the LM head's token count) up to a multiple of this. Default "
+                          "(command line): 64 for bf16 on a CPU (its bf16 kernels are built per shape, so unbucketed "
+                          "lengths rebuild them every step), else none."},
+    )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Compute reference log-probs once and cache them on disk."}
     )
@@ -230,6 +236,8 @@ class PrefConfig(TrainingArguments):
                           "thread alongside the policy forward, half the intra-op threads each (host layer, "
                           "prefkit.accel: the command line installs it)."},
     )
+
+    # ---- run ---------------------------------------------------------------------------------------
     ignore_bias_buffers: bool = field(
         default=False, metadata={"help": "DDP: do not sync boolean buffers (TRL's fix for some LM mask buffers)."}
     )
@@ -260,8 +268,54 @@ class PrefConfig(TrainingArguments):
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
 
 
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+_DEFAULTS = {f.name: _default(f) for f in dataclasses.fields(PrefConfig) if f.init}
+_dataclass_init = PrefConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_trl_names(self: PrefConfig, *args, **kwargs) -> None:
+    # TRL's names (padding_free, warmup_ratio, …) resolve here through the table the command line reads
+    # (prefkit.aliases), so PrefConfig(padding_free=True) means what --padding_free true means
+    _dataclass_init(self, *args, **resolve_names(kwargs, _DEFAULTS))
+
+
+PrefConfig.__init__ = _init_with_trl_names  # type: ignore[method-assign]
+
+
 def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(PrefConfig) if f.init]
+
+
+TRAINER_GROUP = "trainer options (transformers TrainingArguments, as in TRL's DPOConfig)"
+
+# The named groups of `prefkit train --help`, in the order it shows them: title → the group's first field. A group
+# runs, in the order PrefConfig declares its fields, up to the next group's first field, so a new field lands in
+# the group of the section it is written in. TrainingArguments' own fields form TRAINER_GROUP.
+OPTION_GROUPS: dict[str, str] = {
+    "objective / loss": "beta",
+    "granularity (ADPO)": "granularity",
+    "POET": "poet",
+    "dynamics / reward calibration": "dynamics_steps",
+    "semi-online rounds (--rounds)": "rounds",
+    "layouts and performance": "share_prompt",
+    "model and LoRA": "model_name_or_path",
+    "data": "dataset_name",
+    "run": "ignore_bias_buffers",
+    TRAINER_GROUP: "learning_rate",  # the TrainingArguments defaults PrefConfig changes
+}
+
+
+@functools.cache
+def option_groups() -> dict[str, str]:
+    """Option name → the title of its group in the help (:data:`OPTION_GROUPS`)."""
+    declared = list(PrefConfig.__dict__["__annotations__"])  # PrefConfig's own, in the order of the class body
+    starts = sorted((declared.index(first), title) for title, first in OPTION_GROUPS.items())
+    groups = {name: next(t for i, t in reversed(starts) if i <= pos) for pos, name in enumerate(declared)}
+    return {name: groups.get(name, TRAINER_GROUP) for name in option_names()}
 
 
 def validate_config(cfg: PrefConfig) -> None:

@@ -7,9 +7,15 @@ Every command (`prefkit train | eval | critical-tokens | pairs | bench`) builds 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
+import functools
 import json
+import logging
+from collections.abc import Collection
 from pathlib import Path
+from typing import get_type_hints
 
 import yaml
 
@@ -112,17 +118,116 @@ def given_options(argv: list[str]) -> set[str]:
     return {name for name in map(_option_token, base + argv) if name is not None}
 
 
-def parse_config(argv: list[str], *, demo: bool = False):
-    """PrefConfig from a YAML base (``--config``) and command-line overrides; demo preset under both; the
-    host layer's defaults (:func:`prefkit.accel.host_defaults`) for the options that are still unset."""
-    from transformers import HfArgumentParser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """One spelling per option (HfArgumentParser also registers --hyphen-ated ones and, for a flag that defaults
+    to true, a --no_<flag> twin), a boolean's value as [true|false]."""
 
-    from prefkit.accel import host_defaults
-    from prefkit.config import PrefConfig, option_names
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flag = action.option_strings[-1] if action.option_strings[0] == "-h" else action.option_strings[0]
+        if action.nargs == 0:
+            return "-h, --help" if action.option_strings[0] == "-h" else flag
+        if getattr(action.type, "__name__", "") == "string_to_bool":
+            return f"{flag} [true|false]"
+        return f"{flag} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
 
-    class Parser(HfArgumentParser):
+    def add_argument(self, action: argparse.Action) -> None:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no"):
+            return  # the twin of a flag shown already: --no_<flag> is the same as --<flag> false
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "%(default)" in text or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+@functools.cache
+def _option_parser_class() -> type:
+    from transformers import HfArgumentParser  # here, so that `prefkit --help` does not import transformers
+
+    class OptionParser(HfArgumentParser):
+        def __init__(self, *, groups: Collection[str] | None = None,
+                     lead: tuple[str, Collection[str]] | None = None, **kwargs) -> None:
+            from prefkit.config import PrefConfig
+
+            self._groups, self._lead = groups, lead  # read by _add_dataclass_arguments, which super() calls
+            super().__init__(PrefConfig, add_help=False, formatter_class=_HelpFormatter, **kwargs)
+
         def error(self, message: str):  # argparse would print its usage and exit
             raise ConfigError(message)
+
+        def _add_dataclass_arguments(self, dtype) -> None:
+            from prefkit.config import OPTION_GROUPS, option_groups
+
+            hints = get_type_hints(dtype)
+            lead_title, lead_names = self._lead or ("", ())
+            self.lead_group = self.add_argument_group(lead_title) if self._lead else None
+            targets = {lead_title: self.lead_group} if self._lead else {}
+            for title in OPTION_GROUPS:
+                if self._groups is None or title in self._groups:
+                    targets[title] = self.add_argument_group(title)
+            groups = option_groups()
+            fields = {f.name: f for f in dataclasses.fields(dtype) if f.init}
+            for name in [*lead_names, *(n for n in fields if n not in lead_names)]:  # the lead in its order
+                target = targets.get(lead_title if name in lead_names else groups.get(name, ""))
+                if target is not None:
+                    fields[name].type = hints[name]
+                    self._parse_dataclass_field(target, fields[name])
+
+    return OptionParser
+
+
+def option_parser(*, groups: Collection[str] | None = None, lead: tuple[str, Collection[str]] | None = None,
+                  **kwargs) -> argparse.ArgumentParser:
+    """HfArgumentParser over PrefConfig with the options in the named groups of
+    :func:`prefkit.config.option_groups` (prefkit's first, transformers' last), so that the parser that reads a
+    command line is the one whose help is printed. ``groups``: only the options of these groups (default all);
+    ``lead``: a group of options shown first (``(title, option names)``), taken out of their own groups;
+    ``kwargs`` go to ArgumentParser."""
+    from prefkit.config import OPTION_GROUPS
+
+    unknown = set(groups or ()) - set(OPTION_GROUPS)
+    if unknown:  # a renamed group would otherwise silently drop its options from a command's help
+        raise ValueError(f"no option group {', '.join(sorted(unknown))}; the groups are {', '.join(OPTION_GROUPS)}")
+    return _option_parser_class()(groups=groups, lead=lead, **kwargs)
+
+
+def options_help(prog: str, description: str, *, groups: Collection[str] | None = None,
+                 lead: tuple[str, Collection[str]] | None = None, own: Collection[tuple[str, str]] = ()) -> str:
+    """The help of a command whose options are PrefConfig's: the ``lead`` group first (with ``own``, ``(flag,
+    help)`` pairs of the command's options outside PrefConfig), then :func:`option_parser`'s groups, ``-h`` and
+    ``--config``, then the TRL spellings accepted."""
+    from prefkit.aliases import ALIASES, REFUSED, TRANSLATED
+
+    spellings = [f"--{a} (= --{t})" for a, t in ALIASES.items() if t not in REFUSED]
+    spellings += [f"--{a} (= --{t}, a share below 1)" for a, t in TRANSLATED.items()]
+    p = option_parser(prog=prog, usage=f"{prog} [--config run.yaml] [--option value ...]", description=description,
+                      groups=groups, lead=lead, epilog=(
+                          "TRL's spellings are accepted too: " + ", ".join(spellings)
+                          + "; --flag=value, --hyphen-ated names, a bare --flag (true) and --no_flag (false), as "
+                          "`trl dpo` reads them. docs/trl.md lists the TRL options prefkit refuses and why."))
+    for flag, text in own:
+        p.lead_group.add_argument(flag, help=text)
+    general = p.add_argument_group("general")
+    general.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    general.add_argument("--config", metavar="run.yaml", help="a YAML file of options; the command line's override it")
+    return p.format_help()
+
+
+def wants_help(argv: list[str]) -> bool:
+    """``-h`` or ``--help`` among the options (not as the value of one, e.g. a prompt file named -h)."""
+    return any(tok in ("-h", "--help") for tok in argv)
+
+
+def parse_config(argv: list[str], *, demo: bool = False):
+    """PrefConfig from a YAML base (``--config``) and command-line overrides; demo preset under both; the
+    host layer's defaults (:func:`prefkit.accel.host_defaults`) for the options that are still unset.
+    ``--log_level debug`` also shows prefkit's debug lines."""
+    from prefkit.accel import host_defaults
+    from prefkit.config import PrefConfig, option_names
 
     base, argv = _split_config(argv)
     known = option_names()
@@ -134,12 +239,15 @@ def parse_config(argv: list[str], *, demo: bool = False):
         for key, value in DEMO_DEFAULTS.items():
             if key not in given:
                 preset += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    namespace, unused = Parser(PrefConfig).parse_known_args(args=preset + base + argv)
+    namespace, unused = option_parser().parse_known_args(args=preset + base + argv)
     if unused:
         raise ConfigError(f"arguments not understood: {' '.join(unused)}")
     values = {k: v for k, v in vars(namespace).items() if k in known}
     values.update(host_defaults(values))
     try:
-        return PrefConfig(**values)
+        cfg = PrefConfig(**values)
     except (ValueError, TypeError, ImportError) as e:  # TrainingArguments' own checks
         raise ConfigError(one_line(e)) from e
+    if cfg.log_level == "debug":  # prefkit's internal detail (host tuning, …) is logged at debug level
+        logging.getLogger("prefkit").setLevel(logging.DEBUG)
+    return cfg

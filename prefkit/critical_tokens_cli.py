@@ -24,7 +24,9 @@ from prefkit.runsetup import weight_dtype
 
 
 def critical_tokens_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prefkit critical-tokens", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="prefkit critical-tokens", description=__doc__.splitlines()[0], epilog=(
+        "The data and truncation options of `prefkit train` (--dataset_name, --dataset_split, --max_length, "
+        "--max_prompt_length, --truncation_mode, ...) apply as well: see `prefkit train --help`."))
     p.add_argument("--positive_model", required=True, help="model fine-tuned on correct solutions")
     p.add_argument("--negative_model", required=True, help="model fine-tuned on incorrect solutions")
     p.add_argument("--output_file", required=True, help="JSONL to write")

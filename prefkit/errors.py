@@ -9,8 +9,9 @@ class PrefkitError(Exception):
     exit_code = 2
 
 
-class ConfigError(PrefkitError):
-    """An invalid option value or combination, raised before any training starts."""
+class ConfigError(PrefkitError, ValueError):
+    """An invalid option value or combination, raised before any training starts. A ValueError, as TRL's and
+    transformers' checks of their options are, so code written to catch those catches it too."""
 
 
 class DataError(PrefkitError):

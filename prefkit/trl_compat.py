@@ -11,6 +11,9 @@ TRL parses ``ScriptArguments``, ``DPOConfig``, ``ModelConfig`` and ``DatasetMixt
 - a TRL option prefkit does not implement is refused with one line saying what to do (:data:`REFUSED`),
   unless it is given its "off" value, which changes nothing.
 
+The tables live in :mod:`prefkit.aliases`, which ``PrefConfig(**kwargs)`` reads too: a TRL name means the same
+in Python as on the command line.
+
 Every field of TRL's dataclasses is a PrefConfig field, an alias, a translation or a refusal; the tests walk
 TRL's fields so a new one shows up as a failing test.
 """
@@ -20,59 +23,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
 
+from prefkit.aliases import ALIASES as ALIASES
+from prefkit.aliases import REFUSED as REFUSED
+from prefkit.aliases import TRANSLATED as TRANSLATED
+from prefkit.aliases import is_off, warmup_ratio
 from prefkit.errors import ConfigError
-
-# TRL name → PrefConfig field with the same meaning
-ALIASES: dict[str, str] = {
-    "model_dtype": "dtype",  # prefkit's earlier name
-    "dataset_train_split": "dataset_split",
-    "dataset_test_split": "eval_split",
-    "test_split_size": "eval_split_size",  # DatasetMixtureConfig
-    "padding_free": "pack_pairs",  # prefkit's packing is padding-free (one row, attention per pair)
-    "streaming": "dataset_streaming",  # DatasetMixtureConfig
-    # transformers 5 renamed these; the TRL spelling would print a deprecation warning on every run
-    "gradient_checkpointing": "activation_checkpointing",
-    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
-}
-
-# TRL name → (PrefConfig field, what the value becomes)
-TRANSLATED: dict[str, str] = {
-    "warmup_ratio": "warmup_steps",
-}
-
-_OFF = frozenset({"false", "0", "no", "none", "null", "", "[]", "{}"})
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reason: str  # what to do instead; one line
-
-    def message(self, name: str, value: str) -> str:
-        return f"--{name} {value}: not supported by prefkit; {self.reason}"
-
-
-REFUSED: dict[str, Refusal] = {
-    "use_liger_kernel": Refusal("prefkit always applies the LM head at response tokens only, in chunks, without "
-                                "full logits; drop the option"),
-    "liger_kernel_config": Refusal("prefkit does not use Liger kernels (see --use_liger_kernel); drop the option"),
-    "model_init_kwargs": Refusal("use --dtype, --attn_implementation, --model_revision and --trust_remote_code"),
-    "router_aux_loss_coef": Refusal("prefkit adds no MoE router auxiliary loss; drop the option"),
-    "dataset_num_proc": Refusal("prefkit tokenizes in batches in one process (fast tokenizers use threads); "
-                                "drop the option"),
-    "precompute_ref_batch_size": Refusal("reference log-probs are precomputed in batches of "
-                                         "--per_device_eval_batch_size; set that instead"),
-    "activation_offloading": Refusal("use --gradient_checkpointing to save activation memory"),
-    "dataset_streaming": Refusal("prefkit tokenizes and checks the whole dataset before training; cap it with "
-                                 "--max_train_samples N instead"),
-    "datasets": Refusal("give one dataset with --dataset_name (concatenate the files beforehand) and held-out "
-                        "pairs with --eval_dataset_name or --eval_split_size"),
-}
-
-
-def _is_off(value: str | None) -> bool:
-    return value is None or value.strip().lower() in _OFF
 
 
 def _field_types() -> dict[str, object]:
@@ -118,6 +74,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
         else:
             toks.append(tok)
     out: list[str] = []
+    spelled: dict[str, tuple[str, list[str]]] = {}  # PrefConfig name → (the spelling given, its values)
     i = 0
     while i < len(toks):
         tok = toks[i]
@@ -136,30 +93,24 @@ def normalize_argv(argv: list[str]) -> list[str]:
             if values:
                 raise ConfigError(f"--{name} takes no value (it means --{name[3:]} false)")
             name, values = name[3:], ["false"]
-        name = ALIASES.get(name, name)
+        given_as, name = name, ALIASES.get(name, name)
         if name in REFUSED:
             shown = " ".join(values) or "true"
-            if not (values and all(_is_off(v) for v in values)):
+            if not (values and all(is_off(v) for v in values)):
                 raise ConfigError(REFUSED[name].message(name, shown))
             continue  # its "off" value: nothing to do
         if name in TRANSLATED:
-            name, values = TRANSLATED[name], [_warmup_ratio(values)]
+            name, values = TRANSLATED[name], [repr(warmup_ratio(" ".join(values) or "nothing"))]
         if name in bools and not values:
             values = ["true"]
+        before = spelled.setdefault(name, (given_as, values))
+        if before[0] != given_as and before[1] != values:  # as in Python: no order decides between two spellings
+            raise ConfigError(f"--{before[0]} {' '.join(before[1])} and --{given_as} {' '.join(values)}: both set "
+                              f"--{name}; give one of them")
         if types.get(name) in (float, int):
             _check_finite(name, values)
         out += ["--" + name, *values]
     return out
-
-
-def _warmup_ratio(values: list[str]) -> str:
-    try:
-        ratio = float(values[0]) if len(values) == 1 else float("nan")
-    except ValueError:
-        ratio = float("nan")
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"--warmup_ratio: must be a number in [0, 1), got {' '.join(values) or 'nothing'}")
-    return repr(ratio)  # transformers 5: warmup_steps below 1 is a share of the training steps
 
 
 # The environment variables a --config file's ``env:`` may set (docs/reliability.md): devices, threads, caches,

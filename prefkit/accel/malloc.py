@@ -45,6 +45,6 @@ def tune_cpu_malloc() -> bool:
     libc = ctypes.CDLL(name)
     _done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     if _done:
-        logger.info("glibc malloc: mmap threshold %d MB, trim threshold %d MB", MMAP_THRESHOLD >> 20,
+        logger.debug("glibc malloc: mmap threshold %d MB, trim threshold %d MB", MMAP_THRESHOLD >> 20,
                     TRIM_THRESHOLD >> 20)
     return _done
