@@ -218,7 +218,7 @@ def options_help(prog: str, description: str, *, groups: Collection[str] | None 
 
 
 def wants_help(argv: list[str]) -> bool:
-    """``-h`` or ``--help`` among the options (not as the value of one, e.g. a prompt file named -h)."""
+    """``-h`` or ``--help`` anywhere in ``argv``: the help wins over every other option, valid or not."""
     return any(tok in ("-h", "--help") for tok in argv)
 
 
