@@ -278,13 +278,26 @@ def saved_run_config(path: str) -> dict:
     return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
 
 
+def saved_reference(path: str) -> str | None:
+    """The reference a saved run trained against: its ``ref_model_name_or_path``, else (a full fine-tuning run)
+    the model it started from; None for an adapter run without one (its reference is the adapter disabled)."""
+    saved = saved_run_config(path)
+    is_adapter = (Path(path) / "adapter_config.json").is_file()
+    return saved.get("ref_model_name_or_path") or (None if is_adapter else saved.get("model_name_or_path"))
+
+
 def load_for_eval(cfg: PrefConfig):
     """(model, tokenizer, reference). The reference comes only from the user's options: ``--ref_model_name_or_path``
     (``none``: no reference), else the adapter disabled ('adapter') for an adapter dir. When the run's saved
     options name a reference and the user named none, it is refused with that name: a saved file must not pick
     a model that is then loaded with the user's --trust_remote_code."""
     path = Path(cfg.model_name_or_path)
-    saved = saved_run_config(str(path))
+    saved_ref = saved_reference(str(path))
+    ref_name = cfg.ref_model_name_or_path
+    if ref_name is None and saved_ref:  # before any loading: the refusal costs nothing
+        raise ConfigError(f"--ref_model_name_or_path: the run in {path} trained against {saved_ref} (its "
+                          f"{CONFIG_FILE}); pass --ref_model_name_or_path {saved_ref} to score against it, or "
+                          "--ref_model_name_or_path none for metrics without a reference")
     dtype = weight_dtype(cfg)
     is_adapter = (path / "adapter_config.json").is_file()
     if is_adapter:
@@ -304,12 +317,6 @@ def load_for_eval(cfg: PrefConfig):
         model = load_causal_lm(resolved, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                allow_pickle=cfg.allow_pickle)
         tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-    saved_ref = saved.get("ref_model_name_or_path") or (None if is_adapter else saved.get("model_name_or_path"))
-    ref_name = cfg.ref_model_name_or_path
-    if ref_name is None and saved_ref:
-        raise ConfigError(f"--ref_model_name_or_path: the run in {path} trained against {saved_ref} (its "
-                          f"{CONFIG_FILE}); pass --ref_model_name_or_path {saved_ref} to score against it, or "
-                          "--ref_model_name_or_path none for metrics without a reference")
     if ref_name == "none":
         ref_name = None
     reference: object = "adapter" if is_adapter and cfg.ref_model_name_or_path is None else None

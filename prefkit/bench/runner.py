@@ -98,7 +98,7 @@ def _alpha_held_at_one(opts: dict):
 
 def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path,
             point: dict | None = None) -> RunResult:
-    from prefkit.run import load_for_eval, saved_run_config, train_main
+    from prefkit.run import load_for_eval, saved_reference, train_main
 
     opts = bench.methods[method]
     result = RunResult(method=method, seed=seed, point=point_label(point or {}))
@@ -131,9 +131,7 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
     (run_dir / "chosen_trajectory.json").write_text(json.dumps(traj))
     if setup.questions:
         # the bench's own run: its reference is the one it trained against (eval takes it only when named)
-        saved = saved_run_config(str(run_dir))
-        is_adapter = (run_dir / "adapter_config.json").is_file()
-        ref = saved.get("ref_model_name_or_path") or (None if is_adapter else saved.get("model_name_or_path"))
+        ref = saved_reference(str(run_dir))
         eval_cfg = parse_config(options_to_argv({"model_name_or_path": str(run_dir), "output_dir": str(run_dir),
                                                  **({"ref_model_name_or_path": ref} if ref else {})}))
         model, tokenizer, reference = load_for_eval(eval_cfg)
