@@ -2,9 +2,10 @@
 
 PrefConfig *is* a ``transformers.TrainingArguments`` (as TRL's DPOConfig is), so every trainer option
 (learning_rate, per_device_train_batch_size, gradient_accumulation_steps, save_steps, bf16, …) keeps its
-transformers name and meaning. The fields below add the model, data, objective and dynamics options.
-Cross-option checks live in :func:`validate_config`, run at start-up so that a bad combination never
-fails mid-run. Building a PrefConfig probes no hardware: the options whose defaults depend on the host (bf16,
+transformers name and meaning. The fields below add the model, data, objective and dynamics options; the objective
+and dynamics options are declared once, in :class:`prefkit.objectives.spec.ObjectiveSpec` and
+:class:`prefkit.dynamics.spec.DynamicsSpec`, and spliced in here. :func:`prefkit.spec.resolve_run` checks every
+option once at start-up (so that a bad combination never fails mid-run) and resolves the specs the stages take. Building a PrefConfig probes no hardware: the options whose defaults depend on the host (bf16,
 pad_to_multiple_of) are off unless given, and the command line fills them from
 :func:`prefkit.accel.host_defaults`. The layouts (share_prompt, pack_pairs) left unset are decided from the
 loaded models (:func:`prefkit.layouts.resolve_layout`).
@@ -20,7 +21,23 @@ import torch
 from transformers import TrainingArguments
 
 from prefkit.aliases import resolve_names
+from prefkit.dynamics.spec import DynamicsSpec
 from prefkit.errors import ConfigError
+from prefkit.objectives.spec import ObjectiveSpec
+
+
+def spliced_options(spec: type, namespace: dict) -> None:
+    """Declare a spec's fields as options of the class whose body is ``namespace`` (its ``locals()``), with the
+    spec's names, defaults and help, so that an option has one declaration: the spec's. Tuples are lists here,
+    as the command line and TRL's DPOConfig give them."""
+    annotations = namespace.setdefault("__annotations__", {})
+    for f in dataclasses.fields(spec):
+        annotations[f.name] = f.type.replace("tuple[", "list[").replace(", ...]", "]")  # string annotations
+        if isinstance(f.default, tuple):
+            namespace[f.name] = field(default_factory=functools.partial(list, f.default), metadata=f.metadata)
+        else:
+            namespace[f.name] = field(default=f.default, metadata=f.metadata)
+
 
 
 @dataclass
@@ -108,86 +125,19 @@ class PrefConfig(TrainingArguments):
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval pairs."})
 
-    # ---- objective ---------------------------------------------------------------------------------
-    beta: float = field(default=0.1, metadata={"help": "Temperature of the implicit reward (DPO β)."})
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"], metadata={"help": "Link loss(es); see docs/objectives.md."}
-    )
-    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of several loss_type."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust DPO / EXO / AOT ε."})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO / CPO-SimPO target reward margin γ."})
-    cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the chosen NLL term in CPO."})
-    rpo_alpha: float | None = field(
-        default=None, metadata={"help": "RPO: add rpo_alpha x chosen NLL; the same as --loss_type sigmoid sft "
-                                        "--loss_weights 1 rpo_alpha (TRL 1.16's spelling)."}
-    )
-    ld_alpha: float | None = field(
-        default=None,
-        metadata={"help": "LD-DPO: weight α in [0, 1] of the longer response's tokens past the shorter one's length."},
-    )
-    f_divergence_type: str = field(
-        default="reverse_kl",
-        metadata={"help": "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence."},
-    )
-    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of --f_divergence_type alpha_divergence."})
-    use_weighting: bool = field(
-        default=False, metadata={"help": "WPO: weight each pair's loss by its on-policy probability (detached)."}
-    )
+    # ---- objective, granularity (ADPO), POET: declared once, in ObjectiveSpec ------------------------
+    spliced_options(ObjectiveSpec, locals())
+
+    # ---- reference updates (TR-DPO) --------------------------------------------------------------
     sync_ref_model: bool = field(
         default=False, metadata={"help": "TR-DPO: every ref_model_sync_steps (with --rounds: every round), "
                                            "ref ← α·policy + (1−α)·ref."}
     )
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mix-up weight α of the policy."})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: optimizer steps between syncs."})
-    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP temperature τ."})
 
-    # ---- granularity (ADPO) ------------------------------------------------------------------------
-    granularity: str = field(
-        default="response",
-        metadata={"help": "ADPO feedback units: response (DPO) | static (window k) | adaptive (m pieces) | token."},
-    )
-    window_size: int = field(default=4, metadata={"help": "Static granularity window k (tokens)."})
-    num_segments: int = field(default=256, metadata={"help": "Adaptive granularity pieces m per response."})
-    unit_reduction: str = field(
-        default="sum", metadata={"help": "Reduce per-unit losses by sum (ADPO paper) or mean."}
-    )
-    static_padding: str = field(
-        default="zero",
-        metadata={"help": "Static windows: pad the shorter response with log-ratio 0 (zero) or scored EOS (eos)."},
-    )
-    use_token_weights: bool = field(
-        default=False,
-        metadata={"help": "cADPO: weight tokens by dataset fields chosen_token_weights/rejected_token_weights."},
-    )
-
-    # ---- POET --------------------------------------------------------------------------------------
-    poet: bool = field(default=False, metadata={"help": "POET: truncate chosen/rejected to the shorter length."})
-
-    # ---- dynamics ----------------------------------------------------------------------------------
-    dynamics_steps: int = field(default=0, metadata={"help": "Log incentive/score/band diagnostics every N steps."})
-    dynamics_params: str = field(
-        default="auto",
-        metadata={"help": "Parameters for score norms: auto | lm_head | last_block | lora | trainable."},
-    )
-    dynamics_probe_size: int = field(default=8, metadata={"help": "Pairs in the fixed probe batch."})
-    displacement_patience: int = field(
-        default=3, metadata={"help": "Warn after this many logs in a row with falling chosen log-prob."}
-    )
-    reward_calibration: bool = field(default=False, metadata={"help": "RC: rescale d_w/d_l into the band."})
-    rc_ema: float = field(default=0.98, metadata={"help": "EMA decay of RC statistics."})
-    rc_scores: str = field(
-        default="mean",
-        metadata={"help": "RC's scores z, whose gradient norms set r* = |s_l|/|s_w| (and the incentives d = dl/dz): "
-                          "mean (length-averaged log-probs, the authors') or sum (summed log-probs)."},
-    )
-    rc_target: str = field(
-        default="centre",
-        metadata={"help": "RC's aim: centre (move d_w/d_l to r* every step, the authors') or band (leave it while "
-                          "inside the disentanglement band, else move it to the nearest edge)."},
-    )
-    rc_norm_steps: int = field(
-        default=1, metadata={"help": "Refresh RC's score norms every N optimizer steps (1: every step, the authors')."}
-    )
+    # ---- dynamics and reward calibration: declared once, in DynamicsSpec ---------------------------
+    spliced_options(DynamicsSpec, locals())
 
     # ---- semi-online rounds (prefkit.online; docs/pairs.md) ----------------------------------------------
     rounds: int = field(default=0, metadata={"help": "Semi-online training: R rounds of sample → score → pair → "
@@ -258,8 +208,6 @@ class PrefConfig(TrainingArguments):
         if self.output_dir is None:
             self.output_dir = "outputs/prefkit"
         self.bf16 = bool(self.bf16)
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
         super().__post_init__()
 
     @property
@@ -299,6 +247,7 @@ OPTION_GROUPS: dict[str, str] = {
     "objective / loss": "beta",
     "granularity (ADPO)": "granularity",
     "POET": "poet",
+    "reference updates (TR-DPO)": "sync_ref_model",
     "dynamics / reward calibration": "dynamics_steps",
     "semi-online rounds (--rounds)": "rounds",
     "layouts and performance": "share_prompt",
@@ -319,32 +268,20 @@ def option_groups() -> dict[str, str]:
 
 
 def validate_config(cfg: PrefConfig) -> None:
-    """Reject invalid values and combinations at start-up, naming the option to change."""
-    from prefkit.objectives.registry import validate_objective_config
+    """Reject invalid model, LoRA and trainer options at start-up, naming the option to change. The objective,
+    dynamics and data options are checked beside their specs, and combinations across them in one place:
+    :func:`prefkit.spec.resolve_run` runs all of it, once per run."""
 
     def bad(option: str, msg: str) -> None:
         raise ConfigError(f"--{option}: {msg}")
 
     _check_ranges(cfg, bad)
-    if cfg.max_length is not None and cfg.max_length < 2:
-        bad("max_length", f"must be at least 2, got {cfg.max_length}")
-    if cfg.max_prompt_length is not None and cfg.max_length is not None and cfg.max_prompt_length >= cfg.max_length:
-        bad("max_prompt_length", f"({cfg.max_prompt_length}) must be smaller than --max_length ({cfg.max_length})")
-    if cfg.truncation_mode not in ("keep_end", "keep_start"):
-        bad("truncation_mode", f"must be keep_end or keep_start, got {cfg.truncation_mode!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad("dtype", f"must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
-        bad("pad_to_multiple_of", f"must be a positive integer, got {cfg.pad_to_multiple_of}")
     if cfg.eval_split_size < 0:
         bad("eval_split_size", f"must be >= 0, got {cfg.eval_split_size}")
     if cfg.eval_split_size >= 1 and cfg.eval_split_size != int(cfg.eval_split_size):
         bad("eval_split_size", f"a share below 1 or a whole count of pairs, got {cfg.eval_split_size}")
-    if cfg.dynamics_steps < 0:
-        bad("dynamics_steps", f"must be >= 0, got {cfg.dynamics_steps}")
-    if cfg.dynamics_params not in ("auto", "lm_head", "last_block", "lora", "trainable"):
-        bad("dynamics_params", f"must be auto, lm_head, last_block, lora or trainable, got {cfg.dynamics_params!r}")
-    _check_rc(cfg, bad)
     if cfg.nan_policy not in ("stop", "skip"):
         bad("nan_policy", f"must be stop or skip, got {cfg.nan_policy!r}")
     if cfg.lora_r <= 0:
@@ -354,19 +291,17 @@ def validate_config(cfg: PrefConfig) -> None:
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.use_peft:
         bad("load_in_4bit" if cfg.load_in_4bit else "load_in_8bit",
             "quantized weights cannot be trained directly; add --use_peft (QLoRA)")
-    validate_objective_config(cfg)
     _check_loggers(cfg, bad)
-    _check_zero3(cfg, bad)
 
 
 # option → smallest allowed value (None values mean "not set" and are left alone)
 _AT_LEAST = {
     "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
-    "max_prompt_length": 1, "max_train_samples": 1, "max_eval_samples": 1, "lora_alpha": 1,
-    "dynamics_probe_size": 1, "displacement_patience": 1, "ref_model_sync_steps": 1, "samples_per_round": 1,
+    "max_train_samples": 1, "max_eval_samples": 1, "lora_alpha": 1,
+    "ref_model_sync_steps": 1, "samples_per_round": 1,
     "online_num_samples": 2, "online_max_new_tokens": 1, "rounds": 0, "warmup_steps": 0,
-    "learning_rate": 0, "weight_decay": 0, "max_grad_norm": 0, "online_temperature": 0, "cpo_alpha": 0,
-    "simpo_gamma": 0, "num_train_epochs": 0,
+    "learning_rate": 0, "weight_decay": 0, "max_grad_norm": 0, "online_temperature": 0,
+    "num_train_epochs": 0,
 }
 
 
@@ -390,28 +325,9 @@ def _check_ranges(cfg: PrefConfig, bad) -> None:
     if cfg.max_steps == 0 or (cfg.max_steps < 0 and cfg.num_train_epochs <= 0):
         bad("max_steps", f"gives no training steps (max_steps {cfg.max_steps}, num_train_epochs "
             f"{cfg.num_train_epochs}); pass --max_steps N or --num_train_epochs N")
-    for w in cfg.loss_weights or []:
-        if not math.isfinite(w) or w < 0:
-            bad("loss_weights", f"must be finite, non-negative numbers, got {cfg.loss_weights}")
     if cfg.fp16 and (cfg.use_cpu or not torch.cuda.is_available()):
         bad("fp16", "fp16 mixed precision needs a CUDA GPU and this run is on the CPU; drop it (or pass --bf16 true "
             "where the CPU has fast bf16)")
-
-
-def _check_rc(cfg: PrefConfig, bad) -> None:
-    if not 0.0 <= cfg.rc_ema < 1.0:
-        bad("rc_ema", f"must be in [0, 1), got {cfg.rc_ema}")
-    if cfg.rc_scores not in ("mean", "sum"):
-        bad("rc_scores", f"must be mean or sum, got {cfg.rc_scores!r}")
-    if cfg.rc_target not in ("centre", "band"):
-        bad("rc_target", f"must be centre or band, got {cfg.rc_target!r}")
-    if cfg.rc_norm_steps < 1:
-        bad("rc_norm_steps", f"must be a positive integer, got {cfg.rc_norm_steps}")
-    if not cfg.reward_calibration:
-        # an RC option without RC would run plain training under an RC label: refused, not ignored
-        for f in dataclasses.fields(PrefConfig):
-            if f.name.startswith("rc_") and getattr(cfg, f.name) != f.default:
-                bad(f.name, "has no effect without --reward_calibration true; add it or drop this option")
 
 
 # --report_to name → the package to install, where it differs
@@ -431,19 +347,3 @@ def _check_loggers(cfg: PrefConfig, bad) -> None:
             bad("report_to", f"unknown logger {name!r}; one of {', '.join(INTEGRATION_TO_CALLBACK)}, all or none")
         if name not in available:
             bad("report_to", f"{name} is not installed: pip install {_LOGGER_PACKAGES.get(name, name.replace('_', '-'))}")
-
-
-def _check_zero3(cfg: PrefConfig, bad) -> None:
-    """Under DeepSpeed ZeRO-3 parameters are partitioned from load on and only DeepSpeed's engine gathers them,
-    so whatever runs a model outside the engine is refused up front instead of failing mid-run."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return
-    engines = "ZeRO-2 or FSDP2 (examples/accelerate/)"
-    for option, value in (("precompute_ref_log_probs", cfg.precompute_ref_log_probs),
-                          ("eval_dataset_name", cfg.eval_dataset_name), ("eval_split_size", cfg.eval_split_size),
-                          ("sync_ref_model", cfg.sync_ref_model)):
-        if value:
-            bad(option, "runs a model outside DeepSpeed's engine, which is not supported under ZeRO-3: use "
-                f"{engines}, or score held-out pairs afterwards with `prefkit eval`")

@@ -211,3 +211,11 @@ def quantization_config(cfg) -> object | None:
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def disable_dropout(*models: torch.nn.Module | None) -> None:
+    """Every dropout probability of these models set to 0 (LoRA's too: peft's dropout is an nn.Dropout)."""
+    for model in models:
+        for mod in model.modules() if model is not None else ():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0

@@ -22,12 +22,14 @@ PrefTrainer knows nothing of rounds: each round is one ordinary PrefTrainer run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,23 +40,25 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import SaveStrategy
 
 from prefkit import accel
-from prefkit.config import PrefConfig, validate_config
+from prefkit.config import PrefConfig
 from prefkit.data import load_rows, prepare_dataset
 from prefkit.errors import ConfigError
-from prefkit.layouts import resolve_layout
-from prefkit.models import is_peft_model, load_causal_lm, resolve_model_path
+from prefkit.layouts import Layout, resolve_layout
+from prefkit.models import is_peft_model
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, Summary, make_pairs, write_outputs
 from prefkit.pairs.scorers import build_scorer
+from prefkit.reference import mix_into_reference, reference_copy
 from prefkit.runsetup import (
     CONFIG_FILE,
     check_output_dir,
     check_same_run,
     load_model_and_tokenizer,
+    load_reference_model,
     resolved_config_dict,
-    weight_dtype,
 )
-from prefkit.trainer import PrefTrainer, _reference_copy, mix_into_reference
+from prefkit.spec import RunSpec, resolve_run
+from prefkit.trainer import PrefTrainer
 
 logger = logging.getLogger("prefkit")
 
@@ -64,7 +68,41 @@ REFERENCE_FILE = "reference.safetensors"  # --sync_ref_model: the reference the 
 ROUNDS_LOG = "rounds.jsonl"
 
 
-def validate_online(cfg: PrefConfig) -> None:
+@dataclass(frozen=True)
+class OnlineSpec:
+    """The semi-online options (PrefConfig's ``rounds`` and ``online_*`` fields), checked by :func:`resolve_online`."""
+
+    rounds: int
+    online_prompts: str
+    online_scorer: str
+    samples_per_round: int = 64
+    online_num_samples: int = 4
+    online_pairing: str = "best_worst"
+    online_reference_fallback: str | None = None
+    online_max_new_tokens: int = 256
+    online_temperature: float = 1.0
+    online_reference_field: str = "answer"
+    online_prompt_field: str = "prompt"
+
+
+_ONLINE_OPTIONS = [f.name for f in dataclasses.fields(OnlineSpec)]
+
+
+def wants_rounds(cfg: PrefConfig) -> bool:
+    return bool(cfg.rounds or cfg.online_prompts or cfg.online_scorer)
+
+
+def check_no_online_options(cfg: PrefConfig) -> None:
+    """A run without --rounds refuses the semi-online options it would ignore."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(cfg))}
+    for name in _ONLINE_OPTIONS:
+        if getattr(cfg, name) != defaults[name]:
+            raise ConfigError(f"--{name}: has no effect without --rounds; add --rounds N or drop this option")
+
+
+def resolve_online(cfg: PrefConfig) -> OnlineSpec:
+    """The semi-online options of a run, after every check (naming the option to change)."""
+
     def bad(option: str, msg: str) -> None:
         raise ConfigError(f"--{option}: {msg}")
 
@@ -74,20 +112,20 @@ def validate_online(cfg: PrefConfig) -> None:
         bad("online_prompts", "required with --rounds (a prompts file like `prefkit pairs --prompts`)")
     if not cfg.online_scorer:
         bad("online_scorer", "required with --rounds (math | regex:P | python:mod:fn | reward_model:PATH)")
-    if cfg.samples_per_round < 1:
-        bad("samples_per_round", f"must be at least 1, got {cfg.samples_per_round}")
+    for option, low in (("samples_per_round", 1), ("online_max_new_tokens", 1)):
+        if getattr(cfg, option) < low:
+            bad(option, f"must be at least {low}, got {getattr(cfg, option)}")
     if cfg.online_num_samples < 2:
         bad("online_num_samples", f"pairs need at least 2 samples per prompt, got {cfg.online_num_samples}")
     if cfg.online_pairing not in PAIRINGS:
         bad("online_pairing", f"must be one of {', '.join(PAIRINGS)}, got {cfg.online_pairing!r}")
-    if cfg.online_max_new_tokens < 1:
-        bad("online_max_new_tokens", f"must be at least 1, got {cfg.online_max_new_tokens}")
-    if cfg.online_temperature < 0:
-        bad("online_temperature", f"must be >= 0, got {cfg.online_temperature}")
+    if not (math.isfinite(cfg.online_temperature) and cfg.online_temperature >= 0):
+        bad("online_temperature", f"must be a finite number >= 0, got {cfg.online_temperature}")
     if cfg.dataset_name:
         bad("dataset_name", "--rounds trains on pairs it samples itself; drop --dataset_name")
     if cfg.precompute_ref_log_probs:
         bad("precompute_ref_log_probs", "not supported with --rounds (the pairs change every round)")
+    return OnlineSpec(**{name: getattr(cfg, name) for name in _ONLINE_OPTIONS})
 
 
 def finished_rounds(out: Path) -> int:
@@ -169,41 +207,72 @@ def _round_config(cfg: PrefConfig, round_dir: Path) -> PrefConfig:
     return rcfg
 
 
+@dataclass
+class Rounds:
+    """What every round of a run shares: the options, the models, the prompts and the scorer."""
+
+    cfg: PrefConfig
+    spec: RunSpec
+    online: OnlineSpec
+    out: Path
+    state: PartialState
+    model_path: str
+    model: torch.nn.Module
+    tokenizer: object
+    ref_model: torch.nn.Module | None
+    layout: Layout
+    rows: list[dict]
+    scorer: object
+
+
 def train_rounds(cfg: PrefConfig) -> dict:
     """Run (or resume) R rounds; returns the rounds' records."""
-    validate_config(cfg)
-    validate_online(cfg)
-    out = Path(cfg.output_dir)
-    if cfg.resume_from_checkpoint:
-        # more rounds extend the run: a round trains on its own schedule and seed, whatever the count
-        check_same_run(cfg, out, may_change=frozenset({"rounds"}))
-        done = finished_rounds(out)
-        logger.info("resuming after round %d of %d", done, cfg.rounds)
-    else:
+    spec, online = resolve_run(cfg), resolve_online(cfg)
+    done = _rounds_done(cfg, online)
+    run = prepare_rounds(cfg, spec, online, done)
+    records = [record for r in range(done + 1, online.rounds + 1) if (record := run_round(run, r)) is not None]
+    if run.state.is_main_process:
+        run.model.save_pretrained(str(run.out))
+        run.tokenizer.save_pretrained(str(run.out))
+        print(f"\nmodel:  {run.out}  ({'LoRA adapter' if is_peft_model(run.model) else 'full model'})\n"
+              f"rounds: {run.out / ROUNDS_LOG}")
+    return {"rounds": records}
+
+
+def _rounds_done(cfg: PrefConfig, online: OnlineSpec) -> int:
+    """The rounds a resumed run has finished (0 for a new run, whose output dir is checked)."""
+    if not cfg.resume_from_checkpoint:
         check_output_dir(cfg)
-        done = 0
-    scorer = build_scorer(cfg.online_scorer, reference_field=cfg.online_reference_field,
+        return 0
+    out = Path(cfg.output_dir)
+    # more rounds extend the run: a round trains on its own schedule and seed, whatever the count
+    check_same_run(cfg, out, may_change=frozenset({"rounds"}))
+    done = finished_rounds(out)
+    logger.info("resuming after round %d of %d", done, online.rounds)
+    return done
+
+
+def prepare_rounds(cfg: PrefConfig, spec: RunSpec, online: OnlineSpec, done: int) -> Rounds:
+    """Load the scorer, prompts, policy and reference (as round ``done`` left them), decide the layout, and write
+    the run's options and log."""
+    scorer = build_scorer(online.online_scorer, reference_field=online.online_reference_field,
                           allow_pickle=cfg.allow_pickle)
-    rows = [dict(r) for r in load_rows(cfg.online_prompts, trust_remote_code=cfg.trust_remote_code)]
+    rows = [dict(r) for r in load_rows(online.online_prompts, trust_remote_code=cfg.trust_remote_code)]
     if not rows:
-        raise ConfigError(f"--online_prompts: {cfg.online_prompts} holds no prompts")
-    state = PartialState()
+        raise ConfigError(f"--online_prompts: {online.online_prompts} holds no prompts")
+    out, state = Path(cfg.output_dir), PartialState()
     model_path, model, tokenizer = load_model_and_tokenizer(cfg)
-    device = torch.device(cfg.device)
-    model.to(device)
-    if cfg.ref_model_name_or_path:
-        ref_model = load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dtype=weight_dtype(cfg),
-                                   trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    else:  # copied before any round's weights are loaded: the reference stays the starting model
-        ref_model = None if is_peft_model(model) else _reference_copy(model)
-    if cfg.sync_ref_model and ref_model is None:
+    model.to(torch.device(cfg.device))
+    # copied before any round's weights are loaded: the reference stays the starting model
+    ref_model = load_reference_model(cfg) or (None if is_peft_model(model) else reference_copy(model))
+    if spec.reference.sync_ref_model and ref_model is None:
         raise ConfigError("--sync_ref_model needs a separate reference model to update (not a peft model with "
                           "adapters disabled)")
     accel.install(cfg)  # registers the segment attention, so packed pairs are a choice below
     layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model, ref_model)
     if done:
         model.load_state_dict(load_file(str(out / f"round-{done}" / TRAINABLE_FILE)), strict=False)
-        if cfg.sync_ref_model:
+        if spec.reference.sync_ref_model:
             load_reference(ref_model, out, done)
         elif (out / f"round-{done}" / REFERENCE_FILE).is_file():
             raise ConfigError(f"--sync_ref_model: round {done} of {out} was trained with it; pass it to resume")
@@ -214,65 +283,80 @@ def train_rounds(cfg: PrefConfig) -> dict:
         if log_path.exists():  # drop records of rounds past the one resumed from
             kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["round"] <= done]
             log_path.write_text("".join(ln + "\n" for ln in kept))
-    records = []
-    for r in range(done + 1, cfg.rounds + 1):
-        t0 = time.time()
-        round_dir = out / f"round-{r}"
-        todo = round_prompts(rows, r, cfg.samples_per_round)[state.process_index :: state.num_processes]
-        seed = cfg.seed + 1000 * r + state.process_index
-        sopts = SampleOptions(num_samples=cfg.online_num_samples, temperature=cfg.online_temperature,
-                              max_new_tokens=cfg.online_max_new_tokens, seed=seed,
-                              batch_size=cfg.per_device_eval_batch_size)
-        popts = PairOptions(pairing=cfg.online_pairing, reference_fallback=cfg.online_reference_fallback)
-        pairs, summary = make_pairs(model, tokenizer, todo, scorer, sopts, popts,
-                                    prompt_field=cfg.online_prompt_field, source=cfg.online_prompts, model_name=f"{cfg.model_name_or_path or model_path}"
-                                    f"@round-{r - 1}", rng=random.Random(seed))
-        pairs = gather_object(pairs) if state.num_processes > 1 else pairs
-        parts = gather_object([summary.to_dict()]) if state.num_processes > 1 else [summary.to_dict()]
-        summary = merge_summaries(parts)
-        pairs_file = round_dir / "pairs.jsonl"
-        if state.is_main_process:
-            write_outputs(pairs, summary, str(pairs_file))
-        state.wait_for_everyone()
-        logger.info("round %d/%d: %d prompts, %.1f%% correct, %d pairs, %.1f tokens/s", r, cfg.rounds,
-                    summary.prompts, 100 * summary.share_correct, summary.pairs, summary.tokens_per_second)
-        train_metrics: dict = {}
-        if pairs:
-            rcfg = _round_config(cfg, round_dir)
-            if state.is_main_process and (round_dir / "metrics.jsonl").exists():
-                (round_dir / "metrics.jsonl").unlink()  # a killed round's partial curve
-            ds, report = prepare_dataset(load_rows(str(pairs_file)), tokenizer, rcfg, source=str(pairs_file))
-            trainer = PrefTrainer(model=model, args=rcfg, train_dataset=ds, processing_class=tokenizer,
-                                  ref_model=ref_model, run_forwards=accel.install(rcfg).run_forwards,
-                                  layout=layout)
-            train_metrics = dict(trainer.train().metrics)
-            trainer.save_model(str(round_dir))
-        else:
-            logger.warning("round %d: no pairs (every prompt's samples tied); the policy is unchanged", r)
-        if cfg.sync_ref_model:  # every rank: each holds its own reference
-            mix_into_reference(model, ref_model, cfg.ref_model_mixup_alpha)
-        if state.is_main_process:
-            save_file(_trainable_state(model), str(round_dir / TRAINABLE_FILE))
-            if cfg.sync_ref_model:
-                save_file(_reference_state(ref_model), str(round_dir / REFERENCE_FILE))
-            logs = []
-            if (round_dir / "metrics.jsonl").is_file():
-                logs = [json.loads(ln) for ln in (round_dir / "metrics.jsonl").read_text().splitlines() if ln]
-            record = _round_record(r, summary, train_metrics, logs, time.time() - t0)
-            with (out / ROUNDS_LOG).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            _write_atomic(round_dir / ROUND_MARKER, str(r))
-            records.append(record)
-            print(f"round {r}/{cfg.rounds}: share correct {100 * record['share_correct']:.1f}%, "
-                  f"{record['pairs']} pairs, train loss {_fmt(record['train_loss'])}, "
-                  f"{record['generation_tokens_per_second']:.1f} tokens/s, {record['round_seconds']:.1f} s", flush=True)
-        state.wait_for_everyone()
+    return Rounds(cfg, spec, online, out, state, model_path, model, tokenizer, ref_model, layout, rows, scorer)
+
+
+def sample_round(run: Rounds, r: int) -> tuple[list[dict], Summary]:
+    """Round r's pairs, sampled and scored by every rank on its shard of the prompts, gathered, and written."""
+    cfg, online, state = run.cfg, run.online, run.state
+    todo = round_prompts(run.rows, r, online.samples_per_round)[state.process_index :: state.num_processes]
+    seed = cfg.seed + 1000 * r + state.process_index
+    sopts = SampleOptions(num_samples=online.online_num_samples, temperature=online.online_temperature,
+                          max_new_tokens=online.online_max_new_tokens, seed=seed,
+                          batch_size=cfg.per_device_eval_batch_size)
+    popts = PairOptions(pairing=online.online_pairing, reference_fallback=online.online_reference_fallback)
+    pairs, summary = make_pairs(run.model, run.tokenizer, todo, run.scorer, sopts, popts,
+                                prompt_field=online.online_prompt_field, source=online.online_prompts,
+                                model_name=f"{cfg.model_name_or_path or run.model_path}@round-{r - 1}",
+                                rng=random.Random(seed))
+    pairs = gather_object(pairs) if state.num_processes > 1 else pairs
+    parts = gather_object([summary.to_dict()]) if state.num_processes > 1 else [summary.to_dict()]
+    summary = merge_summaries(parts)
     if state.is_main_process:
-        model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-        print(f"\nmodel:  {out}  ({'LoRA adapter' if is_peft_model(model) else 'full model'})\n"
-              f"rounds: {out / ROUNDS_LOG}")
-    return {"rounds": records}
+        write_outputs(pairs, summary, str(run.out / f"round-{r}" / "pairs.jsonl"))
+    state.wait_for_everyone()
+    logger.info("round %d/%d: %d prompts, %.1f%% correct, %d pairs, %.1f tokens/s", r, online.rounds,
+                summary.prompts, 100 * summary.share_correct, summary.pairs, summary.tokens_per_second)
+    return pairs, summary
+
+
+def train_round(run: Rounds, r: int) -> dict:
+    """One ordinary PrefTrainer run on round r's pairs; its training metrics."""
+    round_dir = run.out / f"round-{r}"
+    rcfg = _round_config(run.cfg, round_dir)
+    if run.state.is_main_process and (round_dir / "metrics.jsonl").exists():
+        (round_dir / "metrics.jsonl").unlink()  # a killed round's partial curve
+    pairs_file = str(round_dir / "pairs.jsonl")
+    ds, _ = prepare_dataset(load_rows(pairs_file), run.tokenizer, run.spec.data, source=pairs_file)
+    # the round's spec: the run's, with TR-DPO's sync moved to round boundaries (the round config's)
+    spec = dataclasses.replace(run.spec, reference=dataclasses.replace(run.spec.reference, sync_ref_model=False))
+    trainer = PrefTrainer(model=run.model, args=rcfg, train_dataset=ds, processing_class=run.tokenizer,
+                          ref_model=run.ref_model, run_forwards=accel.install(rcfg).run_forwards, layout=run.layout,
+                          spec=spec)
+    metrics = dict(trainer.train().metrics)
+    trainer.save_model(str(round_dir))
+    return metrics
+
+
+def run_round(run: Rounds, r: int) -> dict | None:
+    """Sample, train, sync the reference and checkpoint round r; its record (on the main process)."""
+    t0 = time.time()
+    round_dir = run.out / f"round-{r}"
+    pairs, summary = sample_round(run, r)
+    train_metrics: dict = {}
+    if pairs:
+        train_metrics = train_round(run, r)
+    else:
+        logger.warning("round %d: no pairs (every prompt's samples tied); the policy is unchanged", r)
+    if run.spec.reference.sync_ref_model:  # every rank: each holds its own reference
+        mix_into_reference(run.model, run.ref_model, run.cfg.ref_model_mixup_alpha)
+    record = None
+    if run.state.is_main_process:
+        save_file(_trainable_state(run.model), str(round_dir / TRAINABLE_FILE))
+        if run.spec.reference.sync_ref_model:
+            save_file(_reference_state(run.ref_model), str(round_dir / REFERENCE_FILE))
+        logs = []
+        if (round_dir / "metrics.jsonl").is_file():
+            logs = [json.loads(ln) for ln in (round_dir / "metrics.jsonl").read_text().splitlines() if ln]
+        record = _round_record(r, summary, train_metrics, logs, time.time() - t0)
+        with (run.out / ROUNDS_LOG).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        _write_atomic(round_dir / ROUND_MARKER, str(r))
+        print(f"round {r}/{run.online.rounds}: share correct {100 * record['share_correct']:.1f}%, "
+              f"{record['pairs']} pairs, train loss {_fmt(record['train_loss'])}, "
+              f"{record['generation_tokens_per_second']:.1f} tokens/s, {record['round_seconds']:.1f} s", flush=True)
+    run.state.wait_for_everyone()
+    return record
 
 
 def _fmt(x: float | None) -> str:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from prefkit.config import PrefConfig
-from prefkit.data import PairCollator
+from prefkit.data import DataSpec, PairCollator
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.logprobs import compute_pair_logps, eval_mode
 from prefkit.models import cache_root, is_peft_model
@@ -135,7 +135,7 @@ def attach_reference_logps(
     """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the cache when the key matches; ``layout``:
     the run's (default: resolved for ``ref_model``)."""
     layout = layout or resolve_layout(cfg.share_prompt, cfg.pack_pairs, ref_model)
-    collator = PairCollator.for_config(cfg, tokenizer, layout)
+    collator = PairCollator.for_spec(DataSpec.from_config(cfg), tokenizer, layout)
     autocast = cfg.autocast_dtype
     key = cache_key(ds, model_path, collator.static_eos_padding, autocast, reference=ref_model)
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_root() / "ref_logps"

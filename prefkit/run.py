@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,16 +14,23 @@ import yaml
 
 from prefkit import accel
 from prefkit.card import write_model_card
-from prefkit.config import PrefConfig, validate_config
-from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset, split_train_eval
+from prefkit.config import PrefConfig
+from prefkit.data import (
+    DataSpec,
+    PairCollator,
+    bundled_sample_path,
+    load_rows,
+    prepare_dataset,
+    split_train_eval,
+)
 from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
 from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
 from prefkit.files import atomic_write_text, check_writable_dir, output_dir_lock
-from prefkit.layouts import resolve_layout
+from prefkit.layouts import Layout, resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
-from prefkit.online import train_rounds
+from prefkit.online import check_no_online_options, train_rounds, wants_rounds
 from prefkit.plot import plot_runs
 from prefkit.refcache import attach_reference_logps
 from prefkit.runsetup import (
@@ -33,11 +41,13 @@ from prefkit.runsetup import (
     check_same_run,
     data_fingerprint,
     load_model_and_tokenizer,
+    load_reference_model,
     resolved_config_dict,
     run_finished,
     verify_checkpoint,
     weight_dtype,
 )
+from prefkit.spec import RunSpec, resolve_run
 from prefkit.trainer import COMPLETE_MARKER, PrefTrainer, peak_memory_mb
 
 logger = logging.getLogger("prefkit")
@@ -84,18 +94,18 @@ def eval_dataset_source(cfg: PrefConfig) -> str | None:
     return name
 
 
-def load_data(cfg: PrefConfig, tokenizer) -> LoadedData:
+def load_data(cfg: PrefConfig, tokenizer, spec: DataSpec) -> LoadedData:
     name = cfg.dataset_name or bundled_sample_path()
     reports: dict[str, SkipReport] = {}
     rows = load_rows(name, cfg.dataset_split, trust_remote_code=cfg.trust_remote_code, config_name=cfg.dataset_config)
-    train, reports["train"] = prepare_dataset(rows, tokenizer, cfg, source=name, max_samples=cfg.max_train_samples)
+    train, reports["train"] = prepare_dataset(rows, tokenizer, spec, source=name, max_samples=cfg.max_train_samples)
     evald = None
     eval_source = eval_dataset_source(cfg)
     if eval_source:
         erows = load_rows(eval_source, cfg.eval_split, trust_remote_code=cfg.trust_remote_code,
                           config_name=cfg.dataset_config if eval_source == name else None)
         evald, reports["eval"] = prepare_dataset(
-            erows, tokenizer, cfg, source=eval_source, max_samples=cfg.max_eval_samples
+            erows, tokenizer, spec, source=eval_source, max_samples=cfg.max_eval_samples
         )
     elif cfg.eval_split_size > 0:
         train, evald = split_train_eval(train, cfg.eval_split_size, cfg.seed)
@@ -130,76 +140,119 @@ def report_table(before: EvalResult | None, after: EvalResult | None) -> str:
 
 
 def train_main(cfg: PrefConfig) -> dict:
-    """Run a whole training job; everything that can be checked is checked before training starts."""
-    if cfg.rounds or cfg.online_prompts or cfg.online_scorer:
+    """Run a whole training job: resolve and check the options, prepare, train, report. Everything that can be
+    checked is checked before training starts."""
+    if wants_rounds(cfg):
         check_writable_dir(Path(cfg.output_dir), "--output_dir", create=True)
         with output_dir_lock(Path(cfg.output_dir), LOCK_FILE):
             return train_rounds(cfg)
-    validate_config(cfg)
+    spec = resolve_run(cfg)
+    check_no_online_options(cfg)
     check_output_dir(cfg)
     with output_dir_lock(Path(cfg.output_dir), LOCK_FILE):
-        return _train(cfg)
-
-
-def _train(cfg: PrefConfig) -> dict:
-    eval_dataset_source(cfg)  # before the model loads
-    checkpoint = resolve_checkpoint(cfg)
-    if checkpoint is not None:
-        state = verify_checkpoint(checkpoint, cfg)
-        check_same_run(cfg, Path(checkpoint).parent)
-        if run_finished(state):  # a rerun of a finished run changes nothing
-            print(f"nothing to do: {checkpoint} is step {state['global_step']} of {state['max_steps']}, the end of "
-                  f"the run; its weights are in {cfg.output_dir}")
+        eval_dataset_source(cfg)  # before the model loads
+        checkpoint = resolve_checkpoint(cfg)
+        if checkpoint is not None and _resume_finished(cfg, checkpoint):
             return {"train": {}, "before": None, "after": None, "nothing_to_do": True}
-    t0 = time.time()
+        t0 = time.time()
+        job = prepare_job(cfg, spec.data)
+        held_out = score_before(job)
+        trainer = build_trainer(job, spec)
+        record_run(job, trainer, checkpoint)
+        metrics = fit(job, trainer, checkpoint, t0)
+        after = score_after(job, held_out)
+        report(job, trainer, metrics, held_out.before, after)
+        return {"train": metrics, "before": held_out.before, "after": after}
+
+
+@dataclass
+class Job:
+    """What a training job has loaded: its options, models, data, layout and held-out collator."""
+
+    cfg: PrefConfig
+    run_forwards: Callable | None
+    model_path: str
+    model: torch.nn.Module
+    tokenizer: object
+    data: LoadedData
+    ref_model: torch.nn.Module | None
+    layout: Layout
+    collator: PairCollator  # held-out scoring: the layout of training, no EOS padding
+
+
+@dataclass
+class HeldOut:
+    """The held-out pairs' scores before training (the policy *is* the reference then, unless a separate one is
+    given: one pass serves as "before" metrics and as the reference scores of "after")."""
+
+    before: EvalResult | None = None
+    ref_scores: PairScores | None = None
+
+
+def _resume_finished(cfg: PrefConfig, checkpoint: str) -> bool:
+    """Check the checkpoint and the options against the run's; True (and say so) when the run is finished."""
+    state = verify_checkpoint(checkpoint, cfg)
+    check_same_run(cfg, Path(checkpoint).parent)
+    if not run_finished(state):
+        return False
+    print(f"nothing to do: {checkpoint} is step {state['global_step']} of {state['max_steps']}, the end of the run; "
+          f"its weights are in {cfg.output_dir}")
+    return True
+
+
+def prepare_job(cfg: PrefConfig, data_spec: DataSpec) -> Job:
     host = accel.install(cfg)
     model_path, model, tokenizer = load_model_and_tokenizer(cfg)
-    data = load_data(cfg, tokenizer)
+    data = load_data(cfg, tokenizer, data_spec)
     for name, rep in data.reports.items():
         logger.info("%s data: %s", name, rep.summary())
-    ref_model = None
-    if cfg.ref_model_name_or_path:
-        ref_path = resolve_model_path(cfg.ref_model_name_or_path)
-        ref_model = load_causal_lm(
-            ref_path, dtype=weight_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
-            allow_pickle=cfg.allow_pickle,
-        )
+    ref_model = load_reference_model(cfg)
     layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model, ref_model)
-    collator = PairCollator.for_config(cfg, tokenizer, layout, training=False)
-    device = torch.device(cfg.device)
+    collator = PairCollator.for_spec(data_spec, tokenizer, layout, training=False)
     if not getattr(model, "is_quantized", False):  # bitsandbytes placed it at load and refuses .to
-        model.to(device)
+        model.to(torch.device(cfg.device))
+    return Job(cfg, host.run_forwards, model_path, model, tokenizer, data, ref_model, layout, collator)
 
-    # Before training the policy *is* the reference (unless a separate one is given): one scoring pass on
-    # the held-out pairs serves as "before" metrics and as reference scores for "after".
-    before = ref_scores = None
-    eval_bs = cfg.per_device_eval_batch_size
-    if data.eval is not None and len(data.eval) > 0:
-        start_scores = score_pairs(model, data.eval, collator, batch_size=eval_bs, desc="held-out, before")
-        before = summarize(start_scores, None, cfg.beta)
-        ref_scores = start_scores
-        if ref_model is not None:
-            ref_scores = score_pairs(ref_model.to(device), data.eval, collator, batch_size=eval_bs, desc="reference")
-        print("\n" + report_table(before, None) + "\n", flush=True)
 
-    train_ds = data.train
+def _has_held_out(job: Job) -> bool:
+    return job.data.eval is not None and len(job.data.eval) > 0
+
+
+def score_before(job: Job) -> HeldOut:
+    if not _has_held_out(job):
+        return HeldOut()
+    bs = job.cfg.per_device_eval_batch_size
+    start = score_pairs(job.model, job.data.eval, job.collator, batch_size=bs, desc="held-out, before")
+    ref_scores = start if job.ref_model is None else score_pairs(
+        job.ref_model.to(job.cfg.device), job.data.eval, job.collator, batch_size=bs, desc="reference")
+    held_out = HeldOut(summarize(start, None, job.cfg.beta), ref_scores)
+    print("\n" + report_table(held_out.before, None) + "\n", flush=True)
+    return held_out
+
+
+def build_trainer(job: Job, spec: RunSpec) -> PrefTrainer:
+    cfg, train_ds = job.cfg, job.data.train
     if cfg.precompute_ref_log_probs:  # sharded across processes under a distributed launch
         train_ds = attach_reference_logps(
-            train_ds, ref_model if ref_model is not None else model, tokenizer, cfg,
-            model_path=cfg.ref_model_name_or_path or model_path, layout=layout,
+            train_ds, job.ref_model if job.ref_model is not None else job.model, job.tokenizer, cfg,
+            model_path=cfg.ref_model_name_or_path or job.model_path, layout=job.layout,
         )
     try:
-        trainer = PrefTrainer(
-            model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer, ref_model=ref_model,
-            eval_dataset=data.eval if cfg.eval_strategy != "no" else None, run_forwards=host.run_forwards,
-            layout=layout,
+        return PrefTrainer(
+            model=job.model, args=cfg, train_dataset=train_ds, processing_class=job.tokenizer, ref_model=job.ref_model,
+            eval_dataset=job.data.eval if cfg.eval_strategy != "no" else None, run_forwards=job.run_forwards,
+            layout=job.layout, spec=spec,
         )
     except (ValueError, ImportError) as e:  # Trainer's own checks of the options
         raise ConfigError(one_line(e)) from e
-    out = Path(cfg.output_dir)
-    fingerprint = data_fingerprint(data.train)
-    if checkpoint is not None:  # the saved options and data stay those the run started with
-        saved = (Path(checkpoint).parent / DATA_FINGERPRINT)
+
+
+def record_run(job: Job, trainer: PrefTrainer, checkpoint: str | None) -> None:
+    """A new run saves its options and data fingerprint; a resumed one must train on the same pairs."""
+    cfg, out = job.cfg, Path(job.cfg.output_dir)
+    fingerprint = data_fingerprint(job.data.train)
+    if checkpoint is not None:
+        saved = Path(checkpoint).parent / DATA_FINGERPRINT
         if saved.is_file() and saved.read_text().strip() != fingerprint:
             raise ConfigError(f"--resume_from_checkpoint: the training pairs differ from those the run in "
                               f"{Path(checkpoint).parent} started with (--dataset_name {cfg.dataset_name}); resume "
@@ -207,34 +260,47 @@ def _train(cfg: PrefConfig) -> dict:
     elif trainer.is_world_process_zero():
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved_config_dict(cfg), sort_keys=True))
         atomic_write_text(out / DATA_FINGERPRINT, fingerprint + "\n")
+
+
+def fit(job: Job, trainer: PrefTrainer, checkpoint: str | None, t0: float) -> dict:
+    """Train, save the model, and write train_results.json; returns its metrics."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(cfg.output_dir)
+    trainer.save_model(job.cfg.output_dir)
     metrics = dict(result.metrics)
     metrics["peak_memory_mb"] = peak_memory_mb()
     metrics["total_runtime"] = time.time() - t0
-    metrics["skipped_pairs"] = {k: dict(r.skipped) for k, r in data.reports.items()}
-    (Path(cfg.output_dir) / "train_results.json").write_text(json.dumps(metrics, indent=2))
+    metrics["skipped_pairs"] = {k: dict(r.skipped) for k, r in job.data.reports.items()}
+    (Path(job.cfg.output_dir) / "train_results.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
-    after = None
-    if data.eval is not None and len(data.eval) > 0:
-        end_scores = score_pairs(model, data.eval, collator, batch_size=eval_bs, desc="held-out, after")
-        after = summarize(end_scores, ref_scores, cfg.beta)
-        (Path(cfg.output_dir) / "eval_results.json").write_text(
-            json.dumps({"before": before.to_dict() if before else None, "after": after.to_dict()}, indent=2)
-        )
+
+def score_after(job: Job, held_out: HeldOut) -> EvalResult | None:
+    if not _has_held_out(job):
+        return None
+    end = score_pairs(job.model, job.data.eval, job.collator, batch_size=job.cfg.per_device_eval_batch_size,
+                      desc="held-out, after")
+    after = summarize(end, held_out.ref_scores, job.cfg.beta)
+    (Path(job.cfg.output_dir) / "eval_results.json").write_text(json.dumps(
+        {"before": held_out.before.to_dict() if held_out.before else None, "after": after.to_dict()}, indent=2))
+    return after
+
+
+def report(job: Job, trainer: PrefTrainer, metrics: dict, before: EvalResult | None,
+           after: EvalResult | None) -> None:
+    """The model card, the plots and the summary printed at the end."""
+    cfg, out = job.cfg, Path(job.cfg.output_dir)
     if trainer.is_world_process_zero():  # after save_model, whose peft save writes a placeholder README.md
-        write_model_card(cfg, cfg.output_dir, model_path=model_path, is_adapter=is_peft_model(model),
+        write_model_card(cfg, cfg.output_dir, model_path=job.model_path, is_adapter=is_peft_model(job.model),
                          train_metrics=metrics, eval_after=after.to_dict() if after else None)
-    plots = plot_runs([cfg.output_dir], str(Path(cfg.output_dir) / "plots"))
+    plots = plot_runs([cfg.output_dir], str(out / "plots"))
     print("\n" + report_table(before, after), flush=True)
-    for name, rep in data.reports.items():
+    for name, rep in job.data.reports.items():
         print(f"{name} data: {rep.summary()}")
-    print(f"\nmodel:   {cfg.output_dir}  ({'LoRA adapter' if is_peft_model(model) else 'full model'})")
-    print(f"metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
-    print(f"results: {Path(cfg.output_dir) / 'train_results.json'}")
+    print(f"\nmodel:   {cfg.output_dir}  ({'LoRA adapter' if is_peft_model(job.model) else 'full model'})")
+    print(f"metrics: {out / 'metrics.jsonl'}")
+    print(f"results: {out / 'train_results.json'}")
     for p in plots:
         print(f"plot:    {p}")
-    return {"train": metrics, "before": before, "after": after}
 
 
 def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str] | frozenset = frozenset()) -> dict:
@@ -245,18 +311,18 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
         raise ConfigError("--model_name_or_path: required for eval (a trained output dir or a model)")
     if "beta" not in given:
         cfg.beta = saved_run_config(path).get("beta", cfg.beta)
-    validate_config(cfg)
+    spec = resolve_run(cfg)
     out = Path(output_file) if output_file else (Path(path) / "eval_results.json" if Path(path).is_dir() else None)
     if out is not None:  # checked before the work, not after the whole eval has run
         check_writable_dir(out.parent, "--output_file" if output_file else "--model_name_or_path", create=False)
     accel.install(cfg)
     model, tokenizer, reference = load_for_eval(cfg)
     rows = load_rows(cfg.dataset_name or bundled_sample_path(), cfg.dataset_split)
-    ds, report = prepare_dataset(rows, tokenizer, cfg, source=cfg.dataset_name or "bundled sample",
+    ds, report = prepare_dataset(rows, tokenizer, spec.data, source=cfg.dataset_name or "bundled sample",
                                  max_samples=cfg.max_eval_samples)
     layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model,
                             reference if isinstance(reference, torch.nn.Module) else None)
-    collator = PairCollator.for_config(cfg, tokenizer, layout, training=False)
+    collator = PairCollator.for_spec(spec.data, tokenizer, layout, training=False)
     bs = cfg.per_device_eval_batch_size
     policy = score_pairs(model, ds, collator, batch_size=bs, desc="policy")
     ref_scores: PairScores | None = None

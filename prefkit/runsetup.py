@@ -78,6 +78,16 @@ def load_model_and_tokenizer(cfg: PrefConfig):
     return path, model, tokenizer
 
 
+def load_reference_model(cfg: PrefConfig) -> torch.nn.Module | None:
+    """The reference named by --ref_model_name_or_path (frozen, eval mode), else None: the trainer then uses the
+    starting policy (:func:`prefkit.reference.reference_copy`, or a peft model's adapters disabled)."""
+    if not cfg.ref_model_name_or_path:
+        return None
+    ref = load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dtype=weight_dtype(cfg),
+                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    return ref.eval().requires_grad_(False)
+
+
 def weight_dtype(cfg: PrefConfig, *, trained: bool = False) -> torch.dtype:
     """The one dtype rule for every model prefkit loads: the rule of the device it will run on."""
     return choose_dtype(cfg.dtype, torch.device(default_device_type(cfg.use_cpu)), trained=trained)

@@ -9,12 +9,10 @@ It changes no process-wide state; the host layer (:mod:`prefkit.accel`) comes in
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
 import resource
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,59 +21,26 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from prefkit.config import PrefConfig, validate_config
-from prefkit.data import PairCollator, prepare_dataset
+from prefkit.config import PrefConfig
+from prefkit.data import PairCollator, prepare_if_raw
 from prefkit.data.types import PairBatch, SkipReport
 from prefkit.dynamics import DynamicsMonitor
 from prefkit.errors import ConfigError, TrainingFault
 from prefkit.files import atomic_write_text, read_jsonl_tolerant
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.logprobs import compute_pair_logps
-from prefkit.models import is_peft_model
+from prefkit.metrics import MetricMeans
+from prefkit.models import disable_dropout, is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
+from prefkit.reference import mix_into_reference, reference_copy, zero3_reference
+from prefkit.spec import RunSpec, resolve_run
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "prefkit_state.pt"
 # Written last, atomically: a checkpoint without it was interrupted mid-save and is never resumed from.
 COMPLETE_MARKER = "prefkit_checkpoint_complete"
-
-
-def _reference_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of the starting policy. Under ZeRO-3 the policy's parameters are already partitioned, so a
-    copy would hold empty shards: the reference is loaded again (partitioned the same way) instead."""
-    if not is_deepspeed_zero3_enabled():
-        return copy.deepcopy(model)
-    if not getattr(model, "name_or_path", ""):
-        raise ConfigError("under DeepSpeed ZeRO-3 the reference is reloaded from the policy's path; "
-                          "this model has none, so pass ref_model= explicitly")
-    return type(model).from_pretrained(model.name_or_path, dtype=model.dtype)
-
-
-def _precast_linears(ref: nn.Module, dtype: torch.dtype) -> None:
-    """Store a frozen reference's linear weights in the autocast dtype. Autocast casts a linear's weight to that
-    dtype on every call (it caches casts only of weights that require grad), so the log-probs are the same bit
-    for bit, those weights take half the memory and the casts are skipped. A weight that another module also
-    uses (a head tied to the input embedding, looked up outside autocast) keeps its dtype."""
-    shared = {id(p) for m in ref.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    for m in ref.modules():
-        if isinstance(m, nn.Linear) and id(m.weight) not in shared:
-            m.to(dtype)
-
-
-def _zero3_reference(ref: nn.Module, accelerator) -> nn.Module:
-    """The reference as a ZeRO-3 DeepSpeed engine without optimizer: sharded like the policy, its forward gathers
-    the parameters layer by layer."""
-    import deepspeed
-
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    config["zero_optimization"].pop("offload_optimizer", None)
-    engine, *_ = deepspeed.initialize(model=ref, config=config)
-    engine.eval()  # DeepSpeedEngine.eval returns None, unlike Module.eval
-    return engine
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -99,8 +64,8 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class SyncReferenceCallback(TrainerCallback):
-    """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656, eq. 3, soft update): every ``ref_model_sync_steps``
-    optimizer steps, ref ← α·policy + (1 − α)·ref with α = ``ref_model_mixup_alpha`` (TRL's semantics)."""
+    """TR-DPO: every ``ref_model_sync_steps`` optimizer steps, ref ← α·policy + (1 − α)·ref with
+    α = ``ref_model_mixup_alpha`` (TRL's semantics; :func:`prefkit.reference.mix_into_reference`)."""
 
     def __init__(self, trainer: PrefTrainer):
         self.trainer = trainer
@@ -109,13 +74,6 @@ class SyncReferenceCallback(TrainerCallback):
         if state.global_step % args.ref_model_sync_steps == 0:
             mix_into_reference(self.trainer.accelerator.unwrap_model(self.trainer.model), self.trainer.ref_model,
                                args.ref_model_mixup_alpha)
-
-
-@torch.no_grad()
-def mix_into_reference(policy: nn.Module, ref: nn.Module, alpha: float) -> None:
-    """ref ← α·policy + (1 − α)·ref, parameter by parameter (same architecture)."""
-    for p_ref, p in zip(ref.parameters(), policy.parameters(), strict=True):
-        p_ref.mul_(1.0 - alpha).add_(p.to(p_ref.device, p_ref.dtype), alpha=alpha)
 
 
 class PrefTrainer(Trainer):
@@ -127,7 +85,8 @@ class PrefTrainer(Trainer):
     Datasets may be raw preference rows (prompt/chosen/rejected…) or already prepared by
     :func:`prefkit.data.prepare_dataset`. ``run_forwards(policy, reference)`` runs the two forwards of a step
     with a separate reference model and returns both results (default: one after the other); the host layer's
-    plan (:func:`prefkit.accel.install`) runs them side by side on a CPU.
+    plan (:func:`prefkit.accel.install`) runs them side by side on a CPU. ``spec`` is the run's options resolved
+    and checked once (:func:`prefkit.spec.resolve_run`); without it the trainer resolves ``args``.
     """
 
     def __init__(
@@ -141,30 +100,28 @@ class PrefTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         run_forwards: Callable | None = None,
         layout: Layout | None = None,
+        spec: RunSpec | None = None,
     ):
-        validate_config(args)
+        self.spec = spec or resolve_run(args)  # `prefkit train` resolved it already; Python callers resolve here
         self.run_forwards = run_forwards
-        self.objective = build_objective(args)
+        self.objective = build_objective(self.spec.objective)
         self.skip_reports: dict[str, SkipReport] = {}
-        train_dataset = self._prepared(train_dataset, processing_class, args, "train")
-        eval_dataset = self._prepared(eval_dataset, processing_class, args, "eval")
+        train_dataset = self._prepared(train_dataset, processing_class, "train")
+        eval_dataset = self._prepared(eval_dataset, processing_class, "eval")
         precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
         if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
-            ref_model = _reference_copy(model)
-            if args.autocast_dtype is not None and not is_deepspeed_zero3_enabled():
-                _precast_linears(ref_model, args.autocast_dtype)
+            ref_model = reference_copy(model, args.autocast_dtype)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+        if self.spec.reference.sync_ref_model and ref_model is None:
+            raise ConfigError("--sync_ref_model needs a separate reference model to update (not a peft model "
+                              "with adapters disabled, not precomputed reference log-probs)")
         # decided once from the policy and the reference: a layout is used only where it is exact on both
         self.layout = layout or resolve_layout(args.share_prompt, args.pack_pairs, model, ref_model)
-        collator = PairCollator.for_config(args, processing_class, self.layout)
+        collator = PairCollator.for_spec(self.spec.data, processing_class, self.layout)
         if args.disable_dropout:  # as TRL: noisy policy log-probs against a dropout-free reference bias the margin
-            for m in [model, *([ref_model] if ref_model is not None else [])]:
-                for mod in m.modules():
-                    if isinstance(mod, nn.Dropout):
-                        mod.p = 0.0
+            disable_dropout(model, ref_model)
         self.ref_model = ref_model
-        metrics_cb = MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl")
         super().__init__(
             model=model,
             args=args,
@@ -172,38 +129,37 @@ class PrefTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            callbacks=[metrics_cb, *(callbacks or [])],
+            callbacks=[MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl"), *(callbacks or [])],
         )
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
-            self.ref_model = _zero3_reference(self.ref_model, self.accelerator)
+            self.ref_model = zero3_reference(self.ref_model, self.accelerator)
         elif self.ref_model is not None:
             self.ref_model.to(self.args.device)
-        probe = collator([train_dataset[i] for i in range(min(args.dynamics_probe_size, len(train_dataset)))]) if (
-            train_dataset is not None and args.dynamics_steps > 0
-        ) else None
-        # RC statistics are batch means: reduce them over processes so every rank uses the same α
-        reduce = (lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu()) if (
-            self.accelerator.num_processes > 1) else None
-        self.monitor = DynamicsMonitor(
-            args, self.objective, model, probe, self._probe_logps, reduce_mean=reduce,
-            unwrap=self.accelerator.unwrap_model if self.accelerator.num_processes > 1 else None,
-        )
-        self._stats: dict[str, list[float]] = defaultdict(list)
-        if args.sync_ref_model:
-            if self.ref_model is None:
-                raise ConfigError("--sync_ref_model needs a separate reference model to update (not a peft model "
-                                  "with adapters disabled, not precomputed reference log-probs)")
+        self.monitor = self._dynamics_monitor(train_dataset, collator)
+        self.metrics = MetricMeans()
+        if self.spec.reference.sync_ref_model:
             self.add_callback(SyncReferenceCallback(self))
 
-    def _prepared(self, dataset, tokenizer, args: PrefConfig, name: str):
-        if dataset is None or "prompt_ids" in dataset.column_names:
-            return dataset
-        if "__row__" not in dataset.column_names:
-            dataset = dataset.add_column("__row__", list(range(len(dataset))))
-        prepared, report = prepare_dataset(dataset, tokenizer, args, source=f"{name} dataset")
-        self.skip_reports[name] = report
-        (logger.warning if report.skipped else logger.info)("%s dataset: %s", name, report.summary())
-        return prepared
+    def _dynamics_monitor(self, train_dataset, collator: PairCollator) -> DynamicsMonitor:
+        dyn = self.spec.dynamics
+        probe = collator([train_dataset[i] for i in range(min(dyn.dynamics_probe_size, len(train_dataset)))]) if (
+            train_dataset is not None and dyn.dynamics_steps > 0
+        ) else None
+        multi = self.accelerator.num_processes > 1
+        return DynamicsMonitor(
+            dyn, self.objective, self.model, probe, self._probe_logps,
+            # RC statistics are batch means: reduced over processes so that every rank uses the same α
+            reduce_mean=(lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu())
+            if multi else None,
+            unwrap=self.accelerator.unwrap_model if multi else None,
+        )
+
+    def _prepared(self, dataset, tokenizer, name: str):
+        dataset, report = prepare_if_raw(dataset, tokenizer, self.spec.data, name)
+        if report is not None:
+            self.skip_reports[name] = report
+            (logger.warning if report.skipped else logger.info)("%s dataset: %s", name, report.summary())
+        return dataset
 
     # -------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs: PairBatch) -> PairBatch:  # type: ignore[override]
@@ -257,44 +213,42 @@ class PrefTrainer(Trainer):
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
         out = self.objective(self.monitor.calibrate(logps, self.state.global_step) if model.training else logps)
-        local_ok = bool(torch.isfinite(out.loss))
-        if not self._everywhere(local_ok):
-            self._numerical_fault(inputs, what="loss" if not local_ok else "loss on another process")
+        if self._non_finite(torch.isfinite(out.loss), inputs, "loss"):
             # --nan_policy skip, agreed by every process: a zero that keeps the graph, so backward still reaches
             # every parameter (DDP, FSDP and DeepSpeed wait for all of them) and adds nothing; and no statistics
             out.loss = sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in (logps.chosen, logps.rejected)) * 0.0
             return (out.loss, out) if return_outputs else out.loss
         mode = "train" if model.training else "eval"
-        for k, v in out.stats.metrics().items():
-            self._stats[f"{mode}:{k}"].append(v)
+        self.metrics.add(mode, out.stats.metric_tensors())
         if model.training:
-            for k, v in self.monitor.observe(self.state.global_step, model, logps, out, inputs).items():
-                self._stats[f"{mode}:{k}"].append(v)
+            self.metrics.add(mode, self.monitor.observe(self.state.global_step, model, logps, out, inputs))
         return (out.loss, out) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        local_ok = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
-        if not self._everywhere(local_ok):  # FSDP shards gradients: each process sees only its part
-            self._numerical_fault(inputs, what="gradient")
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads else torch.tensor(True)
+        if self._non_finite(finite, inputs, "gradient"):  # FSDP shards gradients: each process sees only its part
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
         return loss
 
-    def _everywhere(self, ok: bool) -> bool:
-        """``ok`` on every process (one tiny all-gather per call under a multi-process launch): the processes
-        must take the same branch, or they wait for each other in different collectives."""
-        if self.accelerator.num_processes == 1:
-            return ok
-        flags = self.accelerator.gather(torch.tensor([float(ok)], device=self.args.device))
-        return bool(flags.min() > 0)
-
-    def _numerical_fault(self, batch: PairBatch, what: str = "loss") -> None:
-        rows = batch.row_ids.tolist()
-        where = f"step {self.state.global_step}, dataset rows {rows}"
+    def _non_finite(self, finite: torch.Tensor, batch: PairBatch, what: str) -> bool:
+        """The NaN policy, in one place: whether ``what`` is non-finite on any process (one tiny all-gather under
+        a multi-process launch, so that every process takes the same branch and none waits in a collective the
+        others skip). Then --nan_policy stop saves the last good state and raises; skip logs and returns True."""
+        ok = finite.to(self.args.device, torch.float32).reshape(1)
+        local_ok = bool(ok > 0)
+        if self.accelerator.num_processes > 1:
+            if bool(self.accelerator.gather(ok).min() > 0):
+                return False
+            if local_ok:
+                what = f"{what} on another process"
+        elif local_ok:
+            return False
+        where = f"step {self.state.global_step}, dataset rows {batch.row_ids.tolist()}"
         if self.args.nan_policy == "skip":
             logger.warning("non-finite %s at %s; skipping this batch (--nan_policy skip)", what, where)
-            return
+            return True
         self._save_checkpoint(self.model, trial=None)
         raise TrainingFault(
             f"non-finite {what} at {where}; checkpoint of the last good state saved in {self.args.output_dir}. "
@@ -309,14 +263,11 @@ class PrefTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        keys = sorted(k for k, v in self._stats.items() if k.startswith(mode + ":") and v)
-        if keys:
-            local = torch.tensor([sum(self._stats[k]) / len(self._stats[k]) for k in keys], device=self.args.device)
-            # metrics are global: the mean over processes, not rank 0's
-            values = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
-            for key, value in zip(keys, values.tolist()):
-                logs[prefix + key.split(":", 1)[1]] = value
-                del self._stats[key]
+        # metrics are global: the mean over processes, not rank 0's
+        reduce = (lambda t: self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 \
+            else None
+        for key, value in self.metrics.pop(mode, self.args.device, reduce).items():
+            logs[prefix + key] = value
         if mode == "train":
             logs["peak_memory_mb"] = peak_memory_mb()
         super().log(logs, start_time)

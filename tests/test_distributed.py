@@ -168,18 +168,19 @@ def test_zero3_reference_is_reloaded_from_the_policy_path(monkeypatch, model_dir
     and a model without one gets a message saying to pass ref_model=."""
     from transformers import AutoModelForCausalLM
 
-    import prefkit.trainer as trainer
+    import prefkit.reference as reference
     from prefkit.errors import ConfigError
+    from prefkit.reference import reference_copy
 
-    monkeypatch.setattr(trainer, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(reference, "is_deepspeed_zero3_enabled", lambda: True)
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         policy.lm_head.weight.add_(1.0)  # the reloaded reference is the saved model, not this object
-    ref = trainer._reference_copy(policy)
+    ref = reference_copy(policy)
     assert ref is not policy and torch.equal(ref.lm_head.weight + 1.0, policy.lm_head.weight)
     tiny_llama.name_or_path = ""
     with pytest.raises(ConfigError, match="pass ref_model= explicitly"):
-        trainer._reference_copy(tiny_llama)
+        reference_copy(tiny_llama)
 
 
 @pytest.mark.slow

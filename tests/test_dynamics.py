@@ -19,7 +19,6 @@ from prefkit.dynamics.monitor import DynamicsMonitor
 from prefkit.dynamics.scores import ScoreStats
 from prefkit.logprobs import compute_pair_logps
 from prefkit.objectives import ObjectiveSpec, build_objective
-from prefkit.objectives.links import LinkParams
 from tests.test_objectives import LRL, LRW, PL, PW, make_logps
 
 BETA = 0.1
@@ -30,7 +29,7 @@ def sig(x: float) -> float:
 
 
 def objective(loss="sigmoid", **kw):
-    return build_objective(ObjectiveSpec(loss_type=(loss,), params=LinkParams(beta=BETA), **kw))
+    return build_objective(ObjectiveSpec(loss_type=(loss,), **{"beta": BETA, **kw}))
 
 
 def test_dpo_incentives_closed_form():

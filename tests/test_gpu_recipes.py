@@ -113,7 +113,8 @@ def test_the_seed_alone_decides_the_lora_initialisation(model_dir: Path, tmp_pat
 def test_bench_hh_config_methods_are_train_options():
     from prefkit.bench.config import BENCH_KEYS, load_bench_config
     from prefkit.cli import options_to_argv
-    from prefkit.config import option_names, validate_config
+    from prefkit.config import option_names
+    from prefkit.spec import resolve_run
 
     bench = load_bench_config(str(ROOT / "benchmarks" / "bench_hh.yaml"))
     assert len(bench.seeds) >= 3 and bench.uses_critical_tokens()
@@ -121,7 +122,7 @@ def test_bench_hh_config_methods_are_train_options():
         pytest.skip("the RC options rc_scores / rc_target / rc_norm_steps are not in this build yet")
     for opts in bench.methods.values():
         options = {**bench.train, **{k: v for k, v in opts.items() if k not in BENCH_KEYS}, "output_dir": "x"}
-        validate_config(parse_config(options_to_argv(options)))  # ConfigError on an unknown or bad option
+        resolve_run(parse_config(options_to_argv(options)))  # ConfigError on an unknown or bad option
 
 
 def test_rc_alpha_one_needs_rc(tmp_path: Path):

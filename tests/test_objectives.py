@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from prefkit.config import PrefConfig, validate_config
+from prefkit.config import PrefConfig
 from prefkit.errors import ConfigError
 from prefkit.objectives import ObjectiveSpec, PairLogps, build_objective
 from prefkit.objectives.granularity import assign_units
-from prefkit.objectives.links import LinkParams
-from prefkit.objectives.registry import LINKS, objectives_table_markdown, validate_objective_config
+from prefkit.objectives.registry import LINKS, objectives_table_markdown
+from prefkit.spec import resolve_run
 
 BETA = 0.1
 # two pairs, response-aligned; pair 0: |y_w| = 3, |y_l| = 2; pair 1: |y_w| = 2, |y_l| = 4
@@ -38,9 +38,7 @@ def make_logps(pw=PW, rw=RW, pl=PL, rl=RL, width=4) -> PairLogps:
 
 
 def spec(loss="sigmoid", **kw) -> ObjectiveSpec:
-    params = LinkParams(beta=kw.pop("beta", BETA), label_smoothing=kw.pop("label_smoothing", 0.0),
-                        simpo_gamma=kw.pop("simpo_gamma", 0.5), discopop_tau=kw.pop("discopop_tau", 0.05))
-    return ObjectiveSpec(loss_type=(loss,), params=params, **kw)
+    return ObjectiveSpec(loss_type=(loss,), **{"beta": BETA, **kw})
 
 
 def loss_of(s: ObjectiveSpec, logps: PairLogps | None = None) -> float:
@@ -209,7 +207,7 @@ def test_token_weights_scale_rejected_log_ratios():
 
 def test_rpo_and_loss_weights_combine():
     nll = -sum(sum(p) for p in PW) / sum(len(p) for p in PW)  # token mean over the batch, as TRL's sft
-    combo = ObjectiveSpec(loss_type=("sigmoid", "hinge"), loss_weights=(0.3, 0.7), params=LinkParams(beta=BETA),
+    combo = ObjectiveSpec(loss_type=("sigmoid", "hinge"), loss_weights=(0.3, 0.7), beta=BETA,
                           rpo_alpha=0.5)
     expected = 0.3 * loss_of(spec()) + 0.7 * loss_of(spec("hinge")) + 0.5 * nll
     assert loss_of(combo) == pytest.approx(expected, rel=1e-9)
@@ -235,13 +233,13 @@ def test_stats_follow_trl_conventions():
 def test_invalid_options_rejected_at_startup(tmp_path, option, value, match):
     cfg = PrefConfig(output_dir=str(tmp_path), **{option: value})
     with pytest.raises(ConfigError, match=match):
-        validate_config(cfg)
+        resolve_run(cfg)
 
 
 def test_granularity_rejected_for_response_level_links(tmp_path):
     cfg = PrefConfig(output_dir=str(tmp_path), loss_type=["orpo"], granularity="adaptive")
     with pytest.raises(ConfigError, match="--granularity response"):
-        validate_config(cfg)
+        resolve_run(cfg)
 
 
 def test_docs_table_is_generated_from_the_registry():
@@ -319,7 +317,8 @@ def test_spec_from_config_maps_every_option(tmp_path):
                      unit_reduction="mean", poet=True, cpo_alpha=0.6, rpo_alpha=0.9, ld_alpha=None, use_weighting=True)
     assert ObjectiveSpec.from_config(cfg) == ObjectiveSpec(
         loss_type=("ipo", "sft"), loss_weights=(0.8, 0.2),
-        params=LinkParams(0.3, 0.1, 0.7, 0.2, "forward_kl", 0.4), granularity="static", window_size=3,
+        beta=0.3, label_smoothing=0.1, simpo_gamma=0.7, discopop_tau=0.2, f_divergence_type="forward_kl",
+        f_alpha_divergence_coef=0.4, granularity="static", window_size=3,
         num_segments=5, unit_reduction="mean", poet=True, cpo_alpha=0.6, rpo_alpha=0.9, ld_alpha=None,
         use_weighting=True)
     assert ObjectiveSpec.from_config(PrefConfig(output_dir=str(tmp_path), ld_alpha=0.25)).ld_alpha == 0.25
@@ -337,7 +336,7 @@ VALID_EDGES = [dict(beta=1e-9), dict(granularity="static", window_size=1), dict(
 
 @pytest.mark.parametrize("options", VALID_EDGES)
 def test_objective_options_at_their_valid_edges_pass(tmp_path, options):
-    validate_objective_config(PrefConfig(output_dir=str(tmp_path), **options))
+    resolve_run(PrefConfig(output_dir=str(tmp_path), **options))
 
 
 def _among(flag: str) -> str:
@@ -373,14 +372,14 @@ REFUSED = [
      "without adapters, which cannot be mixed into; drop one of the two (as TRL)"),
     (dict(sync_ref_model=True, ref_model_mixup_alpha=1.5), "--ref_model_mixup_alpha: must be in [0, 1], got 1.5"),
     (dict(sync_ref_model=True, ref_model_mixup_alpha=-0.5), "--ref_model_mixup_alpha: must be in [0, 1], got -0.5"),
-    (dict(sync_ref_model=True, ref_model_sync_steps=0), "--ref_model_sync_steps: must be >= 1, got 0"),
+    (dict(sync_ref_model=True, ref_model_sync_steps=0), "--ref_model_sync_steps: must be at least 1, got 0"),
 ]
 
 
 @pytest.mark.parametrize("options, message", REFUSED)
 def test_objective_options_past_their_edges_are_refused_with_one_message(tmp_path, options, message):
-    with pytest.raises(ConfigError) as refused:
-        validate_objective_config(PrefConfig(output_dir=str(tmp_path), **options))
+    with pytest.raises(ConfigError) as refused:  # the objective's own checks and those across sub-specs
+        resolve_run(PrefConfig(output_dir=str(tmp_path), **options))
     assert str(refused.value) == message
 
 
@@ -423,13 +422,13 @@ def test_cpo_alpha_weights_the_nll_and_adds_to_other_nll_terms():
     for order in ((0, 1), (1, 0)):
         names, weights = ("cpo", "orpo"), (0.7, 0.3)
         combo = ObjectiveSpec(loss_type=tuple(names[i] for i in order), loss_weights=tuple(weights[i] for i in order),
-                              params=LinkParams(beta=BETA), cpo_alpha=0.6)
+                              beta=BETA, cpo_alpha=0.6)
         expected = 0.3 * loss_of(spec("orpo")) + 0.7 * (link + 0.6 * nll)
         assert loss_of(combo) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_batch_level_link_does_not_end_the_sum_over_links():
-    combo = ObjectiveSpec(loss_type=("sft", "sigmoid"), loss_weights=(0.5, 0.5), params=LinkParams(beta=BETA))
+    combo = ObjectiveSpec(loss_type=("sft", "sigmoid"), loss_weights=(0.5, 0.5), beta=BETA)
     assert loss_of(combo) == pytest.approx(0.5 * loss_of(spec("sft")) + 0.5 * loss_of(spec()), rel=1e-9)
 
 

@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from prefkit.cli import main
-from prefkit.config import PrefConfig, validate_config
+from prefkit.config import PrefConfig
 from prefkit.dynamics import RewardCalibrator, compute_incentives, score_stats, select_params
 from prefkit.dynamics.incentives import Incentives
 from prefkit.dynamics.scores import ScoreStats
 from prefkit.errors import ConfigError
 from prefkit.logprobs import compute_pair_logps
+from prefkit.spec import resolve_run
 from tests.test_dynamics import BETA, _tiny_batch, objective, sig
 from tests.test_objectives import LRL, LRW, PL, PW, make_logps
 from tests.test_train_e2e import write_pairs
@@ -99,15 +100,15 @@ def test_mean_and_sum_score_norms_by_hand():
 def test_bad_rc_values_rejected(tmp_path, option, value):
     cfg = PrefConfig(output_dir=str(tmp_path), reward_calibration=True, **{option: value})
     with pytest.raises(ConfigError, match=f"^--{option}: must be"):
-        validate_config(cfg)
+        resolve_run(cfg)
 
 
 @pytest.mark.parametrize("option, value", [("rc_scores", "sum"), ("rc_target", "band"), ("rc_norm_steps", 5),
                                            ("rc_ema", 0.9)])
 def test_rc_options_without_rc_refused(tmp_path, option, value):
     with pytest.raises(ConfigError, match=f"^--{option}: has no effect without --reward_calibration true"):
-        validate_config(PrefConfig(output_dir=str(tmp_path), **{option: value}))
-    validate_config(PrefConfig(output_dir=str(tmp_path), reward_calibration=True, **{option: value}))
+        resolve_run(PrefConfig(output_dir=str(tmp_path), **{option: value}))
+    resolve_run(PrefConfig(output_dir=str(tmp_path), reward_calibration=True, **{option: value}))
 
 
 # ---- end to end --------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from prefkit.config import PrefConfig, validate_config
+from prefkit.config import PrefConfig
 from prefkit.errors import ConfigError
 from prefkit.objectives import ObjectiveSpec, build_objective
-from prefkit.objectives.links import LinkParams
 from prefkit.objectives.objective import wpo_weights
-from prefkit.trainer import mix_into_reference
+from prefkit.reference import mix_into_reference
+from prefkit.spec import resolve_run
 from tests.test_objectives import BETA, LRL, LRW, PL, PW, RL, RW, loss_of, ls, make_logps, spec
 
 
@@ -42,8 +42,8 @@ def test_sft_is_the_batch_token_mean_nll_of_chosen():
 
 
 def test_rpo_alpha_is_sigmoid_plus_weighted_sft():
-    rpo = ObjectiveSpec(params=LinkParams(beta=BETA), rpo_alpha=0.7)
-    trl_116 = ObjectiveSpec(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.7), params=LinkParams(beta=BETA))
+    rpo = ObjectiveSpec(beta=BETA, rpo_alpha=0.7)
+    trl_116 = ObjectiveSpec(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.7), beta=BETA)
     lp = make_logps()
     assert build_objective(rpo)(lp).loss.item() == build_objective(trl_116)(lp).loss.item()
     assert loss_of(rpo) == pytest.approx(loss_of(spec()) + 0.7 * 1.5, rel=1e-12)
@@ -69,13 +69,13 @@ def test_ld_alpha_by_hand_and_its_limits():
     ("alpha_divergence", lambda x: (math.exp(-0.5 * x) - 1) / -0.5),  # α = 0.5
 ])
 def test_f_divergence_scores_by_hand(kind, f):
-    s = ObjectiveSpec(params=LinkParams(beta=BETA, f_divergence_type=kind, f_alpha_divergence_coef=0.5))
+    s = ObjectiveSpec(beta=BETA, f_divergence_type=kind, f_alpha_divergence_coef=0.5)
     expected = sum(-ls(BETA * (f(w) - f(l))) for w, l in zip(LRW, LRL)) / 2
     assert loss_of(s) == pytest.approx(expected, rel=1e-12)
 
 
 def test_alpha_divergence_at_one_is_reverse_kl():
-    s = ObjectiveSpec(params=LinkParams(beta=BETA, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0))
+    s = ObjectiveSpec(beta=BETA, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)
     assert loss_of(s) == pytest.approx(loss_of(spec()), rel=1e-12)
 
 
@@ -85,7 +85,7 @@ def test_wpo_weights_by_hand():
     lp = lp.replace(chosen_sq=cs, rejected_sq=rs)
     weights = [math.exp(sum(PW[i]) / len(PW[i]) + 0.4 + sum(PL[i]) / len(PL[i]) + 0.2) for i in range(2)]
     expected = sum(w * -ls(BETA * (LRW[i] - LRL[i])) for i, w in enumerate(weights)) / 2
-    out = build_objective(ObjectiveSpec(params=LinkParams(beta=BETA), use_weighting=True))(lp)
+    out = build_objective(ObjectiveSpec(beta=BETA, use_weighting=True))(lp)
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -122,7 +122,7 @@ def test_tr_dpo_soft_update():
 ])
 def test_non_composable_combinations_are_refused(tmp_path, options, match):
     with pytest.raises(ConfigError, match=None) as e:
-        validate_config(PrefConfig(output_dir=str(tmp_path), **options))
+        resolve_run(PrefConfig(output_dir=str(tmp_path), **options))
     assert match in str(e.value)
 
 

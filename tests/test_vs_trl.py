@@ -14,7 +14,6 @@ from prefkit.accel.attention import register_segment_attention
 from prefkit.data import PairCollator
 from prefkit.logprobs import compute_pair_logps
 from prefkit.objectives import ObjectiveSpec, build_objective
-from prefkit.objectives.links import LinkParams
 
 trl = pytest.importorskip("trl")
 
@@ -27,7 +26,7 @@ PAIRS = [
 ]
 TRL_LOSSES = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm", "aot_unpaired", "sft"]
-# TRL 1.16 objective options: (loss types, DPOConfig / ObjectiveSpec options, LinkParams options)
+# TRL 1.16 objective options: (loss types, DPOConfig / ObjectiveSpec options, link options)
 TRL_OPTIONS = {
     "ld_alpha": (["sigmoid"], {"ld_alpha": 0.4}, {}),
     "ld_alpha_ipo": (["ipo"], {"ld_alpha": 0.4}, {}),
@@ -115,7 +114,7 @@ def _compare(setup, loss_types, options, params, layout="two rows"):
     weights = options.get("loss_weights")
     objective = build_objective(ObjectiveSpec(
         loss_type=tuple(loss_types), loss_weights=tuple(weights) if weights else None,
-        params=LinkParams(beta=0.2, **params), ld_alpha=options.get("ld_alpha"),
+        beta=0.2, **params, ld_alpha=options.get("ld_alpha"),
         use_weighting=options.get("use_weighting", False)))
     out_ = objective(lp)
     assert out_.loss.item() == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)

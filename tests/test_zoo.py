@@ -27,6 +27,7 @@ import transformers
 
 from prefkit.accel.attention import register_segment_attention
 from prefkit.data.collate import PairCollator
+from prefkit.data.spec import DataSpec
 from prefkit.layouts import Layout, layout_support, resolve_layout
 from prefkit.logprobs import _fused_parts, compute_pair_logps
 from tests.zoo import causal_lm_types, pair_features, tiny_model
@@ -57,13 +58,7 @@ def _model(model_type: str):
 
 
 def _collate(layout: Layout, feats):
-    return PairCollator.for_config(_Opts(), _Tok(), layout)(feats)
-
-
-class _Opts:  # the options PairCollator.for_config reads
-    granularity = "response"
-    static_padding = "none"
-    pad_to_multiple_of = None
+    return PairCollator.for_spec(DataSpec(), _Tok(), layout)(feats)
 
 
 class _Tok:

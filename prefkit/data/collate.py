@@ -12,7 +12,7 @@ from prefkit.data.types import PairBatch, PairSegments
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from prefkit.config import PrefConfig
+    from prefkit.data.spec import DataSpec
     from prefkit.layouts import Layout
 
 
@@ -37,7 +37,7 @@ class PairCollator:
     ``window`` (with ``share_prompt``): the model's sliding window, applied in logical positions (a rejected token
     at position p + j sees the keys within the window of p + j, as in its own row); ``mask_types``: the layer types
     of a model that takes one mask per type, of which only ``sliding_attention`` is windowed. Which layout is exact
-    on a model is :func:`prefkit.layouts.resolve_layout`'s decision (``for_config`` takes it).
+    on a model is :func:`prefkit.layouts.resolve_layout`'s decision (``for_spec`` takes it).
     """
 
     pad_token_id: int
@@ -50,17 +50,17 @@ class PairCollator:
     mask_types: tuple[str, ...] | None = None
 
     @classmethod
-    def for_config(cls, cfg: PrefConfig, tokenizer: PreTrainedTokenizerBase, layout: Layout, *,
-                   training: bool = True) -> PairCollator:
-        """The collator of a run's options in the ``layout`` resolved for its models; ``training=False`` (held-out
-        scoring) never adds EOS padding."""
+    def for_spec(cls, data: DataSpec, tokenizer: PreTrainedTokenizerBase, layout: Layout, *,
+                 training: bool = True) -> PairCollator:
+        """The collator of a run's data options in the ``layout`` resolved for its models; ``training=False``
+        (held-out scoring) never adds EOS padding."""
         return cls(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            static_eos_padding=training and cfg.granularity == "static" and cfg.static_padding == "eos",
+            static_eos_padding=training and data.static_eos_padding,
             share_prompt=layout.share_prompt,
             pack_pairs=layout.pack_pairs,
-            pad_to_multiple_of=cfg.pad_to_multiple_of,
+            pad_to_multiple_of=data.pad_to_multiple_of,
             window=layout.window,
             mask_types=layout.mask_types,
         )

@@ -21,6 +21,7 @@ from datasets import Dataset
 
 from prefkit.data.formats import PairText, check_columns, conversational_pair, row_kind, text_pair
 from prefkit.data.load import ROW
+from prefkit.data.spec import DataSpec
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError
 
@@ -46,7 +47,7 @@ def _end_with_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids + [eos]
 
 
-def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], cfg, bos: int | None) -> tuple | None:
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], cfg: DataSpec, bos: int | None) -> tuple | None:
     if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
         keep = cfg.max_prompt_length
         if cfg.truncation_mode == "keep_start":
@@ -99,7 +100,7 @@ def _name(kind: str, implicit: bool) -> str:
     return f"{kind} ({'implicit prompt' if implicit else 'explicit prompt'})"
 
 
-def prepare_dataset(rows, tokenizer, cfg, *, source: str, max_samples: int | None = None) -> tuple[Dataset, SkipReport]:
+def prepare_dataset(rows, tokenizer, cfg: DataSpec, *, source: str, max_samples: int | None = None) -> tuple[Dataset, SkipReport]:
     """Tokenized pairs (columns prompt_ids, chosen_ids, rejected_ids, row_id, length[, token weights]) + skip report."""
     columns = list(getattr(rows, "column_names", []))
     check_columns(columns, source)
@@ -173,6 +174,16 @@ def _weights(values: list, source: str, row_no: int, field: str) -> list[float]:
                             field=field)
         out.append(float(x))
     return out
+
+
+def prepare_if_raw(dataset, tokenizer, spec: DataSpec, name: str) -> tuple[Dataset | None, SkipReport | None]:
+    """A dataset of raw preference rows tokenized (with a ``__row__`` column of row numbers for error messages),
+    or a dataset already prepared (or None) as it is, with no report."""
+    if dataset is None or "prompt_ids" in dataset.column_names:
+        return dataset, None
+    if "__row__" not in dataset.column_names:
+        dataset = dataset.add_column("__row__", list(range(len(dataset))))
+    return prepare_dataset(dataset, tokenizer, spec, source=f"{name} dataset")
 
 
 def split_train_eval(ds: Dataset, eval_split_size: float, seed: int) -> tuple[Dataset, Dataset | None]:

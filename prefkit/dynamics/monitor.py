@@ -19,6 +19,7 @@ from prefkit.dynamics.band import band_edges, fraction_in_band
 from prefkit.dynamics.calibration import RewardCalibrator
 from prefkit.dynamics.incentives import compute_incentives
 from prefkit.dynamics.scores import ScoreStats, score_stats, select_params
+from prefkit.dynamics.spec import DynamicsSpec
 from prefkit.logprobs import eval_mode
 from prefkit.objectives.types import LossOutput, PairLogps
 
@@ -28,7 +29,7 @@ logger = logging.getLogger("prefkit")
 class DynamicsMonitor:
     def __init__(
         self,
-        cfg,
+        cfg: DynamicsSpec,
         objective,
         model: nn.Module,
         probe_batch: PairBatch | None,

@@ -7,50 +7,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from prefkit.objectives.granularity import assign_units, unit_sums
-from prefkit.objectives.links import LinkParams, UnitScores, margin
+from prefkit.objectives.links import UnitScores, margin
 from prefkit.objectives.masks import combine_weights, ld_weights, poet_masks, weighted
 from prefkit.objectives.registry import LINKS
+from prefkit.objectives.spec import ObjectiveSpec
 from prefkit.objectives.types import LossOutput, LossStats, PairLogps
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    loss_type: tuple[str, ...] = ("sigmoid",)
-    loss_weights: tuple[float, ...] | None = None
-    params: LinkParams = LinkParams()
-    granularity: str = "response"
-    window_size: int = 4
-    num_segments: int = 256
-    unit_reduction: str = "sum"
-    poet: bool = False
-    cpo_alpha: float = 1.0
-    rpo_alpha: float | None = None
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-
-    @classmethod
-    def from_config(cls, cfg) -> ObjectiveSpec:
-        return cls(
-            loss_type=tuple(cfg.loss_type),
-            loss_weights=tuple(cfg.loss_weights) if cfg.loss_weights else None,
-            params=LinkParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.discopop_tau,
-                              cfg.f_divergence_type, cfg.f_alpha_divergence_coef),
-            granularity=cfg.granularity,
-            window_size=cfg.window_size,
-            num_segments=cfg.num_segments,
-            unit_reduction=cfg.unit_reduction,
-            poet=cfg.poet,
-            cpo_alpha=cfg.cpo_alpha,
-            rpo_alpha=cfg.rpo_alpha,
-            ld_alpha=cfg.ld_alpha,
-            use_weighting=cfg.use_weighting,
-        )
 
 
 class Objective:
@@ -109,9 +74,9 @@ class Objective:
         loss = logps.chosen.new_zeros(())
         for spec, w in zip(self.links, self.weights):
             if spec.batch_level:
-                loss = loss + w * spec.fn(u, s.params)
+                loss = loss + w * spec.fn(u, s)
                 continue
-            per_unit = spec.fn(u, s.params) * valid
+            per_unit = spec.fn(u, s) * valid
             per_pair = per_unit.sum(1)
             if s.unit_reduction == "mean":
                 per_pair = per_pair / valid.sum(1)
@@ -126,7 +91,7 @@ class Objective:
         return LossOutput(loss, self._stats(logps, u, units.mu_prime, nll, units.valid))
 
     def _stats(self, logps: PairLogps, u: UnitScores, mu: Tensor, nll: Tensor, valid: Tensor) -> LossStats:
-        beta = self.spec.params.beta
+        beta = self.spec.beta
         with torch.no_grad():
             pw, pl = u.policy_chosen.sum(1), u.policy_rejected.sum(1)
             first = self.links[0]
@@ -150,8 +115,8 @@ class Objective:
         σ(−β·Σ_uΔ_u), ADPO (sum over units) each unit's by σ(−β·Δ_u), Δ the margin the loss uses. Logged: DPO's
         response weight per pair and, with units finer than the response, the mean and the (population) spread
         of the unit weights over the batch's valid units."""
-        beta = self.spec.params.beta
-        h = margin(u, self.spec.params)
+        beta = self.spec.beta
+        h = margin(u, self.spec)
         out = {"adpo/response_weight": torch.sigmoid(-beta * (h * valid).sum(1)).detach()}
         if self.spec.granularity != "response":
             w = torch.sigmoid(-beta * h.detach())[valid]
@@ -175,5 +140,6 @@ def wpo_weights(logps: PairLogps, chosen_mask: Tensor, rejected_mask: Tensor) ->
 
 
 def build_objective(cfg_or_spec) -> Objective:
+    """The objective of an ObjectiveSpec, or of a config's objective options."""
     spec = cfg_or_spec if isinstance(cfg_or_spec, ObjectiveSpec) else ObjectiveSpec.from_config(cfg_or_spec)
     return Objective(spec)

@@ -7,6 +7,7 @@ table in docs/objectives.md (:func:`objectives_table_markdown`).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,12 +16,13 @@ from torch import Tensor
 from prefkit.errors import ConfigError
 from prefkit.objectives import links
 from prefkit.objectives.granularity import GRANULARITIES
-from prefkit.objectives.links import F_DIVERGENCES, LinkParams, UnitScores
+from prefkit.objectives.links import F_DIVERGENCES, UnitScores
+from prefkit.objectives.spec import ObjectiveSpec
 
 
 @dataclass(frozen=True)
 class LinkSpec:
-    fn: Callable[[UnitScores, LinkParams], Tensor]
+    fn: Callable[[UnitScores, ObjectiveSpec], Tensor]
     paper: str
     arxiv: str
     formula: str
@@ -84,7 +86,7 @@ def _suggest(name: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def validate_objective_config(cfg) -> None:
+def validate_objective(cfg: ObjectiveSpec) -> None:
     """Reject an invalid objective at start-up, naming the option to change."""
     for t in cfg.loss_type:
         if t not in LINKS:
@@ -93,8 +95,17 @@ def validate_objective_config(cfg) -> None:
         raise ConfigError("--loss_type: give at least one loss type")
     if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
         raise ConfigError(f"--loss_weights: {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")
-    if cfg.beta <= 0:
+    if not cfg.beta > 0:
         raise ConfigError(f"--beta: must be positive, got {cfg.beta}")
+    for w in cfg.loss_weights or ():
+        if not math.isfinite(w) or w < 0:
+            raise ConfigError(f"--loss_weights: must be finite, non-negative numbers, got {list(cfg.loss_weights)}")
+    for option in ("cpo_alpha", "simpo_gamma"):
+        value = getattr(cfg, option)
+        if not math.isfinite(value):
+            raise ConfigError(f"--{option}: must be a finite number, got {value}")
+        if value < 0:
+            raise ConfigError(f"--{option}: must be at least 0, got {value}")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"--label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.granularity not in GRANULARITIES:
@@ -120,8 +131,8 @@ def validate_objective_config(cfg) -> None:
             )
 
 
-def _validate_trl_options(cfg) -> None:
-    """TRL 1.16's objective options (f-DPO, LD-DPO, WPO, TR-DPO) and the combinations whose math does not compose."""
+def _validate_trl_options(cfg: ObjectiveSpec) -> None:
+    """TRL 1.16's objective options (f-DPO, LD-DPO, WPO) and the combinations whose math does not compose."""
     if cfg.f_divergence_type not in F_DIVERGENCES:
         raise ConfigError(f"--f_divergence_type: must be one of {', '.join(F_DIVERGENCES)}, got {cfg.f_divergence_type!r}")
     if cfg.f_divergence_type != "reverse_kl":
@@ -141,17 +152,6 @@ def _validate_trl_options(cfg) -> None:
         if bad:
             raise ConfigError(f"--use_weighting: WPO weights pairs, and loss_type {', '.join(bad)} does not have "
                               "independent per-pair losses; drop --use_weighting or that loss_type")
-    if cfg.sync_ref_model:
-        if cfg.use_peft:
-            raise ConfigError("--sync_ref_model: with --use_peft the reference is the base model without adapters, "
-                              "which cannot be mixed into; drop one of the two (as TRL)")
-        if cfg.precompute_ref_log_probs:
-            raise ConfigError("--sync_ref_model: the reference changes during training, so its log-probs cannot be "
-                              "precomputed; drop --precompute_ref_log_probs")
-        if not 0.0 <= cfg.ref_model_mixup_alpha <= 1.0:
-            raise ConfigError(f"--ref_model_mixup_alpha: must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
-        if cfg.ref_model_sync_steps < 1:
-            raise ConfigError(f"--ref_model_sync_steps: must be >= 1, got {cfg.ref_model_sync_steps}")
 
 
 def objectives_table_markdown() -> str:

@@ -47,20 +47,24 @@ class LossStats:
     num_units: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
 
-    def metrics(self) -> dict[str, float]:
-        """Batch means under TRL's metric names."""
+    def metric_tensors(self) -> dict[str, Tensor]:
+        """Batch means under TRL's metric names, as 0-d tensors on the batch's device (no host copy)."""
         margins = self.rewards_chosen - self.rewards_rejected
         out = {
-            "rewards/chosen": self.rewards_chosen.float().mean().item(),
-            "rewards/rejected": self.rewards_rejected.float().mean().item(),
-            "rewards/margins": margins.float().mean().item(),
-            "rewards/accuracies": (margins > 0).float().mean().item(),
-            "logps/chosen": self.logps_chosen.float().mean().item(),
-            "logps/rejected": self.logps_rejected.float().mean().item(),
-            "objective/num_units": self.num_units.float().mean().item(),
+            "rewards/chosen": self.rewards_chosen.float().mean(),
+            "rewards/rejected": self.rewards_rejected.float().mean(),
+            "rewards/margins": margins.float().mean(),
+            "rewards/accuracies": (margins > 0).float().mean(),
+            "logps/chosen": self.logps_chosen.float().mean(),
+            "logps/rejected": self.logps_rejected.float().mean(),
+            "objective/num_units": self.num_units.float().mean(),
         }
-        out.update({k: v.float().mean().item() for k, v in self.extra.items()})
+        out.update({k: v.float().mean() for k, v in self.extra.items()})
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`metric_tensors` as numbers."""
+        return {k: v.item() for k, v in self.metric_tensors().items()}
 
 
 @dataclass
