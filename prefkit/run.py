@@ -18,7 +18,7 @@ from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_d
 from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
-from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
+from prefkit.evaluate import EvalResult, PairLogpSums, pair_logp_sums, summarize
 from prefkit.files import atomic_write_text, check_writable_dir, output_dir_lock
 from prefkit.layouts import resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
@@ -175,11 +175,11 @@ def _train(cfg: PrefConfig) -> dict:
     before = ref_scores = None
     eval_bs = cfg.per_device_eval_batch_size
     if data.eval is not None and len(data.eval) > 0:
-        start_scores = score_pairs(model, data.eval, collator, batch_size=eval_bs, desc="held-out, before")
+        start_scores = pair_logp_sums(model, data.eval, collator, batch_size=eval_bs, desc="held-out, before")
         before = summarize(start_scores, None, cfg.beta)
         ref_scores = start_scores
         if ref_model is not None:
-            ref_scores = score_pairs(ref_model.to(device), data.eval, collator, batch_size=eval_bs, desc="reference")
+            ref_scores = pair_logp_sums(ref_model.to(device), data.eval, collator, batch_size=eval_bs, desc="reference")
         print("\n" + report_table(before, None) + "\n", flush=True)
 
     train_ds = data.train
@@ -217,7 +217,7 @@ def _train(cfg: PrefConfig) -> dict:
 
     after = None
     if data.eval is not None and len(data.eval) > 0:
-        end_scores = score_pairs(model, data.eval, collator, batch_size=eval_bs, desc="held-out, after")
+        end_scores = pair_logp_sums(model, data.eval, collator, batch_size=eval_bs, desc="held-out, after")
         after = summarize(end_scores, ref_scores, cfg.beta)
         (Path(cfg.output_dir) / "eval_results.json").write_text(
             json.dumps({"before": before.to_dict() if before else None, "after": after.to_dict()}, indent=2)
@@ -258,13 +258,13 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
                             reference if isinstance(reference, torch.nn.Module) else None)
     collator = PairCollator.for_config(cfg, tokenizer, layout, training=False)
     bs = cfg.per_device_eval_batch_size
-    policy = score_pairs(model, ds, collator, batch_size=bs, desc="policy")
-    ref_scores: PairScores | None = None
+    policy = pair_logp_sums(model, ds, collator, batch_size=bs, desc="policy")
+    ref_scores: PairLogpSums | None = None
     if reference == "adapter":
         with model.disable_adapter():
-            ref_scores = score_pairs(model, ds, collator, batch_size=bs, desc="reference")
+            ref_scores = pair_logp_sums(model, ds, collator, batch_size=bs, desc="reference")
     elif reference is not None:
-        ref_scores = score_pairs(reference, ds, collator, batch_size=bs, desc="reference")
+        ref_scores = pair_logp_sums(reference, ds, collator, batch_size=bs, desc="reference")
     result = summarize(policy, ref_scores, cfg.beta).to_dict()
     result["skipped"] = dict(report.skipped)
     if out is not None:
