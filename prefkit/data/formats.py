@@ -21,7 +21,6 @@ from prefkit.errors import DataError
 
 TURN_MARKER = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant", "tool")
-EXPECTED = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)

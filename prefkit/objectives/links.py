@@ -51,8 +51,10 @@ class UnitLogps:
         """h = log-ratio margin (chosen − rejected): DPO's implicit reward difference / β."""
         return self.logratio_chosen - self.logratio_rejected
 
-    def mean(self, total: Tensor, count: Tensor) -> Tensor:
-        return total / count.clamp(min=1)
+
+def token_mean(total: Tensor, count: Tensor) -> Tensor:
+    """A unit's sum divided by its token count (a unit without tokens has sum 0 and stays 0)."""
+    return total / count.clamp(min=1)
 
 
 def f_rewards(u: UnitLogps, p: LinkParams) -> tuple[Tensor, Tensor]:
@@ -95,7 +97,7 @@ def sigmoid_norm(u: UnitLogps, p: LinkParams) -> Tensor:
     """Length-normalised DPO (TRL's ``sigmoid_norm``; SimPO's per-token normalisation, arXiv 2405.14734, with the
     reference kept): −log σ(β·h̄), h̄ the margin of *mean* token log-ratios; label smoothing as ``sigmoid``."""
     sc, sr = f_rewards(u, p)
-    z = p.beta * (u.mean(sc, u.count_chosen) - u.mean(sr, u.count_rejected))
+    z = p.beta * (token_mean(sc, u.count_chosen) - token_mean(sr, u.count_rejected))
     return smoothed_logistic(z, p.label_smoothing)
 
 
@@ -115,7 +117,7 @@ def ipo(u: UnitLogps, p: LinkParams) -> Tensor:
     """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h̄ − 1/(2β))², h̄ the margin of *mean* token
     log-ratios (TRL's normalisation, confirmed by the IPO authors)."""
     sc, sr = f_rewards(u, p)
-    h = u.mean(sc, u.count_chosen) - u.mean(sr, u.count_rejected)
+    h = token_mean(sc, u.count_chosen) - token_mean(sr, u.count_rejected)
     return (h - 1 / (2 * p.beta)) ** 2
 
 
@@ -190,7 +192,7 @@ def discopop(u: UnitLogps, p: LinkParams) -> Tensor:
 def simpo(u: UnitLogps, p: LinkParams) -> Tensor:
     """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): −log σ(β·(z̄_w − z̄_l) − γ), z̄ the *mean* token log-prob
     of the policy (no reference); per unit under ADPO granularity. Label smoothing as in TRL's CPOTrainer."""
-    z = p.beta * (u.mean(u.policy_chosen, u.count_chosen) - u.mean(u.policy_rejected, u.count_rejected)) - p.simpo_gamma
+    z = p.beta * (token_mean(u.policy_chosen, u.count_chosen) - token_mean(u.policy_rejected, u.count_rejected)) - p.simpo_gamma
     return smoothed_logistic(z, p.label_smoothing)
 
 
@@ -204,8 +206,8 @@ def cpo(u: UnitLogps, p: LinkParams) -> Tensor:
 def orpo(u: UnitLogps, p: LinkParams) -> Tensor:
     """ORPO (Hong et al. 2024, arXiv 2403.07691, eq. 6-7): −β·log σ(log odds(ȳ_w) − log odds(ȳ_l)) with
     odds = p/(1−p) of the mean token log-prob; the NLL on chosen (weight 1) is added by the objective."""
-    mw = u.mean(u.policy_chosen, u.count_chosen)
-    ml = u.mean(u.policy_rejected, u.count_rejected)
+    mw = token_mean(u.policy_chosen, u.count_chosen)
+    ml = token_mean(u.policy_rejected, u.count_rejected)
     # log(1 − e^m) for m < 0, stable near 0
     log_odds = (mw - ml) - (torch.log(-torch.expm1(mw)) - torch.log(-torch.expm1(ml)))
     return -p.beta * F.logsigmoid(log_odds)
