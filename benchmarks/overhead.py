@@ -24,7 +24,7 @@ import torch
 
 from prefkit.config import PrefConfig
 from prefkit.data import PairCollator, bundled_sample_path, load_rows, prepare_dataset
-from prefkit.dynamics import compute_incentives, score_stats, select_params
+from prefkit.dynamics import compute_incentives, score_grad_norms, select_params
 from prefkit.logprobs import compute_pair_logps
 from prefkit.models import apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
 from prefkit.objectives import build_objective
@@ -66,13 +66,13 @@ def measure(model, batch, probe, objectives, params) -> dict[str, float]:
 
     def diagnostics():
         compute_incentives(dpo, lp)
-        score_stats(lp, params, masks, "sum")
+        score_grad_norms(lp, params, masks, "sum")
         with torch.no_grad():
             compute_pair_logps(model, probe)
 
     out["diagnostics"] = timed(diagnostics)
     t_inc = timed(lambda: compute_incentives(dpo, lp, "mean"), reps=5)
-    t_scores = timed(lambda: score_stats(lp, params, masks, "mean"))
+    t_scores = timed(lambda: score_grad_norms(lp, params, masks, "mean"))
     out["rc"] = t_inc + t_scores
     out["rc at --rc_norm_steps 10"] = t_inc + t_scores / 10
     return out

@@ -12,7 +12,7 @@ from prefkit.errors import ConfigError
 
 # TRL name → PrefConfig field with the same meaning
 ALIASES: dict[str, str] = {
-    "model_dtype": "dtype",  # prefkit's earlier name
+    "model_dtype": "dtype",  # configs and commands that spell it so (as `prefkit pairs` does) keep working
     "dataset_train_split": "dataset_split",
     "dataset_test_split": "eval_split",
     "test_split_size": "eval_split_size",  # DatasetMixtureConfig

@@ -18,7 +18,7 @@ from prefkit.logprobs import compute_pair_logps, eval_mode
 
 
 @dataclass
-class PairScores:
+class PairLogpSums:
     """Summed response log-probs and response token counts for each held-out pair, in dataset order."""
 
     chosen_sum: Tensor
@@ -51,9 +51,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def score_pairs(
+def pair_logp_sums(
     model: nn.Module, dataset, collator: PairCollator, *, batch_size: int = 8, desc: str = "scoring"
-) -> PairScores:
+) -> PairLogpSums:
     """One no-grad forward per batch over a prepared dataset (columns prompt_ids, chosen_ids, rejected_ids)."""
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {"cs": [], "rs": [], "cl": [], "rl": []}
@@ -67,11 +67,11 @@ def score_pairs(
             parts["cl"].append(lp.chosen_mask.sum(1).cpu())
             parts["rl"].append(lp.rejected_mask.sum(1).cpu())
     cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
-    return PairScores(cat["cs"].double(), cat["rs"].double(), cat["cl"], cat["rl"])
+    return PairLogpSums(cat["cs"].double(), cat["rs"].double(), cat["cl"], cat["rl"])
 
 
-def summarize(policy: PairScores, reference: PairScores | None, beta: float) -> EvalResult:
-    """Metrics of a policy's scores, with implicit rewards when reference scores are given."""
+def summarize(policy: PairLogpSums, reference: PairLogpSums | None, beta: float) -> EvalResult:
+    """Metrics of a policy's summed log-probs, with implicit rewards when the reference's are given."""
     result = EvalResult(
         num_pairs=int(policy.chosen_sum.numel()),
         ranking_accuracy=(policy.chosen_mean > policy.rejected_mean).double().mean().item(),

@@ -90,12 +90,6 @@ def _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_
             grad_b += g.sum(0)
 
 
-def token_logprobs_from_hidden(hidden: Tensor, head: nn.Module, targets: Tensor,
-                               pad_to_multiple_of: int | None = None) -> Tensor:
-    """log p(target | hidden) for (N, H) hidden states; fused for plain linear heads."""
-    return token_logprobs_and_sq(hidden, head, targets, pad_to_multiple_of=pad_to_multiple_of)[0]
-
-
 def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want_sq: bool = False,
                           pad_to_multiple_of: int | None = None) -> tuple[Tensor, Tensor | None]:
     """(log p(target), log Σ_v p_v² or None) per row; the second, without gradient, only when ``want_sq``. A

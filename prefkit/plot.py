@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefkit.errors import PrefkitError
 from prefkit.files import read_jsonl_tolerant
+from prefkit.metric_names import with_current_names
 
 logger = logging.getLogger("prefkit")
 
@@ -18,17 +19,18 @@ PANELS = [
     ("probe_logps.png", "probe batch: change of log-prob since start", "Δ summed log-prob",
      ["logps/chosen_delta", "logps/rejected_delta"], False),
     ("incentive_band.png", "incentive ratio d_w/d_l and the disentanglement band", "d_w / d_l",
-     ["incentive/ratio", "db/lower", "db/upper"], True),
-    ("in_band.png", "fraction in the disentanglement band", "fraction", ["db/in_band"], False),
+     ["incentive/ratio", "band/lower", "band/upper"], True),
+    ("in_band.png", "fraction in the disentanglement band", "fraction", ["band/in_band"], False),
     ("rc_alpha.png", "reward calibration α", "α", ["rc/alpha"], True),
 ]
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """The run's logged records, renamed metrics under their current names (:mod:`prefkit.metric_names`)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PrefkitError(f"{run_dir}: no metrics.jsonl (is this a prefkit output dir?)")
-    return read_jsonl_tolerant(path)[0]
+    return [with_current_names(r) for r in read_jsonl_tolerant(path)[0]]
 
 
 def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
@@ -53,7 +55,7 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for run, key, pts in series:
-            style = "--" if key.startswith("db/") else "-"
+            style = "--" if key.startswith("band/") else "-"
             label = key if len(runs) == 1 else f"{run}: {key}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=label)
         ax.set(title=title, xlabel="step", ylabel=ylabel)

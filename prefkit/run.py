@@ -26,7 +26,7 @@ from prefkit.data import (
 from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
-from prefkit.evaluate import EvalResult, PairScores, score_pairs, summarize
+from prefkit.evaluate import EvalResult, PairLogpSums, pair_logp_sums, summarize
 from prefkit.files import atomic_write_text, check_writable_dir, output_dir_lock
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
@@ -186,7 +186,7 @@ class HeldOut:
     given: one pass serves as "before" metrics and as the reference scores of "after")."""
 
     before: EvalResult | None = None
-    ref_scores: PairScores | None = None
+    ref_scores: PairLogpSums | None = None
 
 
 def _resume_finished(cfg: PrefConfig, checkpoint: str) -> bool:
@@ -222,8 +222,8 @@ def score_before(job: Job) -> HeldOut:
     if not _has_held_out(job):
         return HeldOut()
     bs = job.cfg.per_device_eval_batch_size
-    start = score_pairs(job.model, job.data.eval, job.collator, batch_size=bs, desc="held-out, before")
-    ref_scores = start if job.ref_model is None else score_pairs(
+    start = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=bs, desc="held-out, before")
+    ref_scores = start if job.ref_model is None else pair_logp_sums(
         job.ref_model.to(job.cfg.device), job.data.eval, job.collator, batch_size=bs, desc="reference")
     held_out = HeldOut(summarize(start, None, job.cfg.beta), ref_scores)
     print("\n" + report_table(held_out.before, None) + "\n", flush=True)
@@ -277,7 +277,7 @@ def fit(job: Job, trainer: PrefTrainer, checkpoint: str | None, t0: float) -> di
 def score_after(job: Job, held_out: HeldOut) -> EvalResult | None:
     if not _has_held_out(job):
         return None
-    end = score_pairs(job.model, job.data.eval, job.collator, batch_size=job.cfg.per_device_eval_batch_size,
+    end = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=job.cfg.per_device_eval_batch_size,
                       desc="held-out, after")
     after = summarize(end, held_out.ref_scores, job.cfg.beta)
     (Path(job.cfg.output_dir) / "eval_results.json").write_text(json.dumps(
@@ -324,13 +324,13 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
                             reference if isinstance(reference, torch.nn.Module) else None)
     collator = PairCollator.for_spec(spec.data, tokenizer, layout, training=False)
     bs = cfg.per_device_eval_batch_size
-    policy = score_pairs(model, ds, collator, batch_size=bs, desc="policy")
-    ref_scores: PairScores | None = None
+    policy = pair_logp_sums(model, ds, collator, batch_size=bs, desc="policy")
+    ref_scores: PairLogpSums | None = None
     if reference == "adapter":
         with model.disable_adapter():
-            ref_scores = score_pairs(model, ds, collator, batch_size=bs, desc="reference")
+            ref_scores = pair_logp_sums(model, ds, collator, batch_size=bs, desc="reference")
     elif reference is not None:
-        ref_scores = score_pairs(reference, ds, collator, batch_size=bs, desc="reference")
+        ref_scores = pair_logp_sums(reference, ds, collator, batch_size=bs, desc="reference")
     result = summarize(policy, ref_scores, cfg.beta).to_dict()
     result["skipped"] = dict(report.skipped)
     if out is not None:

@@ -1,4 +1,4 @@
-"""Preference dynamics: incentives vs the paper's closed forms, band maths, score statistics, and RC."""
+"""Preference dynamics: incentives vs the paper's closed forms, band maths, score gradient norms, and RC."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefkit.accel.attention import register_segment_attention
 from prefkit.data import PairCollator
 from prefkit.data.types import PairBatch
-from prefkit.dynamics import RewardCalibrator, band_edges, compute_incentives, score_stats, select_params
+from prefkit.dynamics import RewardCalibrator, band_edges, compute_incentives, score_grad_norms, select_params
+from prefkit.dynamics.grad_norms import ScoreGradNorms
 from prefkit.dynamics.incentives import Incentives
 from prefkit.dynamics.monitor import DynamicsMonitor
-from prefkit.dynamics.scores import ScoreStats
 from prefkit.logprobs import compute_pair_logps
 from prefkit.objectives import ObjectiveSpec, build_objective
 from tests.test_objectives import LRL, LRW, PL, PW, make_logps
@@ -92,7 +92,7 @@ LAYOUTS = {"two rows": {}, "shared prompt": {"share_prompt": True},
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_score_stats_match_manual_gradients(layout):
+def test_score_grad_norms_match_manual_gradients(layout):
     """‖s_w‖, ‖s_l‖, ρ against autograd on the two-rows layout, whatever layout the statistics are taken in
     (packed pairs are the command line's default, the shared prompt the Python API's)."""
     register_segment_attention()
@@ -103,7 +103,7 @@ def test_score_stats_match_manual_gradients(layout):
     params = select_params(model, "last_block")
     assert params and all("layers.1." in n for n, p in model.named_parameters() if any(p is q for q in params))
     lp = compute_pair_logps(model, PairCollator(pad_token_id=0, **LAYOUTS[layout])(feats))
-    st = score_stats(lp, params, (lp.chosen_mask, lp.rejected_mask), "sum")
+    st = score_grad_norms(lp, params, (lp.chosen_mask, lp.rejected_mask), "sum")
     lp = compute_pair_logps(model, PairCollator(pad_token_id=0)(feats))
     gw = torch.autograd.grad(lp.chosen.sum(1).mean(), params, retain_graph=True)
     gl = torch.autograd.grad(lp.rejected.sum(1).mean(), params)
@@ -120,7 +120,7 @@ def test_rc_keeps_loss_bit_for_bit_and_scales_gradients(kw):
     obj = objective(loss, **kw)
     rc = RewardCalibrator(ema=0.9)
     rc.update_incentives(Incentives(torch.tensor([0.2]), torch.tensor([0.05])))
-    rc.update_scores(ScoreStats(1.0, 2.0, 0.5))
+    rc.update_grad_norms(ScoreGradNorms(1.0, 2.0, 0.5))
     assert rc.alpha() == 1.0  # nothing committed yet
     rc.commit()
     alpha = rc.alpha()
@@ -140,7 +140,7 @@ def test_rc_keeps_loss_bit_for_bit_and_scales_gradients(kw):
 def test_rc_state_round_trip_gives_identical_alpha_sequence():
     def feed(rc, k):
         rc.update_incentives(Incentives(torch.tensor([0.1 + 0.01 * k]), torch.tensor([0.2])))
-        rc.update_scores(ScoreStats(1.0 + 0.1 * k, 1.5, 0.9))
+        rc.update_grad_norms(ScoreGradNorms(1.0 + 0.1 * k, 1.5, 0.9))
         rc.commit()
         return rc.alpha()
 
@@ -160,7 +160,7 @@ def test_rc_commit_averages_micro_batches():
     rc = RewardCalibrator(0.5)
     rc.update_incentives(Incentives(torch.tensor([0.1, 0.3]), torch.tensor([0.2])))
     rc.update_incentives(Incentives(torch.tensor([0.6]), torch.tensor([0.2])))
-    rc.update_scores(ScoreStats(1.0, 4.0, 0.9))
+    rc.update_grad_norms(ScoreGradNorms(1.0, 4.0, 0.9))
     rc.commit()
     # r = mean(0.2, 0.6) / 0.2 = 2, r* = 4 → α = sqrt(4 / 2)
     assert rc.alpha() == pytest.approx(math.sqrt(2.0))
@@ -170,7 +170,7 @@ def _rc_step(rc: RewardCalibrator, *micro: tuple[float, float, float, float, flo
     """One optimizer step: per micro-batch (d_w, d_l, ‖s_w‖, ‖s_l‖, ρ), then the commit."""
     for d_w, d_l, n_w, n_l, cos in micro:
         rc.update_incentives(Incentives(torch.tensor([d_w]), torch.tensor([d_l])))
-        rc.update_scores(ScoreStats(n_w, n_l, cos))
+        rc.update_grad_norms(ScoreGradNorms(n_w, n_l, cos))
     rc.commit()
 
 
@@ -178,7 +178,7 @@ def _rc_step(rc: RewardCalibrator, *micro: tuple[float, float, float, float, flo
 @pytest.mark.parametrize("bad", [(math.inf, 3.0, 1.0, 4.0, 0.9), (0.2, 0.1, math.inf, 3.0, 0.5),
                                  (0.2, 0.1, 1.0, 3.0, math.nan), (math.nan, 3.0, math.nan, 3.0, math.nan)])
 def test_rc_a_non_finite_measurement_leaves_every_ema_untouched(bad):
-    """Incentives or score statistics that are not finite change no EMA: not even the finite half of the
+    """Incentives or score gradient norms that are not finite change no EMA: not even the finite half of the
     measurement (a d_l without its d_w would move the ratio r)."""
     rc = RewardCalibrator(0.5, target="band")
     _rc_step(rc, (0.2, 0.1, 1.0, 4.0, 0.9))
@@ -232,3 +232,46 @@ def test_no_displacement_warning_without_patience_falls_in_a_row(caplog):
     assert _probe_warnings([-10.0, -11.0, -10.5, -11.0, -11.0, -12.0, -11.5, -20.0], caplog) == []
     # the same sequence with patience 1 warns at the first fall of each run
     assert len(_probe_warnings([-10.0, -11.0, -10.5, -11.0, -11.0, -12.0, -11.5, -20.0], caplog, patience=1)) == 4
+
+
+def test_monitor_logs_band_and_score_grad_metrics_under_new_and_deprecated_names():
+    """The diagnostics' values under ``band/*`` and ``score_grad/*``, and the same values under the deprecated
+    ``db/*`` and ``score/*`` names (docs/dynamics.md); the band edges by hand from the logged norms."""
+    model, batch = _tiny_batch()
+    cfg = SimpleNamespace(dynamics_steps=1, reward_calibration=False, rc_norm_steps=1, rc_scores="mean",
+                          dynamics_params="last_block", displacement_patience=3)
+    monitor = DynamicsMonitor(cfg, objective(), model, probe_batch=None, logps_fn=compute_pair_logps)
+    lp = compute_pair_logps(model, batch)
+    lp = lp.replace(ref_chosen=lp.chosen.detach() - 0.1, ref_rejected=lp.rejected.detach() + 0.2)
+    m = monitor.observe(1, model, lp, objective()(lp))
+    want = score_grad_norms(lp, select_params(model, "last_block"), (lp.chosen_mask, lp.rejected_mask), "sum")
+    assert m["score_grad/norm_chosen"] == pytest.approx(want.norm_chosen)
+    assert m["score_grad/norm_rejected"] == pytest.approx(want.norm_rejected)
+    assert m["score_grad/cos"] == pytest.approx(want.cos)
+    r_star, rho = want.norm_rejected / want.norm_chosen, want.cos
+    assert rho > 0
+    assert m["band/lower"] == pytest.approx(rho * r_star)
+    assert m["band/upper"] == pytest.approx(r_star / rho)
+    assert 0.0 <= m["band/in_band"] <= 1.0
+    for new, old in [("band/lower", "db/lower"), ("band/upper", "db/upper"), ("band/in_band", "db/in_band"),
+                     ("score_grad/norm_chosen", "score/norm_chosen"),
+                     ("score_grad/norm_rejected", "score/norm_rejected"), ("score_grad/cos", "score/cos")]:
+        assert m[old] == m[new], old
+
+
+def test_readers_take_the_new_metric_name_and_fall_back_to_the_deprecated_one(tmp_path):
+    """plot's reader and the bench's in-band summary read ``band/in_band``; a run logged before the rename
+    (``db/in_band`` only) reads the same; where both are logged the new name wins."""
+    import json
+
+    from prefkit.bench.runner import _dynamics_summary
+    from prefkit.plot import read_metrics
+
+    logs = {"old": [{"step": 1, "db/in_band": 0.25}, {"step": 2, "db/in_band": 0.75}],
+            "new": [{"step": 1, "band/in_band": 0.25}, {"step": 2, "band/in_band": 0.75}],
+            "both": [{"step": 1, "band/in_band": 0.25, "db/in_band": 9.0}, {"step": 2, "band/in_band": 0.75}]}
+    for name, records in logs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert [r["band/in_band"] for r in read_metrics(str(tmp_path / name))] == [0.25, 0.75], name
+        assert _dynamics_summary(tmp_path / name)[0] == pytest.approx(0.5), name

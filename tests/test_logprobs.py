@@ -220,7 +220,7 @@ def test_cpu_bf16_autocast_head_pads_rows_and_recomputes_under_autocast(monkeypa
     """Under CPU bf16 autocast the fused head pads its rows to the batch's multiple (64, dropped again) and its
     backward recomputes the logits under the same autocast, so values and gradients match plain autograd there."""
     import prefkit.logprobs
-    from prefkit.logprobs import token_logprobs_from_hidden
+    from prefkit.logprobs import token_logprobs_and_sq
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -229,7 +229,8 @@ def test_cpu_bf16_autocast_head_pads_rows_and_recomputes_under_autocast(monkeypa
     rows, apply = [], prefkit.logprobs._TokenLogprob.apply
     monkeypatch.setattr(prefkit.logprobs._TokenLogprob, "apply", lambda hh, *a: rows.append(len(hh)) or apply(hh, *a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = token_logprobs_from_hidden(h, head, y, 64)
+        fused, sq = token_logprobs_and_sq(h, head, y, pad_to_multiple_of=64)
+        assert sq is None
         assert rows == [64]
         assert fused.shape == (37,)
         g_h, g_w = torch.autograd.grad(fused.square().sum(), (h, head.weight))

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from prefkit.cli import main
 from prefkit.config import PrefConfig
-from prefkit.dynamics import RewardCalibrator, compute_incentives, score_stats, select_params
+from prefkit.dynamics import RewardCalibrator, compute_incentives, score_grad_norms, select_params
+from prefkit.dynamics.grad_norms import ScoreGradNorms
 from prefkit.dynamics.incentives import Incentives
-from prefkit.dynamics.scores import ScoreStats
 from prefkit.errors import ConfigError
 from prefkit.logprobs import compute_pair_logps
 from prefkit.spec import resolve_run
@@ -26,7 +26,7 @@ from tests.test_train_e2e import write_pairs
 def _calibrator(target: str, d_w: float, d_l: float, norm_w: float, norm_l: float, cos: float) -> RewardCalibrator:
     rc = RewardCalibrator(ema=0.9, target=target)
     rc.update_incentives(Incentives(torch.tensor([d_w], dtype=torch.float64), torch.tensor([d_l], dtype=torch.float64)))
-    rc.update_scores(ScoreStats(norm_w, norm_l, cos))
+    rc.update_grad_norms(ScoreGradNorms(norm_w, norm_l, cos))
     rc.commit()
     return rc
 
@@ -58,7 +58,7 @@ def test_band_with_non_positive_cosine_never_calibrates():
 
 def test_band_uses_the_ema_of_the_cosine():
     rc = _calibrator("band", 0.8, 0.1, 1.0, 2.0, 0.5)
-    rc.update_scores(ScoreStats(1.0, 2.0, 0.25))
+    rc.update_grad_norms(ScoreGradNorms(1.0, 2.0, 0.25))
     rc.commit()
     # ρ = 0.9·0.5 + 0.1·0.25 = 0.475: upper edge 2/0.475; the incentives EMA still gives r = 8
     assert rc.alpha() == pytest.approx(math.sqrt(2 / 0.475 / 8), rel=1e-12)
@@ -83,7 +83,7 @@ def test_mean_and_sum_score_norms_by_hand():
     lp = compute_pair_logps(model, batch)
     masks = (lp.chosen_mask, lp.rejected_mask)
     for reduction in ("sum", "mean"):
-        st = score_stats(lp, params, masks, reduction)
+        st = score_grad_norms(lp, params, masks, reduction)
         zw, zl = (lp.chosen * lp.chosen_mask).sum(1), (lp.rejected * lp.rejected_mask).sum(1)
         if reduction == "mean":
             zw, zl = zw / lp.chosen_mask.sum(1), zl / lp.rejected_mask.sum(1)
@@ -92,8 +92,8 @@ def test_mean_and_sum_score_norms_by_hand():
         assert st.norm_chosen == pytest.approx(gw.norm().item(), rel=1e-5), reduction
         assert st.norm_rejected == pytest.approx(gl.norm().item(), rel=1e-5), reduction
     # the two scores differ here (responses of 3 and 4 tokens), so the test tells them apart
-    assert score_stats(lp, params, masks, "mean").norm_chosen != pytest.approx(
-        score_stats(lp, params, masks, "sum").norm_chosen, rel=1e-2)
+    assert score_grad_norms(lp, params, masks, "mean").norm_chosen != pytest.approx(
+        score_grad_norms(lp, params, masks, "sum").norm_chosen, rel=1e-2)
 
 
 @pytest.mark.parametrize("option, value", [("rc_scores", "median"), ("rc_target", "center"), ("rc_norm_steps", 0)])

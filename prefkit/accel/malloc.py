@@ -2,12 +2,11 @@
 
 glibc's malloc serves large blocks with mmap and gives them back on free, and trims the heap top once more than
 the trim threshold is free there. A training step allocates and frees the same activation-sized buffers over
-and over, so each step faults hundreds of thousands of fresh pages in again (the kernel zero-fills each one).
-A fixed mmap threshold of 32 MB (glibc's maximum dynamic value) and a 64 MB trim threshold let freed buffers be
-reused as they are. Measured on job (a) of ``benchmarks/throughput.py`` (docs/performance.md): page faults fell
-from ~0.5M to ~0.18M per run and pairs/s rose by 0-30% (mean +10% over six interleaved pairs of runs), with the
-same peak RSS; TRL gains alike when given it, so the benchmark runs TRL with it too. Process-wide:
-:func:`prefkit.accel.install` sets it for a CPU run; ``PREFKIT_MALLOC_TUNING=0`` opts out.
+and over, so each step faults fresh pages in again (the kernel zero-fills each one). A fixed mmap threshold
+of 32 MB (glibc's maximum dynamic value) and a 64 MB trim threshold let freed buffers be reused as they are;
+both are set, since a trim threshold alone makes glibc fix the mmap threshold at 128 KB. TRL gains alike when
+given them, so ``benchmarks/throughput.py`` runs TRL with them too (the figures: docs/performance.md, lever 8).
+Process-wide: :func:`prefkit.accel.install` sets it for a CPU run; ``PREFKIT_MALLOC_TUNING=0`` opts out.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What this host computes fast: bf16 matmul (probed from /proc/cpuinfo on a CPU), the weight dtype that
 follows from it, and the length multiple for kernels that are built per shape.
 
-A CPU with bf16 matmul instructions (AMX, AVX512-BF16) runs bf16 at ~2.3x fp32's rate, one without emulates it
-~20x slower; its bf16 matmuls (oneDNN) build a kernel for every new shape, so lengths are rounded up to
+A CPU with bf16 matmul instructions (AMX, AVX512-BF16) runs bf16 faster than fp32, one without emulates it,
+far slower (the rates: docs/performance.md); its bf16 matmuls (oneDNN) build a kernel for every new shape, so lengths are rounded up to
 :data:`CPU_SHAPE_MULTIPLE` there. ``PREFKIT_CPU_BF16=0`` makes a CPU count as one without.
 """
 
@@ -19,7 +19,7 @@ CPU_SHAPE_MULTIPLE = 64
 
 def bf16_is_fast(device_type: str) -> bool:
     """Whether bf16 matmul is fast here: CUDA with bf16 support, CPUs with bf16 matmul instructions (AMX, or
-    AVX512-BF16: 2.3x fp32's rate measured on such a CPU); elsewhere it is emulated and ~20x slower."""
+    AVX512-BF16); elsewhere it is emulated, far slower than fp32."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return device_type == "cpu" and _cpu_has_bf16_matmul()

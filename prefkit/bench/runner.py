@@ -7,7 +7,7 @@ config), so the bench measures exactly what users run. Held-out metrics per run:
 - KL(π‖π_ref) on held-out prompts (:func:`prefkit.bench.generate.sequence_kl`);
 - Δ log π of held-out chosen / rejected responses (summed over tokens, after − before training), implicit-
   reward accuracy and margin (:mod:`prefkit.evaluate`);
-- in-band fraction: mean of ``db/in_band`` over the run's dynamics logs (docs/dynamics.md);
+- in-band fraction: mean of ``band/in_band`` over the run's dynamics logs (docs/dynamics.md);
 - validation accuracy (greedy, on the validation problems): what a sweep's point is picked by, never test.
 
 A run is one (method, sweep point, seed). Each finished run is appended to ``runs.jsonl`` in the results
@@ -57,7 +57,7 @@ def _dynamics_summary(run_dir: Path) -> tuple[float | None, list[tuple[int, floa
     from prefkit.plot import read_metrics
 
     logs = read_metrics(str(run_dir))
-    band = [r["db/in_band"] for r in logs if "db/in_band" in r]
+    band = [r["band/in_band"] for r in logs if "band/in_band" in r]
     traj = [(int(r["step"]), float(r["logps/chosen_delta"])) for r in logs if "logps/chosen_delta" in r]
     return (sum(band) / len(band) if band else None), traj
 

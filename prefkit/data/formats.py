@@ -21,7 +21,6 @@ from prefkit.errors import DataError
 
 TURN_MARKER = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant", "tool")
-EXPECTED = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,8 @@ def row_kind(row: dict) -> str:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    # bisection over slice comparisons (C speed): HH transcripts share ~1,000 characters, which a per-character
-    # Python loop spent 14% of tokenizing them on
+    # bisection over slice comparisons, which run in C: multi-turn transcripts share long prefixes, and a
+    # per-character Python loop over them is a visible share of data preparation (docs/performance.md, lever 9)
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2

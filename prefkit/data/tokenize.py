@@ -27,7 +27,8 @@ from prefkit.errors import ConfigError, DataError
 
 WEIGHT_FIELDS = ("chosen_token_weights", "rejected_token_weights")
 # texts per tokenizer call: one call over a whole column builds every row's encoding (tokens, offsets, masks) at
-# once; freed, that memory stays in the heap between the id lists that are kept (job a's peak: -11 MB, 2,000 pairs)
+# once; freed, that memory stays in the heap between the id lists that are kept (docs/performance.md, job (a)'s
+# peak memory)
 ENCODE_CHUNK = 256
 
 

@@ -2,19 +2,19 @@
 
 from prefkit.dynamics.band import band_edges, fraction_in_band, in_band
 from prefkit.dynamics.calibration import RewardCalibrator
+from prefkit.dynamics.grad_norms import ScoreGradNorms, score_grad_norms, select_params
 from prefkit.dynamics.incentives import Incentives, compute_incentives
 from prefkit.dynamics.monitor import DynamicsMonitor
-from prefkit.dynamics.scores import ScoreStats, score_stats, select_params
 
 __all__ = [
     "DynamicsMonitor",
     "Incentives",
     "RewardCalibrator",
-    "ScoreStats",
+    "ScoreGradNorms",
     "band_edges",
     "compute_incentives",
     "fraction_in_band",
     "in_band",
-    "score_stats",
+    "score_grad_norms",
     "select_params",
 ]

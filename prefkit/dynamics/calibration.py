@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from prefkit.dynamics.grad_norms import ScoreGradNorms
 from prefkit.dynamics.incentives import Incentives
-from prefkit.dynamics.scores import ScoreStats
 from prefkit.objectives.types import PairLogps
 
 _KEYS = ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos")
@@ -68,7 +68,7 @@ class RewardCalibrator:
         """Record one micro-batch's mean incentives (committed at the end of the optimizer step)."""
         self.pending["incentives"].append([inc.d_w.double().mean().item(), inc.d_l.double().mean().item(), 1.0])
 
-    def update_scores(self, stats: ScoreStats) -> None:
+    def update_grad_norms(self, stats: ScoreGradNorms) -> None:
         self.pending["scores"].append([stats.norm_chosen, stats.norm_rejected, stats.cos, 1.0])
 
     def commit(self) -> None:

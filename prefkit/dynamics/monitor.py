@@ -17,10 +17,11 @@ from torch import Tensor, nn
 from prefkit.data.types import PairBatch
 from prefkit.dynamics.band import band_edges, fraction_in_band
 from prefkit.dynamics.calibration import RewardCalibrator
+from prefkit.dynamics.grad_norms import ScoreGradNorms, score_grad_norms, select_params
 from prefkit.dynamics.incentives import compute_incentives
-from prefkit.dynamics.scores import ScoreStats, score_stats, select_params
 from prefkit.dynamics.spec import DynamicsSpec
 from prefkit.logprobs import eval_mode
+from prefkit.metric_names import with_deprecated_names
 from prefkit.objectives.types import LossOutput, PairLogps
 
 logger = logging.getLogger("prefkit")
@@ -77,8 +78,8 @@ class DynamicsMonitor:
             return {}
         own = self.objective.score_reduction
         rc_norms = self.rc is not None and step % self.rc_every == 0
-        stats: ScoreStats | None = None
-        rc_stats: ScoreStats | None = None
+        stats: ScoreGradNorms | None = None
+        rc_stats: ScoreGradNorms | None = None
         if log_now or rc_norms:
             source = logps
             if self.unwrap is not None and batch is not None:
@@ -86,15 +87,15 @@ class DynamicsMonitor:
                     source = self.logps_fn(self.unwrap(model), batch)
             masks = self.objective.kept_masks(source)
             if log_now:
-                stats = score_stats(source, self.params, masks, own)
+                stats = score_grad_norms(source, self.params, masks, own)
             if rc_norms:
-                rc_stats = stats if stats is not None and own == self.rc_scores else score_stats(
+                rc_stats = stats if stats is not None and own == self.rc_scores else score_grad_norms(
                     source, self.params, masks, self.rc_scores)
         metrics: dict[str, float] = {}
         if self.rc is not None:
             self.rc.update_incentives(compute_incentives(self.objective, logps, self.rc_scores))
             if rc_stats is not None:
-                self.rc.update_scores(rc_stats)
+                self.rc.update_grad_norms(rc_stats)
             metrics.update(self.rc.metrics())
         if log_now and stats is not None:
             inc = compute_incentives(self.objective, logps)
@@ -104,13 +105,14 @@ class DynamicsMonitor:
                 "incentive/d_w": inc.d_w.mean().item(),
                 "incentive/d_l": inc.d_l.mean().item(),
                 "incentive/ratio": (inc.d_w.mean() / inc.d_l.mean().clamp(min=1e-12)).item(),
-                "score/norm_chosen": stats.norm_chosen,
-                "score/norm_rejected": stats.norm_rejected,
-                "score/cos": stats.cos,
-                "db/lower": lower,
-                "db/upper": upper,
-                "db/in_band": fraction_in_band(ratio, lower, upper),
+                "score_grad/norm_chosen": stats.norm_chosen,
+                "score_grad/norm_rejected": stats.norm_rejected,
+                "score_grad/cos": stats.cos,
+                "band/lower": lower,
+                "band/upper": upper,
+                "band/in_band": fraction_in_band(ratio, lower, upper),
             })
+            metrics = with_deprecated_names(metrics)
             if new_step:  # the probe batch is the same for every micro-batch: once per step
                 metrics.update(self._probe(model, step))
         return metrics

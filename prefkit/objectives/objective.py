@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from prefkit.objectives.granularity import assign_units, unit_sums
-from prefkit.objectives.links import UnitScores, margin
+from prefkit.objectives.links import UnitLogps, margin
 from prefkit.objectives.masks import combine_weights, ld_weights, poet_masks, weighted
 from prefkit.objectives.registry import LINKS
 from prefkit.objectives.spec import ObjectiveSpec
@@ -23,13 +23,13 @@ class Objective:
 
     def __init__(self, spec: ObjectiveSpec):
         self.spec = spec
-        self.links = [LINKS[t] for t in spec.loss_type]
+        self.link_specs = [LINKS[t] for t in spec.loss_type]
         self.weights = spec.loss_weights or (1.0,) * len(spec.loss_type)
         if spec.rpo_alpha:  # TRL 1.16 spells RPO loss_type [sigmoid, sft] with loss_weights [1, α]
-            self.links = [*self.links, LINKS["sft"]]
+            self.link_specs = [*self.link_specs, LINKS["sft"]]
             self.weights = (*self.weights, spec.rpo_alpha)
-        self.needs_reference = any(s.needs_reference for s in self.links)
-        self.score_reduction = "mean" if any(s.length_normalized for s in self.links) else "sum"
+        self.needs_reference = any(s.needs_reference for s in self.link_specs)
+        self.score_reduction = "mean" if any(s.length_normalized for s in self.link_specs) else "sum"
 
     def kept_masks(self, logps: PairLogps) -> tuple[Tensor, Tensor]:
         """Token masks after POET: the tokens the loss sees."""
@@ -39,7 +39,7 @@ class Objective:
 
     def _nll_weight(self) -> float:
         w = 0.0
-        for spec, lw in zip(self.links, self.weights):
+        for spec, lw in zip(self.link_specs, self.weights):
             if spec.nll_weight == "cpo_alpha":
                 w += lw * self.spec.cpo_alpha
             elif spec.nll_weight == "one":
@@ -61,7 +61,7 @@ class Objective:
                 return torch.zeros(mask.shape[0], n, dtype=logps.chosen.dtype, device=mask.device)
             return unit_sums(weighted(values, mask, weights), index, n)
 
-        u = UnitScores(
+        u = UnitLogps(
             policy_chosen=sums(logps.chosen, mw, wc, units.chosen),
             policy_rejected=sums(logps.rejected, ml, wr, units.rejected),
             ref_chosen=sums(logps.ref_chosen, mw, wc, units.chosen),
@@ -72,7 +72,7 @@ class Objective:
         valid = units.valid.to(logps.chosen.dtype)
         pair_w = wpo_weights(logps, mw, ml) if s.use_weighting else None
         loss = logps.chosen.new_zeros(())
-        for spec, w in zip(self.links, self.weights):
+        for spec, w in zip(self.link_specs, self.weights):
             if spec.batch_level:
                 loss = loss + w * spec.fn(u, s)
                 continue
@@ -90,11 +90,11 @@ class Objective:
             loss = loss + nll_weight * nll.mean()
         return LossOutput(loss, self._stats(logps, u, units.mu_prime, nll, units.valid))
 
-    def _stats(self, logps: PairLogps, u: UnitScores, mu: Tensor, nll: Tensor, valid: Tensor) -> LossStats:
+    def _stats(self, logps: PairLogps, u: UnitLogps, mu: Tensor, nll: Tensor, valid: Tensor) -> LossStats:
         beta = self.spec.beta
         with torch.no_grad():
             pw, pl = u.policy_chosen.sum(1), u.policy_rejected.sum(1)
-            first = self.links[0]
+            first = self.link_specs[0]
             # sft alone needs no reference, but TRL logs implicit rewards whenever one is at hand
             if first.needs_reference or (first.batch_level and logps.ref_chosen is not None):
                 rw, rl = beta * (pw - u.ref_chosen.sum(1)), beta * (pl - u.ref_rejected.sum(1))
@@ -110,7 +110,7 @@ class Objective:
                 extra.update(self._unit_weights(u, valid))
             return LossStats(rw.detach(), rl.detach(), pw.detach(), pl.detach(), mu.detach(), extra)
 
-    def _unit_weights(self, u: UnitScores, valid: Tensor) -> dict[str, Tensor]:
+    def _unit_weights(self, u: UnitLogps, valid: Tensor) -> dict[str, Tensor]:
         """What separates ADPO's gradient from DPO's (docs/dynamics.md): DPO weights a pair's summed gradient by
         σ(−β·Σ_uΔ_u), ADPO (sum over units) each unit's by σ(−β·Δ_u), Δ the margin the loss uses. Logged: DPO's
         response weight per pair and, with units finer than the response, the mean and the (population) spread

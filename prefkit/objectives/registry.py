@@ -16,13 +16,13 @@ from torch import Tensor
 from prefkit.errors import ConfigError
 from prefkit.objectives import links
 from prefkit.objectives.granularity import GRANULARITIES
-from prefkit.objectives.links import F_DIVERGENCES, UnitScores
+from prefkit.objectives.links import F_DIVERGENCES, UnitLogps
 from prefkit.objectives.spec import ObjectiveSpec
 
 
 @dataclass(frozen=True)
 class LinkSpec:
-    fn: Callable[[UnitScores, ObjectiveSpec], Tensor]
+    fn: Callable[[UnitLogps, ObjectiveSpec], Tensor]
     paper: str
     arxiv: str
     formula: str
@@ -31,7 +31,7 @@ class LinkSpec:
     supports_granularity: bool = True  # a per-unit margin makes sense
     nll_weight: str | None = None  # config field holding the weight of the chosen-NLL term the link adds
     batch_level: bool = False  # fn returns one scalar for the batch (a token mean), not a (B, U) loss
-    f_divergence: bool = False  # scores pairs by links.margin / links.f_scores, so --f_divergence_type applies
+    f_divergence: bool = False  # compares pairs by links.margin / links.f_rewards, so --f_divergence_type applies
     pairs_independent: bool = True  # a pair's loss does not depend on its batch mates (AOT sorts the batch)
 
 

@@ -1,4 +1,4 @@
-"""Score statistics (arXiv 2604.18239, Sec. 3): ‖s_w‖, ‖s_l‖ and ρ = cos(s_w, s_l), s = ∇_θ z of the
+"""Gradient norms of the response scores (arXiv 2604.18239, Sec. 3): ‖s_w‖, ‖s_l‖ and ρ = cos(s_w, s_l), s = ∇_θ z of the
 batch-mean response scores, over a parameter subset.
 
 Cost: two extra backward passes through the part of the graph that leads to the chosen parameters. The
@@ -18,7 +18,7 @@ from prefkit.objectives.types import PairLogps
 
 
 @dataclass
-class ScoreStats:
+class ScoreGradNorms:
     norm_chosen: float
     norm_rejected: float
     cos: float
@@ -36,7 +36,7 @@ def _last_block_prefix(model: nn.Module) -> str | None:
 
 
 def select_params(model: nn.Module, which: str = "auto") -> list[nn.Parameter]:
-    """Trainable parameters for score statistics: lm_head | last_block | lora | trainable | auto (=last_block,
+    """Trainable parameters for the score gradient norms: lm_head | last_block | lora | trainable | auto (=last_block,
     falling back to all trainable parameters when the last block has none)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if which == "lm_head":
@@ -61,7 +61,7 @@ def response_scores(logps: PairLogps, masks: tuple[Tensor, Tensor], reduction: s
     return zw, zl
 
 
-def score_stats(logps: PairLogps, params: list[nn.Parameter], masks: tuple[Tensor, Tensor], reduction: str) -> ScoreStats:
+def score_grad_norms(logps: PairLogps, params: list[nn.Parameter], masks: tuple[Tensor, Tensor], reduction: str) -> ScoreGradNorms:
     """Norms and cosine of ∇ mean(z_w) and ∇ mean(z_l); the training graph is retained for backward."""
     zw, zl = response_scores(logps, masks, reduction)
     gw = torch.autograd.grad(zw.mean(), params, retain_graph=True, allow_unused=True)
@@ -70,4 +70,4 @@ def score_stats(logps: PairLogps, params: list[nn.Parameter], masks: tuple[Tenso
     flat_l = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gl, params)])
     nw, nl = flat_w.norm(), flat_l.norm()
     cos = (flat_w @ flat_l) / (nw * nl).clamp(min=1e-30)
-    return ScoreStats(nw.item(), nl.item(), cos.item())
+    return ScoreGradNorms(nw.item(), nl.item(), cos.item())
