@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -187,6 +188,10 @@ class PrefConfig(TrainingArguments):
     )
     rc_norm_steps: int = field(
         default=1, metadata={"help": "Refresh RC's score norms every N optimizer steps (1: every step, the authors')."}
+    )
+    rc_fixed_alpha: float | None = field(
+        default=None, metadata={"help": "A control: RC runs as configured (statistics, score norms, logging) but "
+                                        "applies this α (finite, > 0) instead of its own (unset: RC's α)."},
     )
 
     # ---- semi-online rounds (prefkit.online; docs/pairs.md) ----------------------------------------------
@@ -407,6 +412,8 @@ def _check_rc(cfg: PrefConfig, bad) -> None:
         bad("rc_target", f"must be centre or band, got {cfg.rc_target!r}")
     if cfg.rc_norm_steps < 1:
         bad("rc_norm_steps", f"must be a positive integer, got {cfg.rc_norm_steps}")
+    if cfg.rc_fixed_alpha is not None and not (math.isfinite(cfg.rc_fixed_alpha) and cfg.rc_fixed_alpha > 0):
+        bad("rc_fixed_alpha", f"must be a finite number > 0 (or unset), got {cfg.rc_fixed_alpha}")
     if not cfg.reward_calibration:
         # an RC option without RC would run plain training under an RC label: refused, not ignored
         for f in dataclasses.fields(PrefConfig):
