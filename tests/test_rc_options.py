@@ -50,6 +50,40 @@ def test_alpha_centre_and_band_by_hand(d_w, d_l, centre, band):
     assert m["rc/in_band"] == float(1.0 <= r <= 4.0)
 
 
+def test_fixed_alpha_applies_exactly_that_alpha_while_statistics_update():
+    # same statistics as the r = 8 row above: RC's own α would be sqrt(2/8) = 0.5; the fixed one is 3
+    rc = RewardCalibrator(ema=0.9, fixed_alpha=3.0)
+    rc.update_incentives(Incentives(torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)))
+    rc.update_grad_norms(ScoreGradNorms(1.0, 2.0, 0.5))
+    rc.commit()
+    assert rc.alpha() == 3.0
+    m = rc.metrics()
+    assert m["rc/alpha"] == 3.0 and m["rc/ratio"] == pytest.approx(8.0) and m["rc/target"] == pytest.approx(2.0)
+    assert m["rc/in_band"] == 0.0
+    rc.update_incentives(Incentives(torch.tensor([0.2], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)))
+    rc.commit()
+    # log r = 0.9·log 8 + 0.1·log 2: the EMA still moves under a fixed α
+    assert rc.metrics()["rc/ratio"] == pytest.approx(math.exp(0.9 * math.log(8) + 0.1 * math.log(2)), rel=1e-12)
+    # applied as RC applies α: forward values unchanged, gradient ×3 on chosen and ×1/3 on rejected
+    chosen = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    rejected = torch.tensor([[-0.5, -1.5]], requires_grad=True)
+    lp = make_logps().replace(chosen=chosen, rejected=rejected)
+    out = rc.apply(lp)
+    assert torch.equal(out.chosen, chosen) and torch.equal(out.rejected, rejected)
+    (out.chosen.sum() + out.rejected.sum()).backward()
+    assert torch.allclose(chosen.grad, torch.full((1, 2), 3.0))
+    assert torch.allclose(rejected.grad, torch.full((1, 2), 1 / 3))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
+def test_bad_fixed_alpha_rejected(tmp_path, value):
+    cfg = PrefConfig(output_dir=str(tmp_path), reward_calibration=True, rc_fixed_alpha=value)
+    with pytest.raises(ConfigError, match="^--rc_fixed_alpha: must be a finite number > 0"):
+        resolve_run(cfg)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        RewardCalibrator(fixed_alpha=value)
+
+
 def test_band_with_non_positive_cosine_never_calibrates():
     # ρ ≤ 0: every ratio is inside the band (0, ∞); the centre target does not look at ρ
     assert _calibrator("band", 0.8, 0.1, 1.0, 2.0, -0.2).alpha() == 1.0
@@ -104,7 +138,7 @@ def test_bad_rc_values_rejected(tmp_path, option, value):
 
 
 @pytest.mark.parametrize("option, value", [("rc_scores", "sum"), ("rc_target", "band"), ("rc_norm_steps", 5),
-                                           ("rc_ema", 0.9)])
+                                           ("rc_ema", 0.9), ("rc_fixed_alpha", 1.0)])
 def test_rc_options_without_rc_refused(tmp_path, option, value):
     with pytest.raises(ConfigError, match=f"^--{option}: has no effect without --reward_calibration true"):
         resolve_run(PrefConfig(output_dir=str(tmp_path), **{option: value}))
@@ -125,13 +159,11 @@ def _curve(records: list[dict]) -> list[tuple[int, float, float]]:
 
 
 @pytest.mark.slow
-def test_rc_with_alpha_forced_to_one_is_dpo_bit_for_bit(tmp_path: Path, model_dir: Path, monkeypatch):
+def test_rc_with_alpha_forced_to_one_is_dpo_bit_for_bit(tmp_path: Path, model_dir: Path):
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
     dpo = _run(model_dir, data, tmp_path / "dpo")
     rc = _run(model_dir, data, tmp_path / "rc", "--reward_calibration", "true")
-    with monkeypatch.context() as m:
-        m.setattr(RewardCalibrator, "alpha", lambda self: 1.0)
-        forced = _run(model_dir, data, tmp_path / "forced", "--reward_calibration", "true")
+    forced = _run(model_dir, data, tmp_path / "forced", "--reward_calibration", "true", "--rc_fixed_alpha", "1.0")
     assert len(_curve(dpo)) == 4
     assert _curve(forced) == _curve(dpo)  # loss and gradient norm at every step, exactly
     weights = [load_file(tmp_path / d / "model.safetensors") for d in ("dpo", "forced")]

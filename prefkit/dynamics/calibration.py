@@ -50,11 +50,15 @@ def calibration_log_shift(log_r: float, log_r_star: float, cos: float | None, ta
 
 class RewardCalibrator:
     def __init__(self, ema: float = 0.98, reduce_mean: Callable[[Tensor], Tensor] | None = None,
-                 target: str = "centre"):
+                 target: str = "centre", fixed_alpha: float | None = None):
         if target not in TARGETS:
             raise ValueError(f"RC target must be one of {TARGETS}, got {target!r}")
+        if fixed_alpha is not None and not (math.isfinite(fixed_alpha) and fixed_alpha > 0):
+            raise ValueError(f"RC fixed alpha must be finite and > 0, got {fixed_alpha!r}")
         self.ema = ema
         self.target = target
+        # a control: statistics, norms and metrics as configured, but this α is applied instead of RC's own
+        self.fixed_alpha = fixed_alpha
         # under distributed training every rank must use the same α: batch means are reduced across ranks
         self.reduce_mean = reduce_mean or (lambda t: t)
         self.state: dict[str, float | None] = dict.fromkeys(_KEYS)
@@ -104,6 +108,8 @@ class RewardCalibrator:
         return s["log_d_w"] - s["log_d_l"], s["log_norm_l"] - s["log_norm_w"]
 
     def alpha(self) -> float:
+        if self.fixed_alpha is not None:
+            return self.fixed_alpha
         logs = self._logs()
         if logs is None:
             return 1.0

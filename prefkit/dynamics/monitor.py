@@ -40,7 +40,8 @@ class DynamicsMonitor:
     ):
         self.objective = objective
         self.every = cfg.dynamics_steps
-        self.rc = RewardCalibrator(cfg.rc_ema, reduce_mean, cfg.rc_target) if cfg.reward_calibration else None
+        self.rc = RewardCalibrator(cfg.rc_ema, reduce_mean, cfg.rc_target, cfg.rc_fixed_alpha) \
+            if cfg.reward_calibration else None
         self.rc_every = cfg.rc_norm_steps
         self.rc_scores = cfg.rc_scores
         self.params = select_params(model, cfg.dynamics_params) if (self.every or self.rc) else []

@@ -34,6 +34,8 @@ class DynamicsSpec:
     rc_target: str = _opt("centre", "RC's aim: centre (move d_w/d_l to r* every step, the authors') or band (leave it "
                                     "while inside the disentanglement band, else move it to the nearest edge).")
     rc_norm_steps: int = _opt(1, "Refresh RC's score norms every N optimizer steps (1: every step, the authors').")
+    rc_fixed_alpha: float | None = _opt(None, "A control: RC runs as configured (statistics, score norms, logging) "
+                                              "but applies this α (finite, > 0) instead of its own (unset: RC's α).")
 
     @classmethod
     def from_config(cls, cfg) -> DynamicsSpec:
@@ -66,6 +68,8 @@ def validate_dynamics(spec: DynamicsSpec) -> None:
         bad("rc_target", f"must be centre or band, got {spec.rc_target!r}")
     if spec.rc_norm_steps < 1:
         bad("rc_norm_steps", f"must be a positive integer, got {spec.rc_norm_steps}")
+    if spec.rc_fixed_alpha is not None and not (math.isfinite(spec.rc_fixed_alpha) and spec.rc_fixed_alpha > 0):
+        bad("rc_fixed_alpha", f"must be a finite number > 0 (or unset), got {spec.rc_fixed_alpha}")
     if not spec.reward_calibration:
         # an RC option without RC would run plain training under an RC label: refused, not ignored
         for f in dataclasses.fields(spec):
