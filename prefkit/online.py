@@ -72,17 +72,17 @@ ROUNDS_LOG = "rounds.jsonl"
 class OnlineSpec:
     """The semi-online options (PrefConfig's ``rounds`` and ``online_*`` fields), checked by :func:`resolve_online`."""
 
-    rounds: int
+    rounds: int  # built only from a PrefConfig, so its defaults are PrefConfig's
     online_prompts: str
     online_scorer: str
-    samples_per_round: int = 64
-    online_num_samples: int = 4
-    online_pairing: str = "best_worst"
-    online_reference_fallback: str | None = None
-    online_max_new_tokens: int = 256
-    online_temperature: float = 1.0
-    online_reference_field: str = "answer"
-    online_prompt_field: str = "prompt"
+    samples_per_round: int
+    online_num_samples: int
+    online_pairing: str
+    online_reference_fallback: str | None
+    online_max_new_tokens: int
+    online_temperature: float
+    online_reference_field: str
+    online_prompt_field: str
 
 
 _ONLINE_OPTIONS = [f.name for f in dataclasses.fields(OnlineSpec)]

@@ -41,11 +41,6 @@ class DynamicsSpec:
     def from_config(cls, cfg) -> DynamicsSpec:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
-    @property
-    def active(self) -> bool:
-        """Whether the monitor has work: diagnostics or RC."""
-        return bool(self.dynamics_steps) or self.reward_calibration
-
 
 def validate_dynamics(spec: DynamicsSpec) -> None:
     """Reject invalid dynamics / RC options at start-up, naming the option to change."""
