@@ -13,13 +13,16 @@ import difflib
 import functools
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import yaml
 
 from prefkit.errors import ConfigError, one_line
+
+if TYPE_CHECKING:
+    from prefkit.config import PrefConfig
 
 # `prefkit train` with no model and no data runs the embedded default: SmolLM2-135M-Instruct + LoRA on the
 # bundled HH-RLHF sample, sized to finish in about 10 minutes on 2 CPU cores.
@@ -226,8 +229,7 @@ def parse_config(argv: list[str], *, demo: bool = False):
     """PrefConfig from a YAML base (``--config``) and command-line overrides; demo preset under both; the
     host layer's defaults (:func:`prefkit.accel.host_defaults`) for the options that are still unset.
     ``--log_level debug`` also shows prefkit's debug lines."""
-    from prefkit.accel import host_defaults
-    from prefkit.config import PrefConfig, option_names
+    from prefkit.config import option_names
 
     base, argv = _split_config(argv)
     known = option_names()
@@ -242,7 +244,45 @@ def parse_config(argv: list[str], *, demo: bool = False):
     namespace, unused = option_parser().parse_known_args(args=preset + base + argv)
     if unused:
         raise ConfigError(f"arguments not understood: {' '.join(unused)}")
-    values = {k: v for k, v in vars(namespace).items() if k in known}
+    return _host_config({k: v for k, v in vars(namespace).items() if k in known})
+
+
+def config_from_options(options: Mapping[str, Any]) -> PrefConfig:
+    """PrefConfig from ``{option: value}`` (prefkit's option names, values as Python or YAML give them: text is
+    read as the command line reads it, so ``"1e-5"`` is a float) with the host layer's defaults for the options
+    left unset, as the command line builds it. What a program that runs prefkit (the bench) calls instead of
+    writing a command line."""
+    from prefkit.config import option_names
+
+    known = option_names()
+    _check_known([f"--{k}" for k in options], known, "")
+    parser = option_parser()
+    actions = {a.dest: a for a in parser._actions}
+    values = {k: v for k, v in vars(parser.parse_args([])).items() if k in known}  # the command line's defaults
+    values.update((k, _option_value(actions[k], v)) for k, v in options.items() if v is not None)
+    return _host_config(values)
+
+
+def _option_value(action: argparse.Action, value: Any) -> Any:
+    """``value`` converted and checked as the parser converts and checks the text of option ``action``."""
+    def convert(v: Any) -> Any:
+        if not isinstance(v, str) or action.type is None:
+            return v
+        try:
+            return action.type(v)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"--{action.dest}: {v!r} is not a valid value ({one_line(e)})") from e
+
+    value = [convert(v) for v in value] if isinstance(value, (list, tuple)) else convert(value)
+    if action.choices is not None and not isinstance(value, list) and value not in action.choices:
+        raise ConfigError(f"--{action.dest}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _host_config(values: dict[str, Any]) -> PrefConfig:
+    from prefkit.accel import host_defaults
+    from prefkit.config import PrefConfig
+
     values.update(host_defaults(values))
     try:
         cfg = PrefConfig(**values)

@@ -111,32 +111,35 @@ def test_the_seed_alone_decides_the_lora_initialisation(model_dir: Path, tmp_pat
 
 
 def test_bench_hh_config_methods_are_train_options():
-    from prefkit.bench.config import BENCH_KEYS, load_bench_config
-    from prefkit.cli import options_to_argv
-    from prefkit.config import option_names
-    from prefkit.spec import resolve_run
+    from prefkit.bench.config import load_bench_config
 
-    bench = load_bench_config(str(ROOT / "benchmarks" / "bench_hh.yaml"))
+    bench = load_bench_config(str(ROOT / "benchmarks" / "bench_hh.yaml"))  # resolves every method's options
     assert len(bench.seeds) >= 3 and bench.uses_critical_tokens()
-    if "rc_scores" not in option_names():
-        pytest.skip("the RC options rc_scores / rc_target / rc_norm_steps are not in this build yet")
-    for opts in bench.methods.values():
-        options = {**bench.train, **{k: v for k, v in opts.items() if k not in BENCH_KEYS}, "output_dir": "x"}
-        resolve_run(parse_config(options_to_argv(options)))  # ConfigError on an unknown or bad option
+    assert bench.methods["DPO+RC alpha=1"]["rc_fixed_alpha"] == 1.0
 
 
-def test_rc_alpha_one_needs_rc(tmp_path: Path):
+@pytest.mark.parametrize("method, match", [
+    ("{rc_fixed_alpha: 1.0}", r"--rc_fixed_alpha: .*--reward_calibration"),
+    ("{no_such_option: 1}", r"unknown option --no_such_option"),
+    ("{beta: lots}", r"--beta: 'lots' is not a valid value"),
+    ("{loss_type: [sigmoid, nope]}", r"--loss_type: unknown value 'nope'"),
+    ("{beta: -1.0}", r"--beta: must be positive"),
+])
+@pytest.mark.parametrize("sweep", [False, True])
+def test_bench_config_refuses_a_bad_method_option_at_load(tmp_path: Path, method: str, match: str, sweep: bool):
     from prefkit.bench.config import load_bench_config
     from prefkit.errors import ConfigError
 
     cfg = tmp_path / "b.yaml"
-    cfg.write_text("name: x\ntask: preference\nmethods:\n  bad: {rc_alpha_one: true}\n")
-    with pytest.raises(ConfigError, match="methods.bad: rc_alpha_one .* reward_calibration: true"):
+    cfg.write_text("name: x\ntask: preference\n" + ("sweep: {learning_rate: [0.1]}\n" if sweep else "")
+                   + f"methods:\n  ok: {{}}\n  bad: {method}\n")
+    where = r" at \{'learning_rate': 0\.1\}" if sweep else ""
+    with pytest.raises(ConfigError, match=rf"b\.yaml: methods\.bad{where}: {match}"):
         load_bench_config(str(cfg))
 
 
 @pytest.mark.slow
-def test_rc_alpha_one_holds_alpha_at_one_and_gives_dpos_losses(tmp_path: Path, model_dir: Path, tmp_jsonl):
+def test_rc_fixed_alpha_one_in_the_bench_holds_alpha_at_one_and_gives_dpos_losses(tmp_path: Path, model_dir: Path, tmp_jsonl):
     from prefkit.bench.config import load_bench_config
     from prefkit.bench.runner import run_one
     from prefkit.bench.tasks import Setup
@@ -147,7 +150,7 @@ def test_rc_alpha_one_holds_alpha_at_one_and_gives_dpos_losses(tmp_path: Path, m
     cfg = tmp_path / "b.yaml"
     cfg.write_text("name: x\ntask: preference\ntrain: {learning_rate: 0.05, per_device_train_batch_size: 2, "
                    "logging_steps: 1, dynamics_steps: 1, max_steps: 4}\nmethods:\n  DPO: {}\n"
-                   "  RC: {reward_calibration: true}\n  RC1: {reward_calibration: true, rc_alpha_one: true}\n")
+                   "  RC: {reward_calibration: true}\n  RC1: {reward_calibration: true, rc_fixed_alpha: 1.0}\n")
     bench = load_bench_config(str(cfg))
     setup = Setup(model_path=str(model_dir), train_file=str(train), eval_file=str(held))
     logs = {}

@@ -12,9 +12,9 @@ from prefkit.bench.config import load_bench_config
 def bench_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="prefkit bench", description="Train a grid of methods x seeds and compare them.")
     p.add_argument("config", help="bench YAML (see benchmarks/*.yaml)")
-    p.add_argument("--output_dir", default=None, help="runs and shared setup (default: benchmarks/out/bench/<name>)")
+    p.add_argument("--output_dir", default=None, help="runs and shared setup (default: out/bench/<name> beside the config)")
     p.add_argument("--results_dir", default=None,
-                   help="report, CSV and plots (default: benchmarks/results/<name>; RESULTS.md goes one level up)")
+                   help="report, CSV and plots (default: results/<name> beside the config; RESULTS.md goes one level up)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
     p.add_argument("--report_only", action="store_true", help="redraw the report of a finished run (no training)")
     args = p.parse_args(argv)
@@ -33,8 +33,9 @@ def bench_main(argv: list[str]) -> int:
     hf_logging.disable_progress_bar()  # dozens of model loads; the bench prints one line per run instead
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    work = Path(args.output_dir or f"benchmarks/out/bench/{bench.name}")
-    results = Path(args.results_dir or f"benchmarks/results/{bench.name}")
+    beside = Path(args.config).resolve().parent  # benchmarks/bench_x.yaml → benchmarks/results/x, wherever run from
+    work = Path(args.output_dir) if args.output_dir else beside / "out" / "bench" / bench.name
+    results = Path(args.results_dir) if args.results_dir else beside / "results" / bench.name
     if args.report_only:
         report_only(bench, results)
     else:

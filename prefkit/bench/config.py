@@ -17,7 +17,7 @@
       SFT only: {sft_only: true}
       DPO: {loss_type: sigmoid}
       cADPO: {critical_tokens: true, granularity: adaptive, num_segments: 256}
-      DPO+RC α=1: {reward_calibration: true, rc_alpha_one: true}   # a control: RC's machinery, α held at 1
+      DPO+RC α=1: {reward_calibration: true, rc_fixed_alpha: 1.0}  # a control: RC's machinery, α held at 1
       cADPO flat: {critical_tokens: true, token_weights: flat_rejected, granularity: adaptive, num_segments: 256}
     claims:                       # a claim is judged at each view's points, or at one fixed sweep point
       - {text: "...", method: cADPO, baseline: DPO, metric: accuracy}
@@ -34,7 +34,7 @@ from prefkit.errors import ConfigError
 
 TASKS = ("arithmetic", "preference", "gsm8k")
 # method keys that are not prefkit train options
-BENCH_KEYS = ("sft_only", "critical_tokens", "rc_alpha_one", "token_weights")
+BENCH_KEYS = ("sft_only", "critical_tokens", "token_weights")
 # token_weights (with critical_tokens): "critical" = the critical-token weights as written; "flat_rejected" =
 # chosen weights 1 and every rejected token weighted by its response's mean weight (the cADPO control)
 TOKEN_WEIGHTS = ("critical", "flat_rejected")
@@ -95,45 +95,18 @@ def load_bench_config(path: str) -> BenchConfig:
             raise ConfigError(f"{path}: missing key {key!r}")
     if raw["task"] not in TASKS:
         raise ConfigError(f"{path}: task: must be one of {', '.join(TASKS)}, got {raw['task']!r}")
-    methods = raw["methods"]
-    if not isinstance(methods, dict) or not methods:
-        raise ConfigError(f"{path}: methods: must be a non-empty mapping of name: {{options}}")
-    for name, opts in methods.items():
-        if opts is not None and not isinstance(opts, dict):
-            raise ConfigError(f"{path}: methods.{name}: must be a mapping of options")
-        if (opts or {}).get("rc_alpha_one") and not opts.get("reward_calibration"):
-            raise ConfigError(f"{path}: methods.{name}: rc_alpha_one holds RC's α at 1; it needs "
-                              "reward_calibration: true")
-        tw = (opts or {}).get("token_weights")
-        if tw is not None and (tw not in TOKEN_WEIGHTS or not opts.get("critical_tokens")):
-            raise ConfigError(f"{path}: methods.{name}.token_weights: must be one of {', '.join(TOKEN_WEIGHTS)}, "
-                              "with critical_tokens: true")
+    methods = _checked_methods(path, raw["methods"])
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list of integers")
-    sweep = raw.get("sweep") or {}
-    if isinstance(sweep, list):
-        if not all(isinstance(q, dict) and q and set(q) == set(sweep[0]) for q in sweep):
-            raise ConfigError(f"{path}: sweep: a list of points must hold mappings of train option: value, "
-                              "every one with the same keys")
-    elif not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...] or a list of points")
+    sweep = _checked_sweep(path, raw.get("sweep") or {})
     reuses = raw.get("reuses") or []
     if not isinstance(reuses, list) or not all(isinstance(r, str) for r in reuses):
         raise ConfigError(f"{path}: reuses: must be a list of section names (benchmarks/results/<name>)")
     select_baseline = raw.get("select_baseline")
     if select_baseline is not None and select_baseline not in methods:
         raise ConfigError(f"{path}: select_baseline: {select_baseline!r} is not one of the methods")
-    claims = raw.get("claims") or []
-    for i, c in enumerate(claims):
-        missing = [k for k in ("text", "method", "baseline", "metric") if not isinstance(c, dict) or k not in c]
-        if missing:
-            raise ConfigError(f"{path}: claims[{i}]: missing {missing}")
-        for k in ("method", "baseline"):
-            if c[k] not in methods:
-                raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not one of the methods")
-        if "point" in c and not isinstance(c["point"], dict):
-            raise ConfigError(f"{path}: claims[{i}].point: must be a mapping of swept option: value")
+    claims = _checked_claims(path, raw.get("claims") or [], methods)
     bench = BenchConfig(
         name=str(raw["name"]), title=str(raw.get("title", raw["name"])), task=raw["task"], seeds=seeds,
         train=dict(raw.get("train") or {}), methods={k: dict(v or {}) for k, v in methods.items()},
@@ -149,4 +122,68 @@ def load_bench_config(path: str) -> BenchConfig:
             if not match:
                 raise ConfigError(f"{path}: claims[{i}].point: {c['point']} is not a point of the sweep")
             c["point"] = match[0]  # in the sweep's key order, so its label is the runs' point label
+    _check_runs(path, bench)
     return bench
+
+
+def _checked_methods(path: str, methods) -> dict:
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"{path}: methods: must be a non-empty mapping of name: {{options}}")
+    for name, opts in methods.items():
+        if opts is not None and not isinstance(opts, dict):
+            raise ConfigError(f"{path}: methods.{name}: must be a mapping of options")
+        tw = (opts or {}).get("token_weights")
+        if tw is not None and (tw not in TOKEN_WEIGHTS or not opts.get("critical_tokens")):
+            raise ConfigError(f"{path}: methods.{name}.token_weights: must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                              "with critical_tokens: true")
+    return methods
+
+
+def _checked_sweep(path: str, sweep) -> dict | list:
+    if isinstance(sweep, list):
+        if not all(isinstance(q, dict) and q and set(q) == set(sweep[0]) for q in sweep):
+            raise ConfigError(f"{path}: sweep: a list of points must hold mappings of train option: value, "
+                              "every one with the same keys")
+    elif not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{path}: sweep: must be a mapping of train option: [values, ...] or a list of points")
+    return sweep
+
+
+def _checked_claims(path: str, claims: list, methods: dict) -> list:
+    for i, c in enumerate(claims):
+        missing = [k for k in ("text", "method", "baseline", "metric") if not isinstance(c, dict) or k not in c]
+        if missing:
+            raise ConfigError(f"{path}: claims[{i}]: missing {missing}")
+        for k in ("method", "baseline"):
+            if c[k] not in methods:
+                raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not one of the methods")
+        if "point" in c and not isinstance(c["point"], dict):
+            raise ConfigError(f"{path}: claims[{i}].point: must be a mapping of swept option: value")
+    return claims
+
+
+def run_options(bench: BenchConfig, method: str, point: dict | None = None) -> dict:
+    """The train options of ``method`` at sweep ``point`` (the method's own values win), without the bench keys
+    and the per-run ones (model, data files, output, seed)."""
+    opts = bench.methods[method]
+    options = {**bench.train, **(point or {}), **{k: v for k, v in opts.items() if k not in BENCH_KEYS}}
+    if opts.get("critical_tokens"):
+        options["use_token_weights"] = True
+    return options
+
+
+def _check_runs(path: str, bench: BenchConfig) -> None:
+    """Every planned run's options resolved as its training will resolve them, so a bad option stops the bench
+    at load, naming the method, instead of after the set-up."""
+    from prefkit.configfile import config_from_options
+    from prefkit.spec import resolve_run
+
+    for method, opts in bench.methods.items():
+        if opts.get("sft_only"):
+            continue
+        for point in bench.method_points(method):
+            try:
+                resolve_run(config_from_options({**run_options(bench, method, point), "output_dir": "unused"}))
+            except ConfigError as e:
+                where = f" at {point}" if point else ""
+                raise ConfigError(f"{path}: methods.{method}{where}: {e}") from e

@@ -377,28 +377,21 @@ def append_run(results_dir: Path, result: RunResult | None, *, rewrite: list[Run
 
 
 def read_results(results_dir: Path) -> list[RunResult]:
-    """RunResults back from runs.jsonl (or, for sections that predate it, results.csv); [] when neither exists."""
+    """RunResults back from runs.jsonl; [] when there is none."""
     fields = set(RunResult.__dataclass_fields__)
-    runs, table = results_dir / "runs.jsonl", results_dir / "results.csv"
-    if runs.is_file():
-        return [RunResult(**{k: v for k, v in json.loads(line).items() if k in fields})
-                for line in runs.read_text().splitlines() if line.strip()]
-    if not table.is_file():
+    runs = results_dir / "runs.jsonl"
+    if not runs.is_file():
         return []
-    out = []
-    with table.open() as f:
-        for row in csv.DictReader(f):
-            vals = {k: (None if v == "" else float(v)) for k, v in row.items()
-                    if k in fields and k not in ("method", "seed", "point", "commit")}
-            out.append(RunResult(method=row["method"], seed=int(row["seed"]), point=row.get("point") or "",
-                                 commit=row.get("commit") or "", **vals))
-    return out
+    return [RunResult(**{k: v for k, v in json.loads(line).items() if k in fields})
+            for line in runs.read_text().splitlines() if line.strip()]
 
 
-def provenance() -> dict:
-    """Commit, machine and date of a bench run, recorded when it runs (a redrawn report keeps them)."""
+def provenance(bench: BenchConfig) -> dict:
+    """Commit, machine, date and config file hash of a bench run, recorded when it runs: a redrawn report keeps
+    them, so a later edit of the config (one that changes no run) leaves the report as it was."""
     return {"commit": _git_commit(), "machine": machine(),
-            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
+            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}",
+            "config_sha256": hashlib.sha256(Path(bench.source).read_bytes() if bench.source else b"").hexdigest()}
 
 
 def _metrics_table(summary: dict, cols: list, chosen: dict[str, str] | None,
@@ -434,6 +427,7 @@ def _sweep_table(bench: BenchConfig, results: list[RunResult], metric: str, titl
 
 def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], results_dir: Path,
                  *, wall_seconds: float, prov: dict) -> Path:
+    """section.md, results.csv and plots of one section, then RESULTS.md and README's verdicts."""
     with (results_dir / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(RunResult.__dataclass_fields__))
         w.writeheader()
@@ -442,36 +436,14 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], res
     shared, shared_label = shared_points(bench, results)
     summary = summarize(results, shared)
     cols = [m for m in METRICS if any(m[0] in s for s in summary.values())]
-    lines = [f"## {bench.title}", ""]
-    cfg_text = Path(bench.source).read_bytes() if bench.source else b""
-    commits = list(dict.fromkeys(r.commit for r in results if r.commit))
-    lines += [
-        f"- command: `prefkit bench {bench.source}`; commit {prov['commit']}"
-        + (f" (runs at {', '.join(commits)})" if commits and commits != [prov["commit"]] else "")
-        + f"; config sha256 {hashlib.sha256(cfg_text).hexdigest()[:12]}",
-        f"- seeds: {bench.seeds} (method training seed: data order and initialisation of anything random; "
-        "the starting model and the pairs are shared)",
-        f"- machine: {prov['machine']}; wall time {wall_seconds / 60:.1f} min; {prov['date']}",
-    ]
-    if bench.sweep:
-        n_planned = sum(len(bench.method_points(m)) * (1 if o.get("sft_only") else len(bench.seeds))
-                        for m, o in bench.methods.items() if not o.get("sft_only"))
-        n_done = sum(1 for r in results if not bench.methods.get(r.method, {}).get("sft_only"))
-        lines.append(f"- sweep: {bench.sweep}; {n_done} of {n_planned} planned runs done; points are picked "
-                     "on validation accuracy only (mean over seeds), never on test")
-    lines += [f"- {n}" for n in setup.notes]
     reused = reused_runs(bench, results, results_dir)
-    for name, keys in reused.items():
-        which = sorted({f"{m} at {p or 'its point'}" for m, p, _ in keys})
-        lines.append(f"- reused runs: {len(keys)} of these {len(results)} runs are identical records of section "
-                     f"{name}'s runs.jsonl ({'; '.join(which)}): verdicts that use them are not independent of "
-                     f"section {name}'s")
-    lines.append("")
+    lines = _header(bench, setup, results, reused, wall_seconds=wall_seconds, prov=prov)
     if bench.sweep:
         base = bench.select_baseline or next(m for m in bench.methods if not bench.methods[m].get("sft_only"))
         lines += [f"### Every method at one shared point: {shared_label}"
                   f"{grid_edge(bench, base, shared.get(base, ''))} (best validation accuracy of "
                   f"{bench.select_baseline or 'the first method'})", ""]
+
     def edges(chosen: dict[str, str]) -> dict[str, str]:
         return {m: grid_edge(bench, m, p) for m, p in chosen.items() if m in bench.methods}
 
@@ -488,26 +460,7 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], res
             lines += _sweep_table(bench, results, "accuracy", "Held-out test accuracy (%) by sweep point, mean ± "
                                   "95% CI half-width (reported, never used to select)")
     if bench.claims:
-        if own is None:
-            lines += ["| claim | method vs baseline | metric | verdict |", "|---|---|---|---|"]
-        else:
-            lines += ["| claim | method vs baseline | metric | at the shared point | each at its own best point |",
-                      "|---|---|---|---|---|"]
-        points = [shared, own] if own is not None else [shared]
-        views = section_verdicts(results, bench.claims, points)
-        for i, c in enumerate(bench.claims):
-            cells = [v[i] + _reuse_mark(reused, results, c, chosen) for v, chosen in zip(views, points)]
-            lines.append(f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | " + " | ".join(cells) + " |")
-        lines += ["", f"Verdicts (docs/bench.md): per-seed paired differences; p = two-sided paired t-test, Holm = "
-                  f"Holm-adjusted over this section's {family_size(results, bench.claims, points)} distinct comparisons "
-                  "(a claim at the same points in both views counts once), sign-flip = "
-                  "permutation test over the 2^n sign patterns (exact up to 16 seeds; no normality; it cannot go "
-                  "below 2/2^n). held / "
-                  "contradicted only when Holm's p < 0.05, else not resolved with the CI half-width and the minimum "
-                  "detectable effect at 80% power (no difference when every seed's difference is 0).",
-                  ""]
-        if bench.power_effect:
-            lines += _power_table(results, bench.claims, points, bench.power_effect)
+        lines += _claim_lines(bench, results, reused, [shared, own] if own is not None else [shared])
     for name in _plots(bench, summary, results_dir, shared):
         lines.append(f"![{name}](results/{results_dir.name}/{name})")
     lines.append("")
@@ -517,6 +470,59 @@ def write_report(bench: BenchConfig, setup: Setup, results: list[RunResult], res
     if bench.source:
         regenerate_readme_block(Path(bench.source).resolve().parent, results_dir.parent)
     return section
+
+
+def _header(bench: BenchConfig, setup: Setup, results: list[RunResult], reused: dict, *, wall_seconds: float,
+            prov: dict) -> list[str]:
+    """The section's title and provenance: command, commits, config hash, seeds, machine, sweep, notes, reuse."""
+    commits = list(dict.fromkeys(r.commit for r in results if r.commit))
+    lines = [f"## {bench.title}", ""]
+    lines += [
+        f"- command: `prefkit bench {bench.source}`; commit {prov['commit']}"
+        + (f" (runs at {', '.join(commits)})" if commits and commits != [prov["commit"]] else "")
+        + f"; config sha256 {prov['config_sha256'][:12]}",
+        f"- seeds: {bench.seeds} (method training seed: data order and initialisation of anything random; "
+        "the starting model and the pairs are shared)",
+        f"- machine: {prov['machine']}; wall time {wall_seconds / 60:.1f} min; {prov['date']}",
+    ]
+    if bench.sweep:
+        n_planned = sum(len(bench.method_points(m)) * (1 if o.get("sft_only") else len(bench.seeds))
+                        for m, o in bench.methods.items() if not o.get("sft_only"))
+        n_done = sum(1 for r in results if not bench.methods.get(r.method, {}).get("sft_only"))
+        lines.append(f"- sweep: {bench.sweep}; {n_done} of {n_planned} planned runs done; points are picked "
+                     "on validation accuracy only (mean over seeds), never on test")
+    lines += [f"- {n}" for n in setup.notes]
+    for name, keys in reused.items():
+        which = sorted({f"{m} at {p or 'its point'}" for m, p, _ in keys})
+        lines.append(f"- reused runs: {len(keys)} of these {len(results)} runs are identical records of section "
+                     f"{name}'s runs.jsonl ({'; '.join(which)}): verdicts that use them are not independent of "
+                     f"section {name}'s")
+    lines.append("")
+    return lines
+
+
+def _claim_lines(bench: BenchConfig, results: list[RunResult], reused: dict, points: list[dict]) -> list[str]:
+    """The claims table (one verdict column per view), how verdicts are judged, and the power table."""
+    if len(points) == 1:
+        lines = ["| claim | method vs baseline | metric | verdict |", "|---|---|---|---|"]
+    else:
+        lines = ["| claim | method vs baseline | metric | at the shared point | each at its own best point |",
+                 "|---|---|---|---|---|"]
+    views = section_verdicts(results, bench.claims, points)
+    for i, c in enumerate(bench.claims):
+        cells = [v[i] + _reuse_mark(reused, results, c, chosen) for v, chosen in zip(views, points)]
+        lines.append(f"| {c['text']} | {c['method']} vs {c['baseline']} | {c['metric']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Verdicts (docs/bench.md): per-seed paired differences; p = two-sided paired t-test, Holm = "
+              f"Holm-adjusted over this section's {family_size(results, bench.claims, points)} distinct comparisons "
+              "(a claim at the same points in both views counts once), sign-flip = "
+              "permutation test over the 2^n sign patterns (exact up to 16 seeds; no normality; it cannot go "
+              "below 2/2^n). held / "
+              "contradicted only when Holm's p < 0.05, else not resolved with the CI half-width and the minimum "
+              "detectable effect at 80% power (no difference when every seed's difference is 0).",
+              ""]
+    if bench.power_effect:
+        lines += _power_table(results, bench.claims, points, bench.power_effect)
+    return lines
 
 
 def regenerate_readme_block(config_dir: Path, results_root: Path) -> bool:

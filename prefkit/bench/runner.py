@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from prefkit.bench.config import BENCH_KEYS, BenchConfig
+from prefkit.bench.config import BenchConfig, run_options
 from prefkit.bench.report import append_run, provenance, read_results, write_report
 from prefkit.bench.results import RunResult, point_label, slug, trajectory_name
 from prefkit.bench.tasks import PREPARE, Setup, flat_rejected_weights
-from prefkit.configfile import options_to_argv, parse_config
+from prefkit.configfile import config_from_options
 from prefkit.errors import ConfigError
 
 logger = logging.getLogger("prefkit")
@@ -62,38 +62,18 @@ def _dynamics_summary(run_dir: Path) -> tuple[float | None, list[tuple[int, floa
     return (sum(band) / len(band) if band else None), traj
 
 
-def _train_options(bench: BenchConfig, setup: Setup, opts: dict, seed: int, run_dir: Path,
+def _train_options(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path,
                    point: dict | None = None) -> dict:
-    options = {**bench.train, **(point or {}), **{k: v for k, v in opts.items() if k not in BENCH_KEYS}}
+    opts = bench.methods[method]
     train_file, eval_file = setup.train_file, setup.eval_file
     if opts.get("critical_tokens"):
         train_file, eval_file = setup.weighted_train_file, setup.weighted_eval_file
         if opts.get("token_weights") == "flat_rejected":
             train_file, eval_file = flat_rejected_weights(train_file), flat_rejected_weights(eval_file)
-    options.update(
-        model_name_or_path=setup.model_path, dataset_name=train_file, eval_dataset_name=eval_file,
-        eval_split="train", output_dir=str(run_dir), seed=seed,
-        overwrite_output_dir=True, save_strategy="no", disable_tqdm=True,
-    )
-    if opts.get("critical_tokens"):
-        options["use_token_weights"] = True
-    return options
-
-
-@contextlib.contextmanager
-def _alpha_held_at_one(opts: dict):
-    """``rc_alpha_one: true`` (a bench control, not a train option): RC runs as configured (statistics, score
-    norms, logging) but its α is held at 1, so the run differs from DPO only by RC's machinery. Restored on
-    exit; runs are sequential in one process, so no other run sees it."""
-    if not opts.get("rc_alpha_one"):
-        yield
-        return
-    from unittest import mock
-
-    from prefkit.dynamics.calibration import RewardCalibrator
-
-    with mock.patch.object(RewardCalibrator, "alpha", lambda self: 1.0):
-        yield
+    return {**run_options(bench, method, point),
+            "model_name_or_path": setup.model_path, "dataset_name": train_file, "eval_dataset_name": eval_file,
+            "eval_split": "train", "output_dir": str(run_dir), "seed": seed,
+            "overwrite_output_dir": True, "save_strategy": "no", "disable_tqdm": True}
 
 
 def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: Path,
@@ -103,21 +83,20 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
     opts = bench.methods[method]
     result = RunResult(method=method, seed=seed, point=point_label(point or {}))
     if opts.get("sft_only"):
-        cfg = parse_config(options_to_argv({**bench.train, "model_name_or_path": setup.model_path,
-                                            "output_dir": str(run_dir)}))
+        cfg = config_from_options({**bench.train, "model_name_or_path": setup.model_path, "output_dir": str(run_dir),
+                                   "use_peft": False})
         from prefkit.runsetup import load_model_and_tokenizer
 
-        cfg.use_peft = False
         _, model, tokenizer = load_model_and_tokenizer(cfg)
         result.__dict__.update(_answer_metrics(model, tokenizer, setup, reference=False))
         if setup.questions:
             result.kl = 0.0
         result.d_logp_chosen = result.d_logp_rejected = 0.0
         return result
-    cfg = parse_config(options_to_argv(_train_options(bench, setup, opts, seed, run_dir, point)))
+    cfg = config_from_options(_train_options(bench, setup, method, seed, run_dir, point))
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log), _alpha_held_at_one(opts):
+    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
         out = train_main(cfg)
     result.train_seconds = time.time() - t0
     after = out["after"]
@@ -132,8 +111,8 @@ def run_one(bench: BenchConfig, setup: Setup, method: str, seed: int, run_dir: P
     if setup.questions:
         # the bench's own run: its reference is the one it trained against (eval takes it only when named)
         ref = saved_reference(str(run_dir))
-        eval_cfg = parse_config(options_to_argv({"model_name_or_path": str(run_dir), "output_dir": str(run_dir),
-                                                 **({"ref_model_name_or_path": ref} if ref else {})}))
+        eval_cfg = config_from_options({"model_name_or_path": str(run_dir), "output_dir": str(run_dir),
+                                        **({"ref_model_name_or_path": ref} if ref else {})})
         model, tokenizer, reference = load_for_eval(eval_cfg)
         result.__dict__.update(_answer_metrics(model, tokenizer, setup, None if reference == "adapter" else reference))
     for weights in run_dir.glob("*.safetensors"):  # the measured numbers are kept; the weights are not needed
@@ -156,7 +135,7 @@ def planned_runs(bench: BenchConfig, only: list[str] | None = None) -> list[tupl
 def run_bench(bench: BenchConfig, work_dir: Path, results_dir: Path, *, only: list[str] | None = None) -> list[RunResult]:
     """Prepare once, then every (method, point, seed) not yet in runs.jsonl; each run is appended as it ends."""
 
-    t_start, prov = time.time(), provenance()  # the code that runs is the code at the start
+    t_start, prov = time.time(), provenance(bench)  # the code that runs is the code at the start
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     done = read_results(results_dir)
@@ -209,7 +188,7 @@ def _in_config_order(bench: BenchConfig, results: list[RunResult]) -> list[RunRe
 
 
 def report_only(bench: BenchConfig, results_dir: Path) -> None:
-    """Rewrite the report and plots from the committed runs (runs.jsonl, or an older results.csv) and state;
+    """Rewrite the report and plots from the committed runs (runs.jsonl) and state;
     works on a grid stopped part-way too."""
 
     state_file = results_dir / "bench_state.json"

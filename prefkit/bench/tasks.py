@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from prefkit.bench.config import BenchConfig
-from prefkit.configfile import options_to_argv, parse_config
-from prefkit.critical_tokens_cli import critical_tokens_main
+from prefkit.configfile import config_from_options
+from prefkit.critical_tokens_cli import write_token_weights
 from prefkit.errors import ConfigError, DataError
 from prefkit.pairs.scorers import final_number
 
@@ -176,33 +176,21 @@ def _critical_weights(setup: Setup, work: Path, bench: BenchConfig,
     outs = []
     for src in (setup.train_file, setup.eval_file):
         out = work / Path(src).name.replace(".jsonl", "_weighted.jsonl")
-        argv = ["--positive_model", pos, "--negative_model", neg, "--output_file", str(out),
-                "--dataset_name", src, "--batch_size", str(_opt(bench, "critical_batch_size", 64))]
-        for key in ("max_length", "max_prompt_length"):
-            if key in bench.train:
-                argv += [f"--{key}", str(bench.train[key])]
-        critical_tokens_main(argv)
+        lengths = {k: bench.train[k] for k in ("max_length", "max_prompt_length") if k in bench.train}
+        cfg = config_from_options({"dataset_name": src, "output_dir": str(out.parent), **lengths})
+        write_token_weights(cfg, pos, neg, out, batch_size=int(_opt(bench, "critical_batch_size", 64)))
         outs.append(str(out))
     return outs[0], outs[1]
 
 
-def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
-    from prefkit.bench.arithmetic import extract_answer, make_model, make_splits, make_tokenizer
-    from prefkit.bench.generate import generate
-    from prefkit.bench.sft import accuracy, sft_until
+def _arithmetic_sft(bench: BenchConfig, work: Path, splits: dict, tokenizer, max_new: int) -> Path:
+    """The SFT starting model's folder: trained here until its validation accuracy target (reused when present),
+    or another arithmetic bench's (``task_options.sft_from``)."""
+    from prefkit.bench.arithmetic import make_model
+    from prefkit.bench.sft import sft_until
 
     o = bench.task_options
-    sizes = {"sft": int(o.get("sft_problems", 20000)), "pref": int(o.get("pref_problems", 1000)),
-             "val": int(o.get("val_problems", 200)), "test": int(o.get("test_problems", 500))}
-    splits = make_splits(int(o.get("data_seed", 0)), sizes, int(o.get("num_terms", 3)), int(o.get("digits", 2)))
-    max_new = int(o.get("max_new_tokens", 48))
-    tokenizer = make_tokenizer()
     sft_dir = work / "sft"
-    notes: list[str] = []
-    variant = str(o.get("pair_variant", "onpolicy"))
-    if variant not in PAIR_VARIANTS:
-        raise ConfigError(f"{bench.source}: task_options.pair_variant: must be one of {', '.join(PAIR_VARIANTS)}, "
-                          f"got {variant!r}")
     if o.get("sft_from"):  # another arithmetic bench's SFT model (same task options): trained once, shared
         sft_dir = work.parent.parent / str(o["sft_from"]) / "setup" / "sft"
         if not (sft_dir / "config.json").is_file():
@@ -224,6 +212,26 @@ def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
         model.save_pretrained(sft_dir)
         tokenizer.save_pretrained(sft_dir)
         (work / "sft_history.json").write_text(json.dumps(history))
+    return sft_dir
+
+
+def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
+    from prefkit.bench.arithmetic import extract_answer, make_splits, make_tokenizer
+    from prefkit.bench.generate import generate
+    from prefkit.bench.sft import accuracy
+
+    o = bench.task_options
+    sizes = {"sft": int(o.get("sft_problems", 20000)), "pref": int(o.get("pref_problems", 1000)),
+             "val": int(o.get("val_problems", 200)), "test": int(o.get("test_problems", 500))}
+    splits = make_splits(int(o.get("data_seed", 0)), sizes, int(o.get("num_terms", 3)), int(o.get("digits", 2)))
+    max_new = int(o.get("max_new_tokens", 48))
+    tokenizer = make_tokenizer()
+    notes: list[str] = []
+    variant = str(o.get("pair_variant", "onpolicy"))
+    if variant not in PAIR_VARIANTS:
+        raise ConfigError(f"{bench.source}: task_options.pair_variant: must be one of {', '.join(PAIR_VARIANTS)}, "
+                          f"got {variant!r}")
+    sft_dir = _arithmetic_sft(bench, work, splits, tokenizer, max_new)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(sft_dir)
@@ -317,7 +325,7 @@ def _finetune_lora_copy(bench: BenchConfig, setup: Setup, side: str, out: Path, 
     path = resolve_model_path(setup.model_path)
     tokenizer = load_tokenizer(path)
     lengths = {k: bench.train[k] for k in ("max_length", "max_prompt_length") if k in bench.train}
-    cfg = parse_config(options_to_argv({**lengths, "output_dir": str(out)}))
+    cfg = config_from_options({**lengths, "output_dir": str(out)})
     ds, _ = prepare_dataset(load_rows(setup.train_file, "train"), tokenizer, cfg, source=setup.train_file)
     ids = [p + r for p, r in zip(ds["prompt_ids"], ds[f"{side}_ids"])]
     labels = [[-100] * len(p) + r for p, r in zip(ds["prompt_ids"], ds[f"{side}_ids"])]
