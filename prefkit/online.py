@@ -203,7 +203,6 @@ def _round_config(cfg: PrefConfig, round_dir: Path) -> PrefConfig:
     are the unit of resumption). A shallow copy: re-running TrainingArguments' __post_init__ is not needed."""
     rcfg = copy.copy(cfg)
     rcfg.output_dir, rcfg.save_strategy, rcfg.resume_from_checkpoint = str(round_dir), SaveStrategy.NO, None
-    rcfg.sync_ref_model = False  # --rounds syncs the reference at round boundaries, not every N steps
     return rcfg
 
 
@@ -318,7 +317,7 @@ def train_round(run: Rounds, r: int) -> dict:
         (round_dir / "metrics.jsonl").unlink()  # a killed round's partial curve
     pairs_file = str(round_dir / "pairs.jsonl")
     ds, _ = prepare_dataset(load_rows(pairs_file), run.tokenizer, run.spec.data, source=pairs_file)
-    # the round's spec: the run's, with TR-DPO's sync moved to round boundaries (the round config's)
+    # the round's spec: the run's, with TR-DPO's sync moved to round boundaries (run_round), not every N steps
     spec = dataclasses.replace(run.spec, reference=dataclasses.replace(run.spec.reference, sync_ref_model=False))
     trainer = PrefTrainer(model=run.model, args=rcfg, train_dataset=ds, processing_class=run.tokenizer,
                           ref_model=run.ref_model, run_forwards=accel.install(rcfg).run_forwards, layout=run.layout,

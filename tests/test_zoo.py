@@ -26,11 +26,18 @@ import torch.nn.functional as F
 import transformers
 
 from prefkit.accel.attention import register_segment_attention
+from prefkit.config import PrefConfig
 from prefkit.data.collate import PairCollator
 from prefkit.data.spec import DataSpec
 from prefkit.layouts import Layout, layout_support, resolve_layout
 from prefkit.logprobs import _fused_parts, compute_pair_logps
 from tests.zoo import causal_lm_types, pair_features, tiny_model
+
+
+@functools.cache
+def _data_spec() -> DataSpec:
+    return DataSpec.from_config(PrefConfig(output_dir="unused"))  # the command line's data defaults
+
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
@@ -58,7 +65,7 @@ def _model(model_type: str):
 
 
 def _collate(layout: Layout, feats):
-    return PairCollator.for_spec(DataSpec(), _Tok(), layout)(feats)
+    return PairCollator.for_spec(_data_spec(), _Tok(), layout)(feats)
 
 
 class _Tok:

@@ -11,14 +11,16 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 
 @dataclass(frozen=True)
 class DataSpec:
-    max_length: int | None = 1024
-    max_prompt_length: int | None = None
-    truncation_mode: str = "keep_end"
-    use_token_weights: bool = False  # cADPO: read per-token weights from the rows
-    pad_to_multiple_of: int | None = None
+    """Built from a PrefConfig (:meth:`from_config`), whose fields hold the defaults: none are repeated here."""
+
+    max_length: int | None
+    max_prompt_length: int | None
+    truncation_mode: str
+    use_token_weights: bool  # cADPO: read per-token weights from the rows
+    pad_to_multiple_of: int | None
     # static windows with --static_padding eos: the shorter response of a training pair is extended with scored
     # EOS tokens (the ADPO paper's padding); held-out scoring never pads
-    static_eos_padding: bool = False
+    static_eos_padding: bool
 
     @classmethod
     def from_config(cls, cfg) -> DataSpec:
