@@ -33,10 +33,11 @@ def spliced_options(spec: type, namespace: dict) -> None:
     annotations = namespace.setdefault("__annotations__", {})
     for f in dataclasses.fields(spec):
         annotations[f.name] = f.type.replace("tuple[", "list[").replace(", ...]", "]")  # string annotations
+        meta = {"help": f.metadata["help"]}  # HfArgumentParser hands metadata to argparse; ranges stay the spec's
         if isinstance(f.default, tuple):
-            namespace[f.name] = field(default_factory=functools.partial(list, f.default), metadata=f.metadata)
+            namespace[f.name] = field(default_factory=functools.partial(list, f.default), metadata=meta)
         else:
-            namespace[f.name] = field(default=f.default, metadata=f.metadata)
+            namespace[f.name] = field(default=f.default, metadata=meta)
 
 
 

@@ -6,6 +6,7 @@ table in docs/objectives.md (:func:`objectives_table_markdown`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Callable
@@ -95,31 +96,18 @@ def validate_objective(cfg: ObjectiveSpec) -> None:
         raise ConfigError("--loss_type: give at least one loss type")
     if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
         raise ConfigError(f"--loss_weights: {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")
-    if not cfg.beta > 0:
-        raise ConfigError(f"--beta: must be positive, got {cfg.beta}")
+    _check_bounds(cfg)
     for w in cfg.loss_weights or ():
         if not math.isfinite(w) or w < 0:
             raise ConfigError(f"--loss_weights: must be finite, non-negative numbers, got {list(cfg.loss_weights)}")
-    for option in ("cpo_alpha", "simpo_gamma"):
-        value = getattr(cfg, option)
-        if not math.isfinite(value):
-            raise ConfigError(f"--{option}: must be a finite number, got {value}")
-        if value < 0:
-            raise ConfigError(f"--{option}: must be at least 0, got {value}")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"--label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.granularity not in GRANULARITIES:
         raise ConfigError(f"--granularity: must be one of {', '.join(GRANULARITIES)}, got {cfg.granularity!r}")
-    if cfg.window_size < 1:
-        raise ConfigError(f"--window_size: must be >= 1, got {cfg.window_size}")
-    if cfg.num_segments < 1:
-        raise ConfigError(f"--num_segments: must be >= 1, got {cfg.num_segments}")
     if cfg.unit_reduction not in ("sum", "mean"):
         raise ConfigError(f"--unit_reduction: must be sum or mean, got {cfg.unit_reduction!r}")
     if cfg.static_padding not in ("zero", "eos"):
         raise ConfigError(f"--static_padding: must be zero or eos, got {cfg.static_padding!r}")
-    if cfg.discopop_tau <= 0:
-        raise ConfigError(f"--discopop_tau: must be positive, got {cfg.discopop_tau}")
     _validate_trl_options(cfg)
     if cfg.granularity != "response":
         bad = [t for t in cfg.loss_type if not LINKS[t].supports_granularity]
@@ -129,6 +117,21 @@ def validate_objective(cfg: ObjectiveSpec) -> None:
                 f"--granularity {cfg.granularity}: loss_type {', '.join(bad)} has no per-unit margin; use "
                 f"--granularity response, or a loss_type among {', '.join(ok)}"
             )
+
+
+def _check_bounds(cfg: ObjectiveSpec) -> None:
+    """Every numeric option declared with a range (ObjectiveSpec's ``above`` / ``at_least``): finite, in range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or not ({"above", "at_least"} & set(f.metadata)):
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"--{f.name}: must be a finite number, got {value}")
+        if "above" in f.metadata and not value > f.metadata["above"]:
+            low = f.metadata["above"]
+            raise ConfigError(f"--{f.name}: must be {'positive' if low == 0 else f'above {low}'}, got {value}")
+        if "at_least" in f.metadata and value < f.metadata["at_least"]:
+            raise ConfigError(f"--{f.name}: must be at least {f.metadata['at_least']}, got {value}")
 
 
 def _validate_trl_options(cfg: ObjectiveSpec) -> None:
