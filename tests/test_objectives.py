@@ -72,6 +72,7 @@ HAND = {
     "sppo_hard": lambda i: (LRW[i] - 0.5 / BETA) ** 2 + (LRL[i] + 0.5 / BETA) ** 2,
     "apo_zero": lambda i: 1 - sig(BETA * LRW[i]) + sig(BETA * LRL[i]),
     "apo_down": lambda i: sig(BETA * LRW[i]) + 1 - sig(BETA * H[i]),
+    "dpop": lambda i: -ls(BETA * (H[i] - 50.0 * max(0.0, -LRW[i]))),  # pair 0's chosen log-ratio is -0.5
     "discopop": lambda i: -ls(BETA * H[i]) * (1 - sig(BETA * H[i] / 0.05)) + math.exp(-BETA * H[i]) * sig(BETA * H[i] / 0.05),
     "simpo": lambda i: -ls(BETA * (sum(PW[i]) / len(PW[i]) - sum(PL[i]) / len(PL[i])) - 0.5),
     "cpo": lambda i: -ls(BETA * (sum(PW[i]) - sum(PL[i]))) + 1.0 * (-sum(PW[i]) / len(PW[i])),
@@ -93,6 +94,14 @@ HAND["orpo"] = _orpo
 def test_link_matches_hand_computation(name):
     expected = (HAND[name](0) + HAND[name](1)) / 2
     assert loss_of(spec(name)) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_dpop_is_dpo_without_its_penalty():
+    """λ = 0, or every chosen log-ratio at or above 0, gives DPO's loss exactly (Pal et al. 2024, eq. 3)."""
+    assert loss_of(spec("dpop", dpop_lambda=0.0)) == loss_of(spec("sigmoid"))
+    above = make_logps(rw=[[r - 2.0 for r in row] for row in RW])  # reference below policy: ℓ_w > 0
+    assert loss_of(spec("dpop"), above) == loss_of(spec("sigmoid"), above)
+    assert loss_of(spec("dpop")) > loss_of(spec("sigmoid"))  # pair 0's chosen fell below its reference
 
 
 def test_label_smoothing_links_by_hand():
@@ -178,6 +187,8 @@ def test_gradcheck_link_x_granularity(name, gran):
     if g["granularity"] != "response" and not LINKS[name].supports_granularity:
         pytest.skip("response-level link")
     base = make_logps()
+    if name == "dpop":  # max(0, −ℓ_w) has a kink where a unit's chosen log-ratio is 0 (token 1 of pair 0 here)
+        base = base.replace(chosen=base.chosen + 0.013 * base.chosen_mask)
     pw = base.chosen.clone().requires_grad_(True)
     pl = base.rejected.clone().requires_grad_(True)
     objective = build_objective(spec(name, label_smoothing=0.1 if name in ("robust", "exo_pair") else 0.0, **g))
@@ -354,6 +365,7 @@ REFUSED = [
     (dict(unit_reduction="median"), "--unit_reduction: must be sum or mean, got 'median'"),
     (dict(static_padding="pad"), "--static_padding: must be zero or eos, got 'pad'"),
     (dict(discopop_tau=0.0), "--discopop_tau: must be positive, got 0.0"),
+    (dict(dpop_lambda=-1.0), "--dpop_lambda: must be at least 0, got -1.0"),
     (dict(granularity="word"), "--granularity: must be one of response, static, adaptive, token, got 'word'"),
     (dict(granularity="token", loss_type=["nca_pair", "bco_pair"]),
      "--granularity token: loss_type nca_pair, bco_pair has no per-unit margin; use --granularity response, or a "

@@ -183,6 +183,12 @@ def discopop(u: UnitLogps, p: ObjectiveSpec) -> Tensor:
     return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
 
 
+def dpop(u: UnitLogps, p: ObjectiveSpec) -> Tensor:
+    """DPO-Positive (Pal et al. 2024, arXiv 2402.13228, eq. 3): −log σ(β·(h − λ·max(0, −log π/π_ref(y_w)))): DPO
+    plus a penalty, inside the sigmoid, once the chosen response falls below its reference likelihood."""
+    return -F.logsigmoid(p.beta * (u.delta - p.dpop_lambda * torch.relu(-u.logratio_chosen)))
+
+
 def simpo(u: UnitLogps, p: ObjectiveSpec) -> Tensor:
     """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): −log σ(β·(z̄_w − z̄_l) − γ), z̄ the *mean* token log-prob
     of the policy (no reference); per unit under ADPO granularity. Label smoothing as in TRL's CPOTrainer."""

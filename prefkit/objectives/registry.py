@@ -67,6 +67,8 @@ LINKS: dict[str, LinkSpec] = {
                          "σ(r_w) + 1 − σ(β·h)", supports_granularity=False),
     "discopop": LinkSpec(links.discopop, "DiscoPOP (Chan Lu et al. 2024)", "2406.08414",
                          "−log σ(βh)·(1−σ(βh/τ)) + e^(−βh)·σ(βh/τ)", f_divergence=True),
+    "dpop": LinkSpec(links.dpop, "DPO-Positive (Pal et al. 2024)", "2402.13228",
+                     "−log σ(β·(h − λ·max(0, −ℓ_w)))"),
     "sft": LinkSpec(links.sft, "SFT / RPO's NLL term (Pang et al. 2024)", "2404.19733",
                     "−Σ log π(y_w) / Σ|y_w| over the batch's chosen tokens", needs_reference=False,
                     batch_level=True, f_divergence=True),

@@ -40,6 +40,7 @@ class ObjectiveSpec:
     f_alpha_divergence_coef: float = _opt(0.5, "α of --f_divergence_type alpha_divergence.")
     use_weighting: bool = _opt(False, "WPO: weight each pair's loss by its on-policy probability (detached).")
     discopop_tau: float = _opt(0.05, "DiscoPOP temperature τ.", above=0)
+    dpop_lambda: float = _opt(50.0, "DPOP λ: weight of the penalty on the chosen log-ratio falling below 0.", at_least=0)
     # ---- granularity (ADPO) ----------------------------------------------------------------------------
     granularity: str = _opt("response", "ADPO feedback units: response (DPO) | static (window k) | adaptive (m "
                                         "pieces) | token.")
