@@ -8,6 +8,8 @@ TRL parses ``ScriptArguments``, ``DPOConfig``, ``ModelConfig`` and ``DatasetMixt
   negation only for flags that default to true; here it works for every boolean);
 - TRL names that prefkit spells differently (:data:`ALIASES`) and ``warmup_ratio`` (transformers 5 folded it
   into ``warmup_steps``: a value below 1 is a ratio);
+- ``model_init_kwargs`` (JSON) → the options it sets (``--dtype``, ``--attn_implementation``, ``--model_revision``,
+  ``--trust_remote_code``);
 - a TRL option prefkit does not implement is refused with one line saying what to do (:data:`REFUSED`),
   unless it is given its "off" value, which changes nothing.
 
@@ -27,7 +29,7 @@ import os
 from prefkit.aliases import ALIASES as ALIASES
 from prefkit.aliases import REFUSED as REFUSED
 from prefkit.aliases import TRANSLATED as TRANSLATED
-from prefkit.aliases import is_off, warmup_ratio
+from prefkit.aliases import is_off, model_init_options, warmup_ratio
 from prefkit.errors import ConfigError
 
 
@@ -75,6 +77,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
             toks.append(tok)
     out: list[str] = []
     spelled: dict[str, tuple[str, list[str]]] = {}  # PrefConfig name → (the spelling given, its values)
+
+    def emit(given_as: str, name: str, values: list[str]) -> None:
+        before = spelled.setdefault(name, (given_as, values))
+        if before[0] != given_as and before[1] != values:  # as in Python: no order decides between two spellings
+            raise ConfigError(f"--{before[0]} {' '.join(before[1])} and --{given_as} {' '.join(values)}: both set "
+                              f"--{name}; give one of them")
+        if types.get(name) in (float, int):
+            _check_finite(name, values)
+        out.extend(["--" + name, *values])
+
     i = 0
     while i < len(toks):
         tok = toks[i]
@@ -99,17 +111,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
             if not (values and all(is_off(v) for v in values)):
                 raise ConfigError(REFUSED[name].message(name, shown))
             continue  # its "off" value: nothing to do
+        if name == "model_init_kwargs":  # one mapping that sets several options (prefkit.aliases)
+            if not (values and all(is_off(v) for v in values)):
+                for target, value in model_init_options(" ".join(values)).items():
+                    emit(given_as, target, [str(value).lower() if isinstance(value, bool) else str(value)])
+            continue
         if name in TRANSLATED:
             name, values = TRANSLATED[name], [repr(warmup_ratio(" ".join(values) or "nothing"))]
         if name in bools and not values:
             values = ["true"]
-        before = spelled.setdefault(name, (given_as, values))
-        if before[0] != given_as and before[1] != values:  # as in Python: no order decides between two spellings
-            raise ConfigError(f"--{before[0]} {' '.join(before[1])} and --{given_as} {' '.join(values)}: both set "
-                              f"--{name}; give one of them")
-        if types.get(name) in (float, int):
-            _check_finite(name, values)
-        out += ["--" + name, *values]
+        emit(given_as, name, values)
     return out
 
 
@@ -144,7 +155,7 @@ def accepted(name: str) -> bool:
     """Whether a TRL option name is understood: a PrefConfig field, an alias or a translation (not a refusal)."""
     from prefkit.config import option_names
 
-    return name in option_names() or name in ALIASES or name in TRANSLATED
+    return name in option_names() or name in ALIASES or name in TRANSLATED or name == "model_init_kwargs"
 
 
 def refusals_table_markdown() -> str:
