@@ -10,6 +10,7 @@ message naming the argument. prefkit's own additions come after the ported tests
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -172,7 +173,6 @@ def test_train_model(tiny_llama, tiny_tokenizer, training_args):
     train_and_check(trainer)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_train_loss_types(model_id, training_args, loss_type):
     data = splits()
@@ -198,7 +198,6 @@ def test_train_with_ld(model_id, training_args):
     train_and_check(trainer)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("f_divergence_type", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
 def test_train_with_f_divergence(model_id, training_args, f_divergence_type):
     trainer = DPOTrainer(model=model_id, args=training_args(f_divergence_type=f_divergence_type),
@@ -545,3 +544,29 @@ def test_precompute_ref_log_probs_builds_no_reference_and_matches_the_cli(model_
     py_losses = [r["loss"] for r in py if "loss" in r]
     assert len(py_losses) == 3
     assert py_losses == pytest.approx(cli_losses, rel=1e-5)
+
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "python_api.py"
+
+
+def test_python_api_example_runs_to_the_end(model_id, tmp_path, monkeypatch, capsys):
+    """examples/python_api.py (TRL's quickstart with prefkit's imports, LoRA via peft_config) on a tiny model."""
+    import runpy
+
+    monkeypatch.setenv("MODEL", model_id)
+    monkeypatch.setenv("MAX_STEPS", "1")
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "example"))
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
+    assert "final loss:" in capsys.readouterr().out
+    assert (tmp_path / "example" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_python_api_example_on_the_embedded_model(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MAX_STEPS": "2", "OUTPUT_DIR": str(tmp_path / "example")}
+    done = subprocess.run([sys.executable, str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "final loss:" in done.stdout and (tmp_path / "example" / "adapter_config.json").is_file()
