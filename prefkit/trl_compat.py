@@ -165,6 +165,49 @@ def refusals_table_markdown() -> str:
     return "\n".join(lines)
 
 
+# DPOTrainer's constructor arguments → what PrefTrainer does with each (docs/trl.md's table is generated from it)
+CONSTRUCTOR: dict[str, str] = {
+    "model": "a model instance, or a hub id, local directory or `.gguf` file loaded with the config's model options "
+             "(`dtype`, `attn_implementation`, `model_revision`, `trust_remote_code`, or `model_init_kwargs`); "
+             "`dtype` auto loads float32, as TRL; None: `model_name_or_path`, else the embedded default model",
+    "ref_model": "the reference; default: the base with adapters disabled (peft), nothing with "
+                 "`precompute_ref_log_probs`, else a frozen copy of the starting model; the same object as `model` "
+                 "is refused",
+    "args": "a `PrefConfig` (every `DPOConfig` field name is accepted, TRL's aliases resolved as on the command "
+            "line); None: `PrefConfig()`",
+    "data_collator": "prefkit's own `PairCollator` only (its pair layouts); any other collator is refused",
+    "train_dataset": "a `datasets.Dataset` of raw preference rows or prepared pairs, required; an `IterableDataset` "
+                     "(streaming) or a dict is refused",
+    "eval_dataset": "a dataset, or a dict / `DatasetDict` of them (metrics prefixed `eval_<name>_`); each prepared "
+                    "as the training set, with its own skip report",
+    "processing_class": "the tokenizer; default: the one saved with the model (refused where the model instance has "
+                        "no path); a multimodal processor is refused",
+    "compute_metrics": "passed to transformers' Trainer; it gets per pair the implicit rewards (chosen, rejected) "
+                       "as predictions and label 0 (the chosen response)",
+    "callbacks": "added after prefkit's metrics.jsonl writer",
+    "optimizers": "passed to transformers' Trainer",
+    "quantization_config": "used when `model` is loaded from a name or path (as `load_in_4bit`); refused with a "
+                           "model instance",
+    "peft_config": "applied as `--use_peft` applies LoRA (the reference is the base with adapters disabled); "
+                   "refused with a model that has adapters, with `use_peft=True`, or for prompt-learning methods",
+}
+# PrefTrainer's arguments beyond DPOTrainer's
+CONSTRUCTOR_EXTRA: dict[str, str] = {
+    "preprocess_logits_for_metrics": "transformers Trainer's: applied to the rewards before compute_metrics",
+    "run_forwards": "the host layer's plan for the policy and reference forwards (`prefkit.accel.install`)",
+    "layout": "the pair layout (default: resolved from the models)",
+    "spec": "the run's options resolved by `prefkit.spec.resolve_run` (default: `args` resolved)",
+}
+
+
+def constructor_table_markdown() -> str:
+    """The docs table of DPOTrainer's constructor arguments, generated from :data:`CONSTRUCTOR`."""
+    lines = ["| argument | PrefTrainer |", "|---|---|"]
+    lines += [f"| `{name}` | {what} |" for name, what in CONSTRUCTOR.items()]
+    lines += [f"| `{name}` (prefkit) | {what} |" for name, what in CONSTRUCTOR_EXTRA.items()]
+    return "\n".join(lines)
+
+
 def trl_fields() -> dict[str, list[str]]:
     """Field names of the dataclasses `trl dpo` parses, by class (needs trl; used by the tests and docs)."""
     from trl import DPOConfig, ModelConfig, ScriptArguments

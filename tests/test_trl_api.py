@@ -570,3 +570,19 @@ def test_python_api_example_on_the_embedded_model(tmp_path):
     done = subprocess.run([sys.executable, str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "final loss:" in done.stdout and (tmp_path / "example" / "adapter_config.json").is_file()
+
+
+def test_every_dpo_trainer_argument_is_documented_and_taken():
+    """Every argument of TRL's DPOTrainer.__init__ is a PrefTrainer argument with a row in docs/trl.md's table,
+    which is the one generated from prefkit.trl_compat.CONSTRUCTOR."""
+    import inspect
+
+    trl = pytest.importorskip("trl")
+    from prefkit.trl_compat import CONSTRUCTOR, CONSTRUCTOR_EXTRA, constructor_table_markdown
+
+    theirs = [p for p in inspect.signature(trl.DPOTrainer.__init__).parameters if p != "self"]
+    ours = [p for p in inspect.signature(DPOTrainer.__init__).parameters if p != "self"]
+    assert list(CONSTRUCTOR) == theirs
+    assert ours[:len(theirs)] == theirs  # the same order: positional calls mean the same
+    assert set(ours) == set(CONSTRUCTOR) | set(CONSTRUCTOR_EXTRA)
+    assert constructor_table_markdown() in (Path(__file__).parents[1] / "docs" / "trl.md").read_text()
