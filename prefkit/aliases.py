@@ -5,6 +5,7 @@ command line (:func:`prefkit.trl_compat.normalize_argv`) and Python (``PrefConfi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +29,15 @@ TRANSLATED: dict[str, str] = {
     "warmup_ratio": "warmup_steps",
 }
 
+# DPOConfig.model_init_kwargs: the keys of `from_pretrained`'s keyword arguments that are prefkit options
+MODEL_INIT_KWARGS: dict[str, str] = {
+    "dtype": "dtype",
+    "torch_dtype": "dtype",  # transformers' older name
+    "attn_implementation": "attn_implementation",
+    "revision": "model_revision",
+    "trust_remote_code": "trust_remote_code",
+}
+
 _OFF = frozenset({"false", "0", "no", "none", "null", "", "[]", "{}"})
 
 
@@ -43,7 +53,6 @@ REFUSED: dict[str, Refusal] = {
     "use_liger_kernel": Refusal("prefkit always applies the LM head at response tokens only, in chunks, without "
                                 "full logits; drop the option"),
     "liger_kernel_config": Refusal("prefkit does not use Liger kernels (see --use_liger_kernel); drop the option"),
-    "model_init_kwargs": Refusal("use --dtype, --attn_implementation, --model_revision and --trust_remote_code"),
     "router_aux_loss_coef": Refusal("prefkit adds no MoE router auxiliary loss; drop the option"),
     "dataset_num_proc": Refusal("prefkit tokenizes in batches in one process (fast tokenizers use threads); "
                                 "drop the option"),
@@ -77,6 +86,27 @@ def warmup_ratio(value: object) -> float:
     return ratio
 
 
+def model_init_options(value: object) -> dict[str, object]:
+    """``model_init_kwargs`` (a mapping, or its JSON text on the command line) as the PrefConfig options it sets:
+    dtype (a ``torch.dtype`` or its name), attn_implementation, revision, trust_remote_code. Any other key is
+    refused: prefkit loads the model itself and would otherwise drop it silently."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ConfigError(f"--model_init_kwargs: not a JSON mapping ({e}); e.g. '{{\"dtype\": \"bfloat16\"}}'") from e
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"--model_init_kwargs: must be a mapping of from_pretrained arguments, got {value!r}")
+    out: dict[str, object] = {}
+    for key, v in value.items():
+        if key not in MODEL_INIT_KWARGS:
+            raise ConfigError(f"--model_init_kwargs: {key!r} is not passed on by prefkit, which loads the model itself; "
+                              f"it takes {', '.join(MODEL_INIT_KWARGS)} (the same as --dtype, --attn_implementation, "
+                              "--model_revision, --trust_remote_code)")
+        out[MODEL_INIT_KWARGS[key]] = str(v).removeprefix("torch.") if key in ("dtype", "torch_dtype") else v
+    return out
+
+
 def resolve_names(kwargs: dict, defaults: Mapping[str, object]) -> dict:
     """``PrefConfig(**kwargs)``'s keyword arguments in PrefConfig's spelling: aliases renamed, ``warmup_ratio``
     translated, refused options raising :class:`ConfigError` unless off (as on the command line). ``defaults``:
@@ -84,6 +114,12 @@ def resolve_names(kwargs: dict, defaults: Mapping[str, object]) -> dict:
     ``gradient_checkpointing*``) and to tell a target the caller set from one left at its default. Setting a
     name and its alias to different values is refused: there is no order to decide which one wins."""
     out = dict(kwargs)
+    given = out.pop("model_init_kwargs", None)
+    for target, value in ({} if is_off(given) else model_init_options(given)).items():
+        if target in out and out[target] != defaults.get(target) and out[target] != value:
+            raise ConfigError(f"model_init_kwargs sets {target}={value!r} and {target}={out[target]!r} is given too; "
+                              "give one of them")
+        out[target] = value
     for name in [k for k in out if k in ALIASES or k in TRANSLATED]:
         value = out.pop(name)
         if name in defaults and value == defaults[name]:

@@ -122,14 +122,21 @@ def load_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as e:
         raise ModelError(f"{path}: cannot load a tokenizer ({e})") from e
+    return with_pad_token(tokenizer, path, pad_token)
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase, where: str, pad_token: str | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """``tokenizer`` with ``pad_token`` (--pad_token) as its padding token, else its own, else (logged) its EOS
+    token, as TRL does; ``where`` names the tokenizer in messages."""
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
-            raise ModelError(f"--pad_token: {pad_token!r} is not a token of the tokenizer of {path}")
+            raise ModelError(f"--pad_token: {pad_token!r} is not a token of the tokenizer of {where}")
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ModelError(f"{path}: the tokenizer has neither a pad nor an EOS token")
-        logger.warning("tokenizer of %s has no pad token; using its EOS token %r for padding", path, tokenizer.eos_token)
+            raise ModelError(f"{where}: the tokenizer has neither a pad nor an EOS token")
+        logger.warning("tokenizer of %s has no pad token; using its EOS token %r for padding", where, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -171,19 +178,70 @@ def apply_lora(
 ) -> PreTrainedModel:
     """Wrap ``model`` with fresh LoRA adapters; the reference is the same model with adapters disabled.
     ``lora_kwargs`` (use_rslora, use_dora, modules_to_save, target_parameters) go to peft's ``LoraConfig``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         **lora_kwargs)
+    return add_adapters(model, config)
+
+
+def lora_from_options(model: PreTrainedModel, cfg) -> PreTrainedModel:
+    """``model`` with the LoRA adapters of ``--use_peft`` and the ``--lora_*`` options of ``cfg``."""
+    return apply_lora(
+        model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=cfg.lora_modules_to_save,
+        **({"target_parameters": cfg.lora_target_parameters} if cfg.lora_target_parameters else {}),
+    )
+
+
+def add_adapters(model: PreTrainedModel, config) -> PreTrainedModel:
+    """``get_peft_model(model, config)``; a ``target_modules`` that names no module of the model is refused with
+    the model's linear layers."""
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, config)
     except ValueError as e:
         if "not found in the base model" not in str(e) and "target_modules" not in str(e):
             raise
+        targets = config.target_modules
+        shown = targets if isinstance(targets, str) else " ".join(sorted(targets or ()))
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"--lora_target_modules: {' '.join(target_modules)} names no module of this model; "
+        raise ConfigError(f"--lora_target_modules: {shown} names no module of this model; "
                           f"its linear layers are {', '.join(names[:8])} (or pass all-linear)") from e
+
+
+def with_adapters(model: PreTrainedModel, cfg, peft_config=None) -> PreTrainedModel:
+    """``model`` with the LoRA adapters to train: ``peft_config``'s (a peft config, as DPOTrainer takes), else
+    those of ``--use_peft``; unchanged with neither. A bitsandbytes-quantized base is prepared for k-bit training
+    first (QLoRA), and ``--seed`` decides the adapters' initialisation, whatever ran before (launchers use the
+    RNG)."""
+    if peft_config is None and not cfg.use_peft:
+        return model
+    from transformers import set_seed
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.activation_checkpointing))
+    set_seed(cfg.seed)
+    return add_adapters(model, peft_config) if peft_config is not None else lora_from_options(model, cfg)
+
+
+def load_policy(path: str, cfg, *, dtype: torch.dtype, quantization=None) -> PreTrainedModel:
+    """The model to train, loaded from ``path`` with the model options of ``cfg`` (revision, attention,
+    trust_remote_code, allow_pickle; ``quantization``: a bitsandbytes config). Its generation config gets the pad
+    token later set from the tokenizer; --ignore_bias_buffers marks the boolean buffers DDP must not sync."""
+    revision = cfg.model_revision if cfg.model_revision != "main" else None
+    model = load_causal_lm(
+        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, revision=revision,
+        attn_implementation=cfg.attn_implementation, quantization_config=quantization,
+        device_map={"": torch.cuda.current_device()} if quantization is not None else None,
+    )
+    if cfg.ignore_bias_buffers:  # TRL's DDP fix: boolean buffers (causal masks) are not synchronised
+        model._ddp_params_and_buffers_to_ignore = [n for n, b in model.named_buffers() if b.dtype == torch.bool]
+    return model
 
 
 def quantization_config(cfg) -> object | None:

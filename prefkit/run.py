@@ -32,7 +32,6 @@ from prefkit.layouts import Layout, resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
 from prefkit.online import check_no_online_options, train_rounds, wants_rounds
 from prefkit.plot import plot_runs
-from prefkit.refcache import attach_reference_logps
 from prefkit.runsetup import (
     CONFIG_FILE,
     DATA_FINGERPRINT,
@@ -231,15 +230,10 @@ def score_before(job: Job) -> HeldOut:
 
 
 def build_trainer(job: Job, spec: RunSpec) -> PrefTrainer:
-    cfg, train_ds = job.cfg, job.data.train
-    if cfg.precompute_ref_log_probs:  # sharded across processes under a distributed launch
-        train_ds = attach_reference_logps(
-            train_ds, job.ref_model if job.ref_model is not None else job.model, job.tokenizer, cfg,
-            model_path=cfg.ref_model_name_or_path or job.model_path, layout=job.layout,
-        )
-    try:
+    cfg = job.cfg
+    try:  # with --precompute_ref_log_probs the trainer computes (or reads) them, sharded across processes
         return PrefTrainer(
-            model=job.model, args=cfg, train_dataset=train_ds, processing_class=job.tokenizer, ref_model=job.ref_model,
+            model=job.model, args=cfg, train_dataset=job.data.train, processing_class=job.tokenizer, ref_model=job.ref_model,
             eval_dataset=job.data.eval if cfg.eval_strategy != "no" else None, run_forwards=job.run_forwards,
             layout=job.layout, spec=spec,
         )

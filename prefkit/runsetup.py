@@ -11,13 +11,19 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import set_seed
 
 from prefkit.accel.precision import choose_dtype, default_device_type
 from prefkit.config import PrefConfig
 from prefkit.errors import ConfigError
 from prefkit.files import check_writable_dir
-from prefkit.models import apply_lora, load_causal_lm, load_tokenizer, quantization_config, resolve_model_path
+from prefkit.models import (
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    quantization_config,
+    resolve_model_path,
+    with_adapters,
+)
 
 CONFIG_FILE = "prefkit_config.yaml"
 
@@ -53,29 +59,11 @@ def load_model_and_tokenizer(cfg: PrefConfig):
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, revision=revision,
                                pad_token=cfg.pad_token)
     # LoRA trains only its adapters (peft keeps them in fp32), so the frozen base may be bf16
-    dtype = weight_dtype(cfg, trained=not cfg.use_peft)
-    quantized = quantization_config(cfg)
-    model = load_causal_lm(
-        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, revision=revision,
-        attn_implementation=cfg.attn_implementation, quantization_config=quantized,
-        device_map={"": torch.cuda.current_device()} if quantized is not None else None,
-    )
+    model = load_policy(path, cfg, dtype=weight_dtype(cfg, trained=not cfg.use_peft),
+                        quantization=quantization_config(cfg))
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if cfg.ignore_bias_buffers:  # TRL's DDP fix: boolean buffers (causal masks) are not synchronised
-        model._ddp_params_and_buffers_to_ignore = [n for n, b in model.named_buffers() if b.dtype == torch.bool]
-    if cfg.use_peft:
-        if quantized is not None:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.activation_checkpointing))
-        set_seed(cfg.seed)  # --seed decides the LoRA initialisation, whatever ran before (launchers use the RNG)
-        model = apply_lora(
-            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
-            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=cfg.lora_modules_to_save,
-            **({"target_parameters": cfg.lora_target_parameters} if cfg.lora_target_parameters else {}),
-        )
-    return path, model, tokenizer
+    return path, with_adapters(model, cfg), tokenizer
 
 
 def load_reference_model(cfg: PrefConfig) -> torch.nn.Module | None:

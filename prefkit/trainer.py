@@ -33,8 +33,18 @@ from prefkit.metrics import MetricMeans
 from prefkit.models import disable_dropout, is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
+from prefkit.refcache import attach_reference_logps
 from prefkit.reference import mix_into_reference, reference_copy, zero3_reference
 from prefkit.spec import RunSpec, resolve_run
+from prefkit.trainer_inputs import (
+    check_collator,
+    check_dataset,
+    check_datasets,
+    check_reference,
+    peft_model,
+    policy_model,
+    tokenizer_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,24 +101,49 @@ class PrefTrainer(Trainer):
 
     def __init__(
         self,
-        model: PreTrainedModel | nn.Module,
-        args: PrefConfig,
+        model: str | PreTrainedModel | nn.Module | None = None,
+        ref_model: nn.Module | None = None,
+        args: PrefConfig | None = None,
+        data_collator: PairCollator | None = None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        ref_model: nn.Module | None = None,
+        compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        quantization_config=None,
+        peft_config=None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        *,
         run_forwards: Callable | None = None,
         layout: Layout | None = None,
         spec: RunSpec | None = None,
     ):
+        args = args if args is not None else PrefConfig()
         self.spec = spec or resolve_run(args)  # `prefkit train` resolved it already; Python callers resolve here
+        check_datasets(train_dataset, eval_dataset)
+        check_collator(data_collator)
+        model, model_path = policy_model(model, args, quantization_config)
+        check_reference(model, ref_model)
+        processing_class = tokenizer_for(model, model_path, args, processing_class)
+        model = peft_model(model, args, peft_config)
         self.run_forwards = run_forwards
         self.objective = build_objective(self.spec.objective)
         self.skip_reports: dict[str, SkipReport] = {}
+        self._metric_prefixes: list[str] = []  # the evaluate() calls under way, innermost last
         train_dataset = self._prepared(train_dataset, processing_class, "train")
-        eval_dataset = self._prepared(eval_dataset, processing_class, "eval")
-        precomputed = train_dataset is not None and "ref_chosen_logps" in train_dataset.column_names
+        eval_dataset = self._prepared_evals(eval_dataset, processing_class)
+        # precomputed once, by the starting policy unless a reference is given; then no reference copy is built
+        self.precompute = self.spec.reference.precompute_ref_log_probs and self.objective.needs_reference
+        if self.precompute:
+            self.layout = layout or resolve_layout(args.share_prompt, args.pack_pairs, model, ref_model)
+            if not getattr(model, "is_quantized", False):  # bitsandbytes placed it at load and refuses .to
+                model.to(args.device)
+            reference = ref_model if ref_model is not None else model
+            train_dataset = self._with_reference_logps(train_dataset, reference, processing_class, args)
+            eval_dataset = self._map_evals(eval_dataset, lambda ds, _: self._with_reference_logps(
+                ds, reference, processing_class, args))
+        precomputed = "ref_chosen_logps" in train_dataset.column_names
         if ref_model is None and self.objective.needs_reference and not is_peft_model(model) and not precomputed:
             ref_model = reference_copy(model, args.autocast_dtype)
         if ref_model is not None:
@@ -118,7 +153,7 @@ class PrefTrainer(Trainer):
                               "with adapters disabled, not precomputed reference log-probs)")
         # decided once from the policy and the reference: a layout is used only where it is exact on both
         self.layout = layout or resolve_layout(args.share_prompt, args.pack_pairs, model, ref_model)
-        collator = PairCollator.for_spec(self.spec.data, processing_class, self.layout)
+        collator = data_collator or PairCollator.for_spec(self.spec.data, processing_class, self.layout)
         if args.disable_dropout:  # as TRL: noisy policy log-probs against a dropout-free reference bias the margin
             disable_dropout(model, ref_model)
         self.ref_model = ref_model
@@ -129,7 +164,10 @@ class PrefTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            compute_metrics=compute_metrics,
             callbacks=[MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl"), *(callbacks or [])],
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
             self.ref_model = zero3_reference(self.ref_model, self.accelerator)
@@ -139,6 +177,27 @@ class PrefTrainer(Trainer):
         self.metrics = MetricMeans()
         if self.spec.reference.sync_ref_model:
             self.add_callback(SyncReferenceCallback(self))
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(["prefkit"])
+
+    def _with_reference_logps(self, ds, reference: nn.Module, tokenizer, args: PrefConfig):
+        """``ds`` with the reference's per-token log-probs as columns, computed once and cached on disk
+        (:func:`prefkit.refcache.attach_reference_logps`), unless it has them."""
+        if "ref_chosen_logps" in ds.column_names:
+            return ds
+        return attach_reference_logps(ds, reference, tokenizer, args, layout=self.layout,
+                                      model_path=getattr(reference, "name_or_path", "") or type(reference).__name__)
+
+    @staticmethod
+    def _map_evals(eval_dataset, fn):
+        """``fn(dataset, name)`` applied to one eval dataset or to each of a dict's."""
+        if isinstance(eval_dataset, dict):
+            return {name: fn(ds, name) for name, ds in eval_dataset.items()}
+        return None if eval_dataset is None else fn(eval_dataset, "eval")
+
+    def _prepared_evals(self, eval_dataset, tokenizer):
+        return self._map_evals(eval_dataset, lambda ds, name: self._prepared(
+            ds, tokenizer, name if name == "eval" else f"eval_{name}"))
 
     def _dynamics_monitor(self, train_dataset, collator: PairCollator) -> DynamicsMonitor:
         dyn = self.spec.dynamics
@@ -257,16 +316,72 @@ class PrefTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        # what compute_metrics gets: per pair the implicit rewards (chosen, rejected), and label 0 (the chosen one)
+        rewards = torch.stack([out.stats.rewards_chosen, out.stats.rewards_rejected], dim=-1).detach().float()
+        return loss.detach(), rewards, torch.zeros(len(rewards), dtype=torch.long, device=rewards.device)
+
+    # ---- datasets given to evaluate() and predict(): prepared as those given to __init__ ------------------
+    def _incoming(self, dataset, argument: str, name: str):
+        """A dataset (or dict of them, for ``evaluate``) given after construction, checked, tokenized with the
+        same skip report as in ``__init__`` and with reference log-probs where the run precomputes them."""
+        if isinstance(dataset, dict) and argument == "evaluate(eval_dataset)":
+            for key, ds in dataset.items():
+                check_dataset(ds, f"{argument}[{key!r}]")
+        else:
+            check_dataset(dataset, argument)
+        if isinstance(dataset, dict):
+            prepared = {key: self._prepared(ds, self.processing_class, f"{name}_{key}") for key, ds in dataset.items()}
+        else:
+            prepared = self._prepared(dataset, self.processing_class, name)
+        return self._map_evals(prepared, lambda ds, _: self._reference_ready(ds, argument))
+
+    def _reference_ready(self, ds, argument: str):
+        if not self.objective.needs_reference or "ref_chosen_logps" in ds.column_names:
+            return ds
+        holds_reference = self.ref_model is not None or is_peft_model(self.model)
+        if not holds_reference and (not self.precompute or self.state.global_step > 0):
+            raise ConfigError(
+                f"{argument}: cannot compute reference log-probs for a dataset passed to it "
+                + ("after training has started: with precompute_ref_log_probs=True and no ref_model the reference "
+                   "is the starting policy, which is not kept" if self.precompute else
+                   "without ref_chosen_logps/ref_rejected_logps columns: the trainer holds no reference model")
+                + "; pass this dataset as eval_dataset when building the trainer, or pass ref_model")
+        if not self.precompute:
+            return ds
+        reference = self.ref_model if self.ref_model is not None else self.model
+        return self._with_reference_logps(ds, reference, self.processing_class, self.args)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """transformers' evaluate (a dict of datasets: metrics prefixed ``eval_<name>_``), on raw rows too."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of __init__'s
+            eval_dataset = self._incoming(eval_dataset, "evaluate(eval_dataset)", "eval")
+        self._metric_prefixes.append(metric_key_prefix)
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._metric_prefixes.pop()
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """transformers' predict, on raw rows too; the objective's metrics join ``metrics`` with the prefix."""
+        output = super().predict(self._incoming(test_dataset, "predict(test_dataset)", metric_key_prefix),
+                                 ignore_keys, metric_key_prefix)
+        for key, value in self.metrics.pop("eval", self.args.device, self._reduce()).items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
+
+    def _reduce(self) -> Callable | None:
+        # metrics are global: the mean over processes, not rank 0's
+        if self.accelerator.num_processes > 1:
+            return lambda t: self.accelerator.reduce(t, reduction="mean")
+        return None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        # metrics are global: the mean over processes, not rank 0's
-        reduce = (lambda t: self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 \
-            else None
-        for key, value in self.metrics.pop(mode, self.args.device, reduce).items():
+        mode = "eval" if self._metric_prefixes else "train"
+        prefix = f"{self._metric_prefixes[-1]}_" if mode == "eval" else ""
+        for key, value in self.metrics.pop(mode, self.args.device, self._reduce()).items():
             logs[prefix + key] = value
         if mode == "train":
             logs["peak_memory_mb"] = peak_memory_mb()

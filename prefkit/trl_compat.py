@@ -8,6 +8,8 @@ TRL parses ``ScriptArguments``, ``DPOConfig``, ``ModelConfig`` and ``DatasetMixt
   negation only for flags that default to true; here it works for every boolean);
 - TRL names that prefkit spells differently (:data:`ALIASES`) and ``warmup_ratio`` (transformers 5 folded it
   into ``warmup_steps``: a value below 1 is a ratio);
+- ``model_init_kwargs`` (JSON) → the options it sets (``--dtype``, ``--attn_implementation``, ``--model_revision``,
+  ``--trust_remote_code``);
 - a TRL option prefkit does not implement is refused with one line saying what to do (:data:`REFUSED`),
   unless it is given its "off" value, which changes nothing.
 
@@ -27,7 +29,7 @@ import os
 from prefkit.aliases import ALIASES as ALIASES
 from prefkit.aliases import REFUSED as REFUSED
 from prefkit.aliases import TRANSLATED as TRANSLATED
-from prefkit.aliases import is_off, warmup_ratio
+from prefkit.aliases import is_off, model_init_options, warmup_ratio
 from prefkit.errors import ConfigError
 
 
@@ -75,6 +77,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
             toks.append(tok)
     out: list[str] = []
     spelled: dict[str, tuple[str, list[str]]] = {}  # PrefConfig name → (the spelling given, its values)
+
+    def emit(given_as: str, name: str, values: list[str]) -> None:
+        before = spelled.setdefault(name, (given_as, values))
+        if before[0] != given_as and before[1] != values:  # as in Python: no order decides between two spellings
+            raise ConfigError(f"--{before[0]} {' '.join(before[1])} and --{given_as} {' '.join(values)}: both set "
+                              f"--{name}; give one of them")
+        if types.get(name) in (float, int):
+            _check_finite(name, values)
+        out.extend(["--" + name, *values])
+
     i = 0
     while i < len(toks):
         tok = toks[i]
@@ -99,17 +111,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
             if not (values and all(is_off(v) for v in values)):
                 raise ConfigError(REFUSED[name].message(name, shown))
             continue  # its "off" value: nothing to do
+        if name == "model_init_kwargs":  # one mapping that sets several options (prefkit.aliases)
+            if not (values and all(is_off(v) for v in values)):
+                for target, value in model_init_options(" ".join(values)).items():
+                    emit(given_as, target, [str(value).lower() if isinstance(value, bool) else str(value)])
+            continue
         if name in TRANSLATED:
             name, values = TRANSLATED[name], [repr(warmup_ratio(" ".join(values) or "nothing"))]
         if name in bools and not values:
             values = ["true"]
-        before = spelled.setdefault(name, (given_as, values))
-        if before[0] != given_as and before[1] != values:  # as in Python: no order decides between two spellings
-            raise ConfigError(f"--{before[0]} {' '.join(before[1])} and --{given_as} {' '.join(values)}: both set "
-                              f"--{name}; give one of them")
-        if types.get(name) in (float, int):
-            _check_finite(name, values)
-        out += ["--" + name, *values]
+        emit(given_as, name, values)
     return out
 
 
@@ -144,13 +155,56 @@ def accepted(name: str) -> bool:
     """Whether a TRL option name is understood: a PrefConfig field, an alias or a translation (not a refusal)."""
     from prefkit.config import option_names
 
-    return name in option_names() or name in ALIASES or name in TRANSLATED
+    return name in option_names() or name in ALIASES or name in TRANSLATED or name == "model_init_kwargs"
 
 
 def refusals_table_markdown() -> str:
     """The docs table of refused TRL options, generated from :data:`REFUSED` so the two never drift."""
     lines = ["| TRL option | what to do instead |", "|---|---|"]
     lines += [f"| `{name}` | {r.reason} |" for name, r in REFUSED.items()]
+    return "\n".join(lines)
+
+
+# DPOTrainer's constructor arguments → what PrefTrainer does with each (docs/trl.md's table is generated from it)
+CONSTRUCTOR: dict[str, str] = {
+    "model": "a model instance, or a hub id, local directory or `.gguf` file loaded with the config's model options "
+             "(`dtype`, `attn_implementation`, `model_revision`, `trust_remote_code`, or `model_init_kwargs`); "
+             "`dtype` auto loads float32, as TRL; None: `model_name_or_path`, else the embedded default model",
+    "ref_model": "the reference; default: the base with adapters disabled (peft), nothing with "
+                 "`precompute_ref_log_probs`, else a frozen copy of the starting model; the same object as `model` "
+                 "is refused",
+    "args": "a `PrefConfig` (every `DPOConfig` field name is accepted, TRL's aliases resolved as on the command "
+            "line); None: `PrefConfig()`",
+    "data_collator": "prefkit's own `PairCollator` only (its pair layouts); any other collator is refused",
+    "train_dataset": "a `datasets.Dataset` of raw preference rows or prepared pairs, required; an `IterableDataset` "
+                     "(streaming) or a dict is refused",
+    "eval_dataset": "a dataset, or a dict / `DatasetDict` of them (metrics prefixed `eval_<name>_`); each prepared "
+                    "as the training set, with its own skip report",
+    "processing_class": "the tokenizer; default: the one saved with the model (refused where the model instance has "
+                        "no path); a multimodal processor is refused",
+    "compute_metrics": "passed to transformers' Trainer; it gets per pair the implicit rewards (chosen, rejected) "
+                       "as predictions and label 0 (the chosen response)",
+    "callbacks": "added after prefkit's metrics.jsonl writer",
+    "optimizers": "passed to transformers' Trainer",
+    "quantization_config": "used when `model` is loaded from a name or path (as `load_in_4bit`); refused with a "
+                           "model instance",
+    "peft_config": "applied as `--use_peft` applies LoRA (the reference is the base with adapters disabled); "
+                   "refused with a model that has adapters, with `use_peft=True`, or for prompt-learning methods",
+}
+# PrefTrainer's arguments beyond DPOTrainer's
+CONSTRUCTOR_EXTRA: dict[str, str] = {
+    "preprocess_logits_for_metrics": "transformers Trainer's: applied to the rewards before compute_metrics",
+    "run_forwards": "the host layer's plan for the policy and reference forwards (`prefkit.accel.install`)",
+    "layout": "the pair layout (default: resolved from the models)",
+    "spec": "the run's options resolved by `prefkit.spec.resolve_run` (default: `args` resolved)",
+}
+
+
+def constructor_table_markdown() -> str:
+    """The docs table of DPOTrainer's constructor arguments, generated from :data:`CONSTRUCTOR`."""
+    lines = ["| argument | PrefTrainer |", "|---|---|"]
+    lines += [f"| `{name}` | {what} |" for name, what in CONSTRUCTOR.items()]
+    lines += [f"| `{name}` (prefkit) | {what} |" for name, what in CONSTRUCTOR_EXTRA.items()]
     return "\n".join(lines)
 
 
