@@ -191,6 +191,9 @@ def test_load_in_4bit_is_refused_where_bitsandbytes_cannot_run(tmp_path, model_d
 
 
 def _packed_batch(tok, n: int = 3):
+    from prefkit.accel.attention import register_segment_attention
+
+    register_segment_attention()  # packed pairs are read by the segment attention, which the host layer registers
     rows = _pairs(n, seed=3)
     feats = []
     for i, (p, c, r) in enumerate(zip(rows["prompt"], rows["chosen"], rows["rejected"])):
