@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prefkit.accel.attention import register_segment_attention
+from prefkit.accel.attention import register_segment_attention, segment_path
 from prefkit.accel.malloc import tune_cpu_malloc
 from prefkit.accel.overlap import run_alongside
 from prefkit.accel.precision import CPU_SHAPE_MULTIPLE, bf16_is_fast, choose_dtype, default_device_type
@@ -69,6 +69,7 @@ def install(cfg: PrefConfig) -> HostPlan:
     """Install the host layer for a run with ``cfg``: the process-wide parts now, the per-trainer parts in the
     returned plan. Idempotent."""
     register_segment_attention()
+    segment_path(cfg.device.type)  # a bad PREFKIT_SEGMENT_ATTENTION is refused before any model is loaded
     on_cpu = cfg.device.type == "cpu"
     if on_cpu:
         tune_cpu_malloc()  # activations are reused instead of faulted in afresh every step
