@@ -85,7 +85,10 @@ def _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_
         if grad_h is not None:
             grad_h[s : s + CHUNK_TOKENS] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
         if grad_w is not None:
-            grad_w += g.t() @ h.to(cd)
+            # summed over chunks (and over a chunk's tokens) in fp32: an autocast product would round each
+            # chunk's sum to bf16 before it is added, which biases the head's gradient (docs/gpu.md has the figures)
+            with torch.autocast(h.device.type, enabled=False):
+                grad_w.addmm_(g.t(), h.to(cd))
         if grad_b is not None:
             grad_b += g.sum(0)
 

@@ -237,9 +237,10 @@ def test_cpu_bf16_autocast_head_pads_rows_and_recomputes_under_autocast(monkeypa
         ref = torch.log_softmax(head(h).float(), dim=1).gather(1, y[:, None]).squeeze(1)
         r_h, r_w = torch.autograd.grad(ref.square().sum(), (h, head.weight))
     torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3)
-    # the same bf16 matmuls as autograd's (an fp32 recomputation would be ~4e-3 off)
+    # the same bf16 matmuls as autograd's (an fp32 recomputation would be ~4e-3 off); the weight's gradient is
+    # summed in fp32 instead (test_head_weight_gradient_is_summed_in_fp32_under_bf16_autocast)
     torch.testing.assert_close(g_h, r_h, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g_w, r_w, rtol=1e-4, atol=1e-6)
+    assert ((g_w - r_w).norm() / r_w.norm()).item() < 1e-2  # within autograd's own bf16 rounding of the sum
 
 
 def test_segment_attention_runs_fp32_on_cpu_under_autocast(monkeypatch):
@@ -359,3 +360,36 @@ def test_segment_path_defaults_per_device_and_refuses_an_unknown_one(monkeypatch
     monkeypatch.setenv("PREFKIT_SEGMENT_ATTENTION", "flash")
     with pytest.raises(ConfigError, match="PREFKIT_SEGMENT_ATTENTION: must be one of loop, pairs, row"):
         segment_path("cuda")
+
+
+def test_head_weight_gradient_is_summed_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the fused head's weight gradient, summed over 3 chunks of tokens, is within 5e-4
+    (relative norm) of the float64 gradient, and at least 5x closer than the per-chunk bf16 products summed
+    (the head's backward before, recomputed here by hand), which were ~3e-3 off."""
+    from prefkit.logprobs import CHUNK_TOKENS, token_logprobs_from_hidden
+
+    torch.manual_seed(0)
+    n, hid, vocab = 3 * CHUNK_TOKENS - 72, 64, 500
+    head = torch.nn.Linear(hid, vocab, bias=False)
+    h = torch.randn(n, hid, requires_grad=True)
+    y, w = torch.randint(0, vocab, (n,)), torch.randn(n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = token_logprobs_from_hidden(h, head, y)
+        (g_w,) = torch.autograd.grad((out * w).sum(), (head.weight,))
+        per_chunk = torch.zeros(vocab, hid)  # the per-chunk bf16 products, as the backward summed them before
+        for s in range(0, n, CHUNK_TOKENS):
+            logits = torch.nn.functional.linear(h[s:s + CHUNK_TOKENS].detach(), head.weight.detach()).float()
+            g = -torch.softmax(logits, dim=1)
+            g[torch.arange(len(g)), y[s:s + CHUNK_TOKENS]] += 1
+            g *= w[s:s + CHUNK_TOKENS, None]
+            product = g.t() @ h[s:s + CHUNK_TOKENS].detach()
+            assert product.dtype == torch.bfloat16
+            per_chunk += product
+    h64, w64 = h.detach().double(), head.weight.detach().double().requires_grad_()
+    exact = torch.log_softmax(h64 @ w64.t(), dim=1).gather(1, y[:, None]).squeeze(1)
+    (r_w,) = torch.autograd.grad((exact * w.double()).sum(), (w64,))
+
+    def err(x):
+        return ((x.double() - r_w).norm() / r_w.norm()).item()
+
+    assert err(g_w) < 5e-4 and err(g_w) * 5 < err(per_chunk), (err(g_w), err(per_chunk))
