@@ -97,17 +97,62 @@ def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want
                           pad_to_multiple_of: int | None = None) -> tuple[Tensor, Tensor | None]:
     """(log p(target), log Σ_v p_v² or None) per row; the second, without gradient, only when ``want_sq``. A
     fused head rounds its N rows up to ``pad_to_multiple_of`` (for kernels built per shape, as CPU bf16 ones are)."""
-    if type(head) is not nn.Linear:
-        logits = head(hidden).float()
-        lse = logits.logsumexp(dim=1)
-        sq = ((2 * logits).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
-        return logits.gather(1, targets[:, None]).squeeze(1) - lse, sq
+    if not _plain_linear(head):
+        return _logprobs_of_logits(head(hidden), targets, want_sq)
+    return _fused_linear(hidden, head, targets, want_sq, pad_to_multiple_of)
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    # nn.Linear's own forward (FSDP2 and parametrizations subclass the module but keep it), so h W^T + b is
+    # what the head computes and the chunked function may stand in for it
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+
+
+def _fused_linear(hidden: Tensor, head: nn.Linear, targets: Tensor, want_sq: bool,
+                  pad_to_multiple_of: int | None) -> tuple[Tensor, Tensor | None]:
     n = hidden.shape[0]
     pad = -n % pad_to_multiple_of if pad_to_multiple_of else 0
     if pad:  # zero rows predicting token 0, dropped below: a few repeated shapes instead of a new one per batch
         hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
     out, sq = _TokenLogprob.apply(hidden, head.weight, head.bias, targets, want_sq)
     return out[:n], sq[:n] if want_sq else None
+
+
+def _logprobs_of_logits(logits: Tensor, targets: Tensor, want_sq: bool) -> tuple[Tensor, Tensor | None]:
+    logits = logits.float()
+    lse = logits.logsumexp(dim=1)
+    sq = ((2 * logits).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
+    return logits.gather(1, targets[:, None]).squeeze(1) - lse, sq
+
+
+@contextlib.contextmanager
+def response_head(head: nn.Module, rows: Tensor, pred: Tensor, targets: Tensor, want_sq: bool = False,
+                  pad_to_multiple_of: int | None = None) -> Iterator[dict[str, Tensor | None]]:
+    """For the block, ``head`` returns the log-probs of ``targets`` predicted at positions ``(rows, pred)`` of its
+    (rows, positions, H) input instead of logits: what :func:`token_logprobs_and_sq` gives, as a (N,) tensor that
+    the model's forward returns as its ``logits``; log Σ_v p_v² (``want_sq``) is left in the yielded dict's
+    ``"sq"``. Only the head's ``forward`` is replaced, so the hooks on the module (DDP's, FSDP2's and ZeRO-3's
+    parameter gathering and their backward hooks on its output) still run."""
+    extras: dict[str, Tensor | None] = {"sq": None}
+    own = head.__dict__.get("forward")
+    original = head.forward
+
+    def forward(hidden: Tensor) -> Tensor:
+        sel = hidden[rows, pred]
+        if _plain_linear(head):
+            lp, extras["sq"] = _fused_linear(sel, head, targets, want_sq, pad_to_multiple_of)
+        else:
+            lp, extras["sq"] = _logprobs_of_logits(original(sel), targets, want_sq)
+        return lp
+
+    head.forward = forward
+    try:
+        yield extras
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -200,18 +245,19 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = Fa
     if batch.segments is not None:
         use_segment_attention(unwrap_model(model))
         inputs["prefkit_segments"] = batch.segments
-    parts = None if _is_distributed_wrapper(model) else _fused_parts(model)
-    if parts is not None:
+    parts = _fused_parts(model)
+    if parts is not None and _is_distributed_wrapper(model):
+        with response_head(parts[1], rows[mask], pred[mask], targets, want_sq, batch.pad_to_multiple_of) as extras:
+            token_lp = model(**inputs).logits
+        token_sq = extras["sq"]
+    elif parts is not None:
         backbone, head = parts
         hidden = backbone(**inputs)[0]
         token_lp, token_sq = token_logprobs_and_sq(hidden[rows[mask], pred[mask]], head, targets, want_sq,
                                                    batch.pad_to_multiple_of)
     else:
         logits = model(**inputs).logits
-        sel = logits[rows[mask], pred[mask]].float()
-        lse = sel.logsumexp(dim=1)
-        token_lp = sel.gather(1, targets[:, None]).squeeze(1) - lse
-        token_sq = ((2 * sel).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
+        token_lp, token_sq = _logprobs_of_logits(logits[rows[mask], pred[mask]], targets, want_sq)
     per_token = torch.zeros(mask.shape, dtype=token_lp.dtype, device=token_lp.device)
     per_token = per_token.masked_scatter(mask, token_lp)
     sq = None if token_sq is None else torch.zeros_like(per_token).masked_scatter(mask, token_sq.to(per_token.dtype))
@@ -250,7 +296,8 @@ def segment_attention_registered() -> bool:
 
 def _is_distributed_wrapper(model: nn.Module) -> bool:
     # DDP syncs gradients, and FSDP/DeepSpeed gather sharded parameters, only through the root module's own
-    # forward, so under any multi-process engine the model is called as a whole.
+    # forward, so under any multi-process engine the model is called as a whole, its head patched
+    # (response_head) rather than called apart from the backbone.
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
