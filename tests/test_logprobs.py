@@ -366,7 +366,7 @@ def test_head_weight_gradient_is_summed_in_fp32_under_bf16_autocast():
     """Under bf16 autocast the fused head's weight gradient, summed over 3 chunks of tokens, is within 5e-4
     (relative norm) of the float64 gradient, and at least 5x closer than the per-chunk bf16 products summed
     (the head's backward before, recomputed here by hand), which were ~3e-3 off."""
-    from prefkit.logprobs import CHUNK_TOKENS, token_logprobs_from_hidden
+    from prefkit.logprobs import CHUNK_TOKENS, token_logprobs_and_sq
 
     torch.manual_seed(0)
     n, hid, vocab = 3 * CHUNK_TOKENS - 72, 64, 500
@@ -374,7 +374,7 @@ def test_head_weight_gradient_is_summed_in_fp32_under_bf16_autocast():
     h = torch.randn(n, hid, requires_grad=True)
     y, w = torch.randint(0, vocab, (n,)), torch.randn(n)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = token_logprobs_from_hidden(h, head, y)
+        out = token_logprobs_and_sq(h, head, y)[0]
         (g_w,) = torch.autograd.grad((out * w).sum(), (head.weight,))
         per_chunk = torch.zeros(vocab, hid)  # the per-chunk bf16 products, as the backward summed them before
         for s in range(0, n, CHUNK_TOKENS):
