@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from prefkit.data.types import SEGMENT_ATTENTION, PairBatch
+from prefkit.data.types import SEGMENT_ATTENTION, PairBatch, SharedMask
 from prefkit.errors import ModelError
 from prefkit.objectives.types import PairLogps
 
@@ -240,7 +240,7 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = Fa
         # the additive 4D mask must match the activations' dtype, which the input embedding sets
         dtype = unwrap_model(model).get_input_embeddings().weight.dtype
         attn = batch.attention_mask
-        attn = {k: m.to(dtype) for k, m in attn.items()} if isinstance(attn, dict) else attn.to(dtype)
+        attn = attn.dense(batch.position_ids, dtype) if isinstance(attn, SharedMask) else attn.to(dtype)
         inputs.update(position_ids=batch.position_ids, attention_mask=attn)
     if batch.segments is not None:
         use_segment_attention(unwrap_model(model))

@@ -163,11 +163,12 @@ class PrefTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs: PairBatch) -> PairBatch:  # type: ignore[override]
-        return inputs.to(self.args.device)
+        # the DataLoader pins batches where an accelerator exists (PairBatch.pin_memory): the copy overlaps compute
+        return inputs.to(self.args.device, non_blocking=True)
 
     def _probe_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         with self.accelerator.autocast():
-            return compute_pair_logps(model, batch.to(self.args.device), want_sq=self.objective.spec.use_weighting)
+            return compute_pair_logps(model, batch.to(self.args.device, non_blocking=True), want_sq=self.objective.spec.use_weighting)
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):

@@ -171,7 +171,7 @@ def test_a_sliding_window_shorter_than_a_pair_counts_logical_positions_in_every_
         plain = compute_pair_logps(model, PairCollator(pad_token_id=0)(feats))
         mapped = PairCollator(pad_token_id=0, share_prompt=True, window=4,
                               mask_types=("full_attention", "sliding_attention"))(feats)
-        assert set(mapped.attention_mask) == {"full_attention", "sliding_attention"}
+        assert set(mapped.attention_mask.mask_types) == {"full_attention", "sliding_attention"}
         unwindowed = compute_pair_logps(model, PairCollator(pad_token_id=0, share_prompt=True)(feats))
         for batch in (mapped, PairCollator(pad_token_id=0, share_prompt=True, pack_pairs=True)(feats)):
             out = compute_pair_logps(model, batch)

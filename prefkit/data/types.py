@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -27,17 +27,60 @@ class PairSegments:
 
 
 @dataclass
+class SharedMask:
+    """The shared-prompt layout's attention, described per row by the token counts (prompt, chosen, rejected)
+    of its pair (``lengths``, (rows, 3)), so the collator ships a few integers and :meth:`dense` builds the
+    (rows, 1, W, W) additive mask where the forward runs: prompt + chosen causal, rejected causal over the prompt
+    and itself (never the chosen tokens), padding attending to itself only (no row without a key). ``window``:
+    a sliding window in logical positions (the keys within ``window`` positions of the query's own); with
+    ``mask_types`` one mask per layer type, of which only ``sliding_attention`` is windowed."""
+
+    lengths: Tensor
+    width: int
+    window: int | None = None
+    mask_types: tuple[str, ...] | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SharedMask:
+        return replace(self, lengths=self.lengths.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SharedMask:
+        return replace(self, lengths=self.lengths.pin_memory())
+
+    def dense(self, position_ids: Tensor, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+        """The additive mask(s) in ``dtype`` on the device of ``lengths``; ``position_ids`` (rows, W) are the
+        batch's logical positions, which the window is counted in."""
+        dev = self.lengths.device
+        prompt, chosen, rejected = (x[:, None, None] for x in self.lengths.unbind(1))
+        q = torch.arange(self.width, device=dev)[None, :, None]
+        k = torch.arange(self.width, device=dev)[None, None, :]
+        end, split = prompt + chosen + rejected, prompt + chosen
+        allowed = (k <= q) & (q < end) & ~((q >= split) & (k >= prompt) & (k < split))
+        allowed |= (q >= end) & (q == k)
+        windowed = allowed
+        if self.window is not None:  # allowed keys never lie ahead of their query, so the difference is ≥ 0
+            windowed = allowed & ((position_ids[:, :, None] - position_ids[:, None, :]) < self.window)
+
+        def additive(keep: Tensor) -> Tensor:
+            return torch.zeros(keep.shape[0], 1, *keep.shape[1:], dtype=dtype, device=dev).masked_fill(
+                ~keep[:, None], torch.finfo(dtype).min)
+
+        if self.mask_types is None:
+            return additive(windowed)
+        return {t: additive(windowed if t == "sliding_attention" else allowed) for t in self.mask_types}
+
+
+@dataclass
 class PairBatch:
     """A collated batch of B pairs laid out for one forward pass over chosen and rejected.
 
     Responses 0..B-1 are the chosen ones, B..2B-1 the rejected ones. In the plain layout input row i holds
     prompt+response i (2B rows, right-padded). In the shared-prompt layout (``position_ids`` set) a row segment
-    holds prompt, chosen and rejected of one pair, with a 4D additive ``attention_mask`` that hides the chosen
-    tokens from the rejected ones (one per layer type, ``{layer type: mask}``, for a model whose windowed and full
-    layers need different masks) and ``position_ids`` that restart the rejected response after the prompt,
-    so the prompt is computed once. In the packed layout (``segments`` set) all pairs lie end to end in one
-    row without padding and attention follows ``segments`` (``attention_mask`` is an empty placeholder, see
-    :mod:`prefkit.accel.attention`). ``response_start[i]`` is the position of response i's first token in
+    holds prompt, chosen and rejected of one pair, with ``attention_mask`` a :class:`SharedMask`, which the
+    forward turns into the 4D additive mask that hides the chosen tokens from the rejected ones (one per layer
+    type, ``{layer type: mask}``, for a model whose windowed and full layers need different masks), and
+    ``position_ids`` that restart the rejected response after the prompt, so the prompt is computed once. In the
+    packed layout (``segments`` set) all pairs lie end to end in one row without padding and attention follows
+    ``segments`` (``attention_mask`` is an empty placeholder, see :mod:`prefkit.accel.attention`). ``response_start[i]`` is the position of response i's first token in
     row ``response_row[i]``, ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and
     ``first_pred[i]`` the position whose output predicts its first token (the last prompt token). Token
     weights and precomputed reference log-probs are response-aligned (B, T), T = the longest response.
@@ -46,7 +89,7 @@ class PairBatch:
     """
 
     input_ids: Tensor
-    attention_mask: Tensor | dict[str, Tensor]
+    attention_mask: Tensor | SharedMask
     response_start: Tensor
     response_len: Tensor
     row_ids: Tensor
@@ -71,14 +114,20 @@ class PairBatch:
     def __getitem__(self, key: str) -> Tensor:
         return getattr(self, key)
 
-    def to(self, device: torch.device | str) -> PairBatch:
-        def move(v):
-            if isinstance(v, dict):
-                return {k: m.to(device) for k, m in v.items()}
-            return v.to(device) if isinstance(v, Tensor) else v
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
+        """The batch on ``device``; ``non_blocking`` copies from pinned memory asynchronously."""
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
 
-        moved = {f.name: move(getattr(self, f.name)) for f in fields(self)}
-        return PairBatch(**moved)
+    def pin_memory(self) -> PairBatch:
+        """The batch in page-locked memory where an accelerator exists (the DataLoader's ``pin_memory`` calls
+        this), so :meth:`to` with ``non_blocking`` overlaps the copy with compute; unchanged where none does."""
+        if not torch.accelerator.is_available():
+            return self
+        return self._map(lambda v: v.pin_memory())
+
+    def _map(self, move) -> PairBatch:
+        return PairBatch(**{f.name: move(v) if isinstance(v := getattr(self, f.name), (Tensor, SharedMask)) else v
+                            for f in fields(self)})
 
 
 @dataclass
