@@ -217,24 +217,12 @@ def response_positions(response_start: Tensor, response_len: Tensor, seq_len: in
     return (response_start[:, None] + j[None, :]).clamp(max=seq_len - 1), mask
 
 
-def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row, target position, predicting position, mask) of every response token, response-aligned (2B, T)."""
-    lengths = batch.response_len
-    dev = lengths.device
-    pos, mask = response_positions(batch.response_start, lengths, batch.input_ids.shape[1])
-    row = batch.response_row if batch.response_row is not None else torch.arange(lengths.shape[0], device=dev)
-    rows = row[:, None].expand_as(pos)
-    pred = pos - 1  # position p is predicted from the output at p - 1 ...
-    if batch.first_pred is not None:  # ... except a shared-prompt rejected response's first token
-        pred = torch.cat([batch.first_pred[:, None], pred[:, 1:]], dim=1)
-    return rows, pos, pred, mask
-
-
 def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = False) -> PairLogps:
     """Policy per-token log-probs of chosen and rejected (ref fields left None), one forward for both;
     ``want_sq`` adds log Σ_v p_v² per token (WPO's weights) as ``chosen_sq`` / ``rejected_sq``."""
-    rows, pos, pred, mask = _response_index(batch)
-    targets = batch.input_ids[rows[mask], pos[mask]]
+    # gather indices the collator worked out: no host sync for a length or a mask's count here
+    mask, rows, pred = batch.response_mask, batch.token_row, batch.token_pred
+    targets = batch.input_ids[rows, batch.token_pos]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if batch.position_ids is not None:
         # the additive 4D mask must match the activations' dtype, which the input embedding sets
@@ -247,17 +235,17 @@ def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = Fa
         inputs["prefkit_segments"] = batch.segments
     parts = _fused_parts(model)
     if parts is not None and _is_distributed_wrapper(model):
-        with response_head(parts[1], rows[mask], pred[mask], targets, want_sq, batch.pad_to_multiple_of) as extras:
+        with response_head(parts[1], rows, pred, targets, want_sq, batch.pad_to_multiple_of) as extras:
             token_lp = model(**inputs).logits
         token_sq = extras["sq"]
     elif parts is not None:
         backbone, head = parts
         hidden = backbone(**inputs)[0]
-        token_lp, token_sq = token_logprobs_and_sq(hidden[rows[mask], pred[mask]], head, targets, want_sq,
+        token_lp, token_sq = token_logprobs_and_sq(hidden[rows, pred], head, targets, want_sq,
                                                    batch.pad_to_multiple_of)
     else:
         logits = model(**inputs).logits
-        token_lp, token_sq = _logprobs_of_logits(logits[rows[mask], pred[mask]], targets, want_sq)
+        token_lp, token_sq = _logprobs_of_logits(logits[rows, pred], targets, want_sq)
     per_token = torch.zeros(mask.shape, dtype=token_lp.dtype, device=token_lp.device)
     per_token = per_token.masked_scatter(mask, token_lp)
     sq = None if token_sq is None else torch.zeros_like(per_token).masked_scatter(mask, token_sq.to(per_token.dtype))

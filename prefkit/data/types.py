@@ -80,10 +80,15 @@ class PairBatch:
     type, ``{layer type: mask}``, for a model whose windowed and full layers need different masks), and
     ``position_ids`` that restart the rejected response after the prompt, so the prompt is computed once. In the
     packed layout (``segments`` set) all pairs lie end to end in one row without padding and attention follows
-    ``segments`` (``attention_mask`` is an empty placeholder, see :mod:`prefkit.accel.attention`). ``response_start[i]`` is the position of response i's first token in
-    row ``response_row[i]``, ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and
-    ``first_pred[i]`` the position whose output predicts its first token (the last prompt token). Token
-    weights and precomputed reference log-probs are response-aligned (B, T), T = the longest response.
+    ``segments`` (``attention_mask`` is an empty placeholder, see :mod:`prefkit.accel.attention`).
+    ``response_start[i]`` is the position of response i's first token in row ``response_row[i]``,
+    ``response_len[i]`` its number of tokens (ending with EOS unless truncated), and ``first_pred[i]`` the
+    position whose output predicts its first token (the last prompt token). Token weights and precomputed
+    reference log-probs are response-aligned (B, T), T = the longest response.
+    ``response_mask`` (2B, T) and the gather index of every response token in that mask's order
+    (``token_row``, ``token_pos`` its position, ``token_pred`` the position whose output predicts it) are worked
+    out from those when the batch is built, on the host: the forward then gathers with them and never asks the
+    device for a length or a mask's count (a host sync on a GPU).
     ``pad_to_multiple_of``: the collator's length multiple, which the fused LM head also rounds its token count
     up to (kernels built per shape see a few repeated shapes).
     """
@@ -102,6 +107,15 @@ class PairBatch:
     ref_rejected: Tensor | None = None
     segments: PairSegments | None = None
     pad_to_multiple_of: int | None = None
+    response_mask: Tensor | None = None
+    token_row: Tensor | None = None
+    token_pos: Tensor | None = None
+    token_pred: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.response_mask is None:
+            self.response_mask, self.token_row, self.token_pos, self.token_pred = response_index(
+                self.response_start, self.response_len, self.input_ids.shape[1], self.response_row, self.first_pred)
 
     @property
     def num_pairs(self) -> int:
@@ -128,6 +142,22 @@ class PairBatch:
     def _map(self, move) -> PairBatch:
         return PairBatch(**{f.name: move(v) if isinstance(v := getattr(self, f.name), (Tensor, SharedMask)) else v
                             for f in fields(self)})
+
+
+def response_index(response_start: Tensor, response_len: Tensor, seq_len: int, response_row: Tensor | None = None,
+                   first_pred: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mask (R, T), row, position, predicting position) of every response token, T the longest response: the
+    j-th token of response i lies at ``response_start[i] + j`` of row ``response_row[i]`` (row i when None) and
+    is predicted by the output one position before it, or at ``first_pred[i]`` for j = 0 when given."""
+    width = int(response_len.max()) if response_len.numel() else 0
+    j = torch.arange(width, device=response_len.device)
+    mask = j[None, :] < response_len[:, None]
+    pos = (response_start[:, None] + j[None, :]).clamp(max=seq_len - 1)
+    row = response_row if response_row is not None else torch.arange(response_len.shape[0], device=pos.device)
+    pred = pos - 1
+    if first_pred is not None:
+        pred = torch.cat([first_pred[:, None], pred[:, 1:]], dim=1)
+    return mask, row[:, None].expand_as(pos)[mask], pos[mask], pred[mask]
 
 
 @dataclass
