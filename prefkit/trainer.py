@@ -170,7 +170,8 @@ class PrefTrainer(Trainer):
 
     def _probe_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         with self.accelerator.autocast():
-            return compute_pair_logps(model, batch.to(self.args.device, non_blocking=True), want_sq=self.objective.spec.use_weighting)
+            return compute_pair_logps(model, batch.to(self.args.device, non_blocking=True),
+                                      want_sq=self.objective.spec.use_weighting)
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
@@ -259,13 +260,13 @@ class PrefTrainer(Trainer):
         a multi-process launch, so that every process takes the same branch and none waits in a collective the
         others skip). Then --nan_policy stop saves the last good state and raises; skip logs and returns True."""
         ok = finite.to(self.args.device, torch.float32).reshape(1)
-        local_ok = bool(ok > 0)
+        # one host sync when all is well; the failing branch may ask more
         if self.accelerator.num_processes > 1:
             if bool(self.accelerator.gather(ok).min() > 0):
                 return False
-            if local_ok:
-                what = f"{what} on another process"
-        elif local_ok:
+            if bool(ok > 0):  # which check failed on the other process is not sent along
+                what = f"{'loss or gradient' if callable(what) else what} on another process"
+        elif bool(ok > 0):
             return False
         what = what() if callable(what) else what
         where = f"step {self.state.global_step}, dataset rows {batch.row_ids.tolist()}"
