@@ -52,12 +52,14 @@ class EvalResult:
 
 @torch.no_grad()
 def pair_logp_sums(
-    model: nn.Module, dataset, collator: PairCollator, *, batch_size: int = 8, desc: str = "scoring"
+    model: nn.Module, dataset, collator: PairCollator, *, batch_size: int = 8, desc: str = "scoring",
+    autocast: torch.dtype | None = None,
 ) -> PairLogpSums:
-    """One no-grad forward per batch over a prepared dataset (columns prompt_ids, chosen_ids, rejected_ids)."""
+    """One no-grad forward per batch over a prepared dataset (columns prompt_ids, chosen_ids, rejected_ids),
+    under ``autocast`` when given (the dtype a run's --bf16 / --fp16 autocasts to, as its training steps do)."""
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {"cs": [], "rs": [], "cl": [], "rl": []}
-    with eval_mode(model):
+    with eval_mode(model), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(rows).to(device)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from prefkit.data.types import SEGMENT_ATTENTION, PairBatch
+from prefkit.data.types import SEGMENT_ATTENTION, PairBatch, SharedMask
 from prefkit.errors import ModelError
 from prefkit.objectives.types import PairLogps
 
@@ -85,7 +85,10 @@ def _chunked_backward(hidden, weight, bias, targets, grad_out, cd, grad_h, grad_
         if grad_h is not None:
             grad_h[s : s + CHUNK_TOKENS] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
         if grad_w is not None:
-            grad_w += g.t() @ h.to(cd)
+            # summed over chunks (and over a chunk's tokens) in fp32: an autocast product would round each
+            # chunk's sum to bf16 before it is added, which biases the head's gradient (docs/gpu.md has the figures)
+            with torch.autocast(h.device.type, enabled=False):
+                grad_w.addmm_(g.t(), h.to(cd))
         if grad_b is not None:
             grad_b += g.sum(0)
 
@@ -94,17 +97,62 @@ def token_logprobs_and_sq(hidden: Tensor, head: nn.Module, targets: Tensor, want
                           pad_to_multiple_of: int | None = None) -> tuple[Tensor, Tensor | None]:
     """(log p(target), log Σ_v p_v² or None) per row; the second, without gradient, only when ``want_sq``. A
     fused head rounds its N rows up to ``pad_to_multiple_of`` (for kernels built per shape, as CPU bf16 ones are)."""
-    if type(head) is not nn.Linear:
-        logits = head(hidden).float()
-        lse = logits.logsumexp(dim=1)
-        sq = ((2 * logits).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
-        return logits.gather(1, targets[:, None]).squeeze(1) - lse, sq
+    if not _plain_linear(head):
+        return _logprobs_of_logits(head(hidden), targets, want_sq)
+    return _fused_linear(hidden, head, targets, want_sq, pad_to_multiple_of)
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    # nn.Linear's own forward (FSDP2 and parametrizations subclass the module but keep it), so h W^T + b is
+    # what the head computes and the chunked function may stand in for it
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+
+
+def _fused_linear(hidden: Tensor, head: nn.Linear, targets: Tensor, want_sq: bool,
+                  pad_to_multiple_of: int | None) -> tuple[Tensor, Tensor | None]:
     n = hidden.shape[0]
     pad = -n % pad_to_multiple_of if pad_to_multiple_of else 0
     if pad:  # zero rows predicting token 0, dropped below: a few repeated shapes instead of a new one per batch
         hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
     out, sq = _TokenLogprob.apply(hidden, head.weight, head.bias, targets, want_sq)
     return out[:n], sq[:n] if want_sq else None
+
+
+def _logprobs_of_logits(logits: Tensor, targets: Tensor, want_sq: bool) -> tuple[Tensor, Tensor | None]:
+    logits = logits.float()
+    lse = logits.logsumexp(dim=1)
+    sq = ((2 * logits).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
+    return logits.gather(1, targets[:, None]).squeeze(1) - lse, sq
+
+
+@contextlib.contextmanager
+def response_head(head: nn.Module, rows: Tensor, pred: Tensor, targets: Tensor, want_sq: bool = False,
+                  pad_to_multiple_of: int | None = None) -> Iterator[dict[str, Tensor | None]]:
+    """For the block, ``head`` returns the log-probs of ``targets`` predicted at positions ``(rows, pred)`` of its
+    (rows, positions, H) input instead of logits: what :func:`token_logprobs_and_sq` gives, as a (N,) tensor that
+    the model's forward returns as its ``logits``; log Σ_v p_v² (``want_sq``) is left in the yielded dict's
+    ``"sq"``. Only the head's ``forward`` is replaced, so the hooks on the module (DDP's, FSDP2's and ZeRO-3's
+    parameter gathering and their backward hooks on its output) still run."""
+    extras: dict[str, Tensor | None] = {"sq": None}
+    own = head.__dict__.get("forward")
+    original = head.forward
+
+    def forward(hidden: Tensor) -> Tensor:
+        sel = hidden[rows, pred]
+        if _plain_linear(head):
+            lp, extras["sq"] = _fused_linear(sel, head, targets, want_sq, pad_to_multiple_of)
+        else:
+            lp, extras["sq"] = _logprobs_of_logits(original(sel), targets, want_sq)
+        return lp
+
+    head.forward = forward
+    try:
+        yield extras
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -169,46 +217,35 @@ def response_positions(response_start: Tensor, response_len: Tensor, seq_len: in
     return (response_start[:, None] + j[None, :]).clamp(max=seq_len - 1), mask
 
 
-def _response_index(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row, target position, predicting position, mask) of every response token, response-aligned (2B, T)."""
-    lengths = batch.response_len
-    dev = lengths.device
-    pos, mask = response_positions(batch.response_start, lengths, batch.input_ids.shape[1])
-    row = batch.response_row if batch.response_row is not None else torch.arange(lengths.shape[0], device=dev)
-    rows = row[:, None].expand_as(pos)
-    pred = pos - 1  # position p is predicted from the output at p - 1 ...
-    if batch.first_pred is not None:  # ... except a shared-prompt rejected response's first token
-        pred = torch.cat([batch.first_pred[:, None], pred[:, 1:]], dim=1)
-    return rows, pos, pred, mask
-
-
 def compute_pair_logps(model: nn.Module, batch: PairBatch, *, want_sq: bool = False) -> PairLogps:
     """Policy per-token log-probs of chosen and rejected (ref fields left None), one forward for both;
     ``want_sq`` adds log Σ_v p_v² per token (WPO's weights) as ``chosen_sq`` / ``rejected_sq``."""
-    rows, pos, pred, mask = _response_index(batch)
-    targets = batch.input_ids[rows[mask], pos[mask]]
+    # gather indices the collator worked out: no host sync for a length or a mask's count here
+    mask, rows, pred = batch.response_mask, batch.token_row, batch.token_pred
+    targets = batch.input_ids[rows, batch.token_pos]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if batch.position_ids is not None:
         # the additive 4D mask must match the activations' dtype, which the input embedding sets
         dtype = unwrap_model(model).get_input_embeddings().weight.dtype
         attn = batch.attention_mask
-        attn = {k: m.to(dtype) for k, m in attn.items()} if isinstance(attn, dict) else attn.to(dtype)
+        attn = attn.dense(batch.position_ids, dtype) if isinstance(attn, SharedMask) else attn.to(dtype)
         inputs.update(position_ids=batch.position_ids, attention_mask=attn)
     if batch.segments is not None:
         use_segment_attention(unwrap_model(model))
         inputs["prefkit_segments"] = batch.segments
-    parts = None if _is_distributed_wrapper(model) else _fused_parts(model)
-    if parts is not None:
+    parts = _fused_parts(model)
+    if parts is not None and _is_distributed_wrapper(model):
+        with response_head(parts[1], rows, pred, targets, want_sq, batch.pad_to_multiple_of) as extras:
+            token_lp = model(**inputs).logits
+        token_sq = extras["sq"]
+    elif parts is not None:
         backbone, head = parts
         hidden = backbone(**inputs)[0]
-        token_lp, token_sq = token_logprobs_and_sq(hidden[rows[mask], pred[mask]], head, targets, want_sq,
+        token_lp, token_sq = token_logprobs_and_sq(hidden[rows, pred], head, targets, want_sq,
                                                    batch.pad_to_multiple_of)
     else:
         logits = model(**inputs).logits
-        sel = logits[rows[mask], pred[mask]].float()
-        lse = sel.logsumexp(dim=1)
-        token_lp = sel.gather(1, targets[:, None]).squeeze(1) - lse
-        token_sq = ((2 * sel).logsumexp(dim=1) - 2 * lse).detach() if want_sq else None
+        token_lp, token_sq = _logprobs_of_logits(logits[rows, pred], targets, want_sq)
     per_token = torch.zeros(mask.shape, dtype=token_lp.dtype, device=token_lp.device)
     per_token = per_token.masked_scatter(mask, token_lp)
     sq = None if token_sq is None else torch.zeros_like(per_token).masked_scatter(mask, token_sq.to(per_token.dtype))
@@ -247,7 +284,8 @@ def segment_attention_registered() -> bool:
 
 def _is_distributed_wrapper(model: nn.Module) -> bool:
     # DDP syncs gradients, and FSDP/DeepSpeed gather sharded parameters, only through the root module's own
-    # forward, so under any multi-process engine the model is called as a whole.
+    # forward, so under any multi-process engine the model is called as a whole, its head patched
+    # (response_head) rather than called apart from the backbone.
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -294,10 +294,13 @@ def sample_round(run: Rounds, r: int) -> tuple[list[dict], Summary]:
                           max_new_tokens=online.online_max_new_tokens, seed=seed,
                           batch_size=cfg.per_device_eval_batch_size)
     popts = PairOptions(pairing=online.online_pairing, reference_fallback=online.online_reference_fallback)
-    pairs, summary = make_pairs(run.model, run.tokenizer, todo, run.scorer, sopts, popts,
-                                prompt_field=online.online_prompt_field, source=online.online_prompts,
-                                model_name=f"{cfg.model_name_or_path or run.model_path}@round-{r - 1}",
-                                rng=random.Random(seed))
+    device = torch.device(cfg.device)
+    # sampled under the run's autocast, as its training steps run
+    with torch.autocast(device.type, dtype=cfg.autocast_dtype, enabled=cfg.autocast_dtype is not None):
+        pairs, summary = make_pairs(run.model, run.tokenizer, todo, run.scorer, sopts, popts,
+                                    prompt_field=online.online_prompt_field, source=online.online_prompts,
+                                    model_name=f"{cfg.model_name_or_path or run.model_path}@round-{r - 1}",
+                                    rng=random.Random(seed))
     pairs = gather_object(pairs) if state.num_processes > 1 else pairs
     parts = gather_object([summary.to_dict()]) if state.num_processes > 1 else [summary.to_dict()]
     summary = merge_summaries(parts)

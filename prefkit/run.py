@@ -221,9 +221,12 @@ def score_before(job: Job) -> HeldOut:
     if not _has_held_out(job):
         return HeldOut()
     bs = job.cfg.per_device_eval_batch_size
-    start = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=bs, desc="held-out, before")
+    autocast = job.cfg.autocast_dtype  # scored as the run's training steps compute
+    start = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=bs, desc="held-out, before",
+                           autocast=autocast)
     ref_scores = start if job.ref_model is None else pair_logp_sums(
-        job.ref_model.to(job.cfg.device), job.data.eval, job.collator, batch_size=bs, desc="reference")
+        job.ref_model.to(job.cfg.device), job.data.eval, job.collator, batch_size=bs, desc="reference",
+        autocast=autocast)
     held_out = HeldOut(summarize(start, None, job.cfg.beta), ref_scores)
     print("\n" + report_table(held_out.before, None) + "\n", flush=True)
     return held_out
@@ -272,7 +275,7 @@ def score_after(job: Job, held_out: HeldOut) -> EvalResult | None:
     if not _has_held_out(job):
         return None
     end = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=job.cfg.per_device_eval_batch_size,
-                      desc="held-out, after")
+                         desc="held-out, after", autocast=job.cfg.autocast_dtype)
     after = summarize(end, held_out.ref_scores, job.cfg.beta)
     (Path(job.cfg.output_dir) / "eval_results.json").write_text(json.dumps(
         {"before": held_out.before.to_dict() if held_out.before else None, "after": after.to_dict()}, indent=2))
@@ -318,13 +321,14 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
                             reference if isinstance(reference, torch.nn.Module) else None)
     collator = PairCollator.for_spec(spec.data, tokenizer, layout, training=False)
     bs = cfg.per_device_eval_batch_size
-    policy = pair_logp_sums(model, ds, collator, batch_size=bs, desc="policy")
+    autocast = cfg.autocast_dtype
+    policy = pair_logp_sums(model, ds, collator, batch_size=bs, desc="policy", autocast=autocast)
     ref_scores: PairLogpSums | None = None
     if reference == "adapter":
         with model.disable_adapter():
-            ref_scores = pair_logp_sums(model, ds, collator, batch_size=bs, desc="reference")
+            ref_scores = pair_logp_sums(model, ds, collator, batch_size=bs, desc="reference", autocast=autocast)
     elif reference is not None:
-        ref_scores = pair_logp_sums(reference, ds, collator, batch_size=bs, desc="reference")
+        ref_scores = pair_logp_sums(reference, ds, collator, batch_size=bs, desc="reference", autocast=autocast)
     result = summarize(policy, ref_scores, cfg.beta).to_dict()
     result["skipped"] = dict(report.skipped)
     if out is not None:

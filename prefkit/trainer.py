@@ -99,6 +99,8 @@ class PrefTrainer(Trainer):
     and checked once (:func:`prefkit.spec.resolve_run`); without it the trainer resolves ``args``.
     """
 
+    _loss_finite: torch.Tensor | None = None  # this micro-step's loss check, waiting for its gradient check
+
     def __init__(
         self,
         model: str | PreTrainedModel | nn.Module | None = None,
@@ -222,11 +224,13 @@ class PrefTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs: PairBatch) -> PairBatch:  # type: ignore[override]
-        return inputs.to(self.args.device)
+        # the DataLoader pins batches where an accelerator exists (PairBatch.pin_memory): the copy overlaps compute
+        return inputs.to(self.args.device, non_blocking=True)
 
     def _probe_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         with self.accelerator.autocast():
-            return compute_pair_logps(model, batch.to(self.args.device), want_sq=self.objective.spec.use_weighting)
+            return compute_pair_logps(model, batch.to(self.args.device, non_blocking=True),
+                                      want_sq=self.objective.spec.use_weighting)
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
@@ -272,7 +276,10 @@ class PrefTrainer(Trainer):
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
         out = self.objective(self.monitor.calibrate(logps, self.state.global_step) if model.training else logps)
-        if self._non_finite(torch.isfinite(out.loss), inputs, "loss"):
+        finite = torch.isfinite(out.loss)
+        if model.training and self._loss_check_rides_on_gradient():
+            self._loss_finite = finite
+        elif self._non_finite(finite, inputs, "loss"):
             # --nan_policy skip, agreed by every process: a zero that keeps the graph, so backward still reaches
             # every parameter (DDP, FSDP and DeepSpeed wait for all of them) and adds nothing; and no statistics
             out.loss = sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in (logps.chosen, logps.rejected)) * 0.0
@@ -287,23 +294,40 @@ class PrefTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads else torch.tensor(True)
-        if self._non_finite(finite, inputs, "gradient"):  # FSDP shards gradients: each process sees only its part
+        what: str | Callable[[], str] = "gradient"
+        loss_finite, self._loss_finite = self._loss_finite, None
+        if loss_finite is not None:  # one host sync for both checks; which one failed is asked only then
+            finite = finite.to(loss_finite.device) & loss_finite
+
+            def failed() -> str:
+                return "gradient" if bool(loss_finite) else "loss"
+
+            what = failed
+        if self._non_finite(finite, inputs, what):  # FSDP shards gradients: each process sees only its part
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
         return loss
 
-    def _non_finite(self, finite: torch.Tensor, batch: PairBatch, what: str) -> bool:
+    def _loss_check_rides_on_gradient(self) -> bool:
+        """Whether a training step's loss check can wait for its gradient check (one host sync, not two):
+        under --nan_policy stop, where nothing is skipped, and with no dynamics monitor state (RC's EMAs, the
+        diagnostics' probe) that the stop checkpoint saves and a non-finite step would already have changed.
+        Under skip the loss must be known before backward, to train on a zero instead."""
+        return self.args.nan_policy == "stop" and self.monitor.rc is None and not self.monitor.every
+
+    def _non_finite(self, finite: torch.Tensor, batch: PairBatch, what: str | Callable[[], str]) -> bool:
         """The NaN policy, in one place: whether ``what`` is non-finite on any process (one tiny all-gather under
         a multi-process launch, so that every process takes the same branch and none waits in a collective the
         others skip). Then --nan_policy stop saves the last good state and raises; skip logs and returns True."""
         ok = finite.to(self.args.device, torch.float32).reshape(1)
-        local_ok = bool(ok > 0)
+        # one host sync when all is well; the failing branch may ask more
         if self.accelerator.num_processes > 1:
             if bool(self.accelerator.gather(ok).min() > 0):
                 return False
-            if local_ok:
-                what = f"{what} on another process"
-        elif local_ok:
+            if bool(ok > 0):  # which check failed on the other process is not sent along
+                what = f"{'loss or gradient' if callable(what) else what} on another process"
+        elif bool(ok > 0):
             return False
+        what = what() if callable(what) else what
         where = f"step {self.state.global_step}, dataset rows {batch.row_ids.tolist()}"
         if self.args.nan_policy == "skip":
             logger.warning("non-finite %s at %s; skipping this batch (--nan_policy skip)", what, where)

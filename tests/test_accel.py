@@ -179,3 +179,46 @@ def test_packed_pairs_without_the_host_layer_are_refused_up_front(tmp_path, tiny
     args = PrefConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", pack_pairs=True)
     with pytest.raises(ConfigError, match=r"prefkit\.accel\.install"):
         PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+
+
+def test_cuda_bf16_counts_only_native_support(monkeypatch):
+    """A GPU that only emulates bf16 (before Ampere) gets no bf16 default: the probe asks torch without
+    emulation."""
+    from prefkit.accel.precision import bf16_is_fast
+
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an emulating GPU: supported only when emulation counts
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert bf16_is_fast("cuda") is False and asked == [False]
+
+
+def test_tf32_defaults_on_for_cuda_through_training_arguments(monkeypatch, tmp_path):
+    """On a CUDA GPU with TF32 the command line turns it on (TrainingArguments' own ``tf32`` field, applied when
+    the run's config is built); ``--tf32 false`` turns it off; a CPU, a GPU without TF32 and a PrefConfig
+    built in Python leave torch's flags alone."""
+    import transformers.training_args as targs
+
+    from prefkit.config import PrefConfig
+    from prefkit.configfile import parse_config
+
+    monkeypatch.setattr(accel, "default_device_type", lambda use_cpu=False: "cpu" if use_cpu else "cuda")
+    monkeypatch.setattr(accel, "tf32_is_available", lambda: True)
+    assert accel.host_defaults({})["tf32"] is True
+    assert "tf32" not in accel.host_defaults({"tf32": False})
+    assert "tf32" not in accel.host_defaults({"use_cpu": True})
+    monkeypatch.setattr(accel, "tf32_is_available", lambda: False)
+    assert "tf32" not in accel.host_defaults({})
+    monkeypatch.setattr(accel, "tf32_is_available", lambda: True)
+
+    applied = []
+    monkeypatch.setattr(targs, "is_torch_tf32_available", lambda: True)
+    monkeypatch.setattr(targs, "enable_tf32", applied.append)
+    out = ["--output_dir", str(tmp_path)]
+    assert parse_config(out).tf32 is True and applied == [True]
+    assert parse_config(out + ["--tf32", "false"]).tf32 is False and applied == [True, False]
+    assert PrefConfig(output_dir=str(tmp_path)).tf32 is None and applied == [True, False]

@@ -103,3 +103,46 @@ def test_one_dtype_rule_for_every_model_loaded(tmp_path, model_dir, monkeypatch)
     monkeypatch.setattr(prefkit.run, "load_causal_lm", recording)
     model, _, _ = prefkit.run.load_for_eval(cfg)
     assert dtypes == [torch.float32] and model.dtype == torch.float32
+
+
+def _first_linear_dtypes(model: torch.nn.Module, seen: list) -> torch.utils.hooks.RemovableHandle:
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+
+
+def test_pair_logp_sums_runs_under_the_given_autocast(tiny_llama, tiny_tokenizer):
+    """Held-out scoring under a run's --bf16 autocast: the model's linear layers compute in bf16 there, and in
+    fp32 without it (checked on an intermediate through a forward hook)."""
+    from datasets import Dataset
+
+    from prefkit.data import PairCollator
+    from prefkit.evaluate import pair_logp_sums
+
+    ds = Dataset.from_list([{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2], "row_id": 0}] * 3)
+    collator = PairCollator(pad_token_id=0)
+    for autocast, want in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        seen: list = []
+        handle = _first_linear_dtypes(tiny_llama, seen)
+        try:
+            scores = pair_logp_sums(tiny_llama, ds, collator, batch_size=2, autocast=autocast)
+        finally:
+            handle.remove()
+        assert seen and set(seen) == {want} and scores.chosen_sum.shape == (3,)
+
+
+def test_eval_scores_under_the_runs_autocast(tmp_path, saved_run, capsys, monkeypatch):
+    """`prefkit eval --bf16 true` scores the policy and the reference under bf16 autocast."""
+    run, ref = saved_run
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
+    real, seen = prefkit.run.pair_logp_sums, []
+
+    def spying(model, *a, **kw):
+        handle = _first_linear_dtypes(model, seen)
+        try:
+            return real(model, *a, **kw)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(prefkit.run, "pair_logp_sums", spying)
+    _eval(run, data, capsys, "--bf16", "true", "--use_cpu", "true", "--ref_model_name_or_path", str(ref))
+    assert len(seen) >= 2 and set(seen) == {torch.bfloat16}

@@ -199,3 +199,25 @@ def test_rounds_under_two_gloo_processes_gather_every_ranks_pairs(model_dir, tmp
     rows = [json.loads(ln) for ln in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
     assert record["prompts"] == 3 and record["samples"] == 12 and record["pairs"] == len(rows) > 0
     assert {r["seed"] for r in rows} <= {3 + 1000, 3 + 1001} and record["train_loss"] is not None
+
+
+@pytest.mark.slow
+def test_rounds_sample_under_the_runs_autocast(model_dir, tmp_jsonl, tmp_path, length_scorer, monkeypatch):
+    """`--rounds` with --bf16: each round's samples are generated under bf16 autocast (an intermediate's dtype,
+    through a forward hook on the model's first linear layer)."""
+    import prefkit.online
+
+    real, seen = prefkit.online.make_pairs, []
+
+    def spying(model, *a, **kw):
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        handle = linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        try:
+            return real(model, *a, **kw)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(prefkit.online, "make_pairs", spying)
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    assert main(_args(model_dir, prompts, tmp_path / "run", length_scorer, 1, "--bf16", "true")) == 0
+    assert seen and set(seen) == {torch.bfloat16}

@@ -1,5 +1,6 @@
-"""What this host computes fast: bf16 matmul (probed from /proc/cpuinfo on a CPU), the weight dtype that
-follows from it, and the length multiple for kernels that are built per shape.
+"""What this host computes fast: bf16 matmul (probed from /proc/cpuinfo on a CPU, native units on a GPU), TF32
+matmul (CUDA, Ampere and newer), the weight dtype that follows, and the length multiple for kernels that are built
+per shape.
 
 A CPU with bf16 matmul instructions (AMX, AVX512-BF16) runs bf16 faster than fp32, one without emulates it,
 far slower (the rates: docs/performance.md); its bf16 matmuls (oneDNN) build a kernel for every new shape, so lengths are rounded up to
@@ -21,8 +22,14 @@ def bf16_is_fast(device_type: str) -> bool:
     """Whether bf16 matmul is fast here: CUDA with bf16 support, CPUs with bf16 matmul instructions (AMX, or
     AVX512-BF16); elsewhere it is emulated, far slower than fp32."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # a GPU without bf16 units (before Ampere) emulates it; transformers' own check counts emulation as support
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return device_type == "cpu" and _cpu_has_bf16_matmul()
+
+
+def tf32_is_available() -> bool:
+    """Whether CUDA matmuls here can run in TF32 (Ampere and newer: compute capability 8 or more)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def default_device_type(use_cpu: bool = False) -> str:

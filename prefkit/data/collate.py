@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prefkit.data.types import PairBatch, PairSegments
+from prefkit.data.types import PairBatch, PairSegments, SharedMask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -114,26 +114,18 @@ class PairCollator:
         return input_ids, attention_mask
 
     def _shared(self, prompts, chosen, rejected, row_ids) -> PairBatch:
-        """prompt + chosen + rejected of a pair in one row; rejected attends to the prompt and itself only."""
+        """prompt + chosen + rejected of a pair in one row; rejected attends to the prompt and itself only (the
+        mask is described by the pieces' lengths and built on the device, :class:`SharedMask`)."""
         width = self._width(max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))
         rows = len(prompts)
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
-        allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # padding attends to itself (no NaN rows)
         position_ids = torch.zeros(rows, width, dtype=torch.long)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
         for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-            n_p, n_c, n = len(p), len(c), len(p) + len(c) + len(r)
-            input_ids[row, :n] = torch.tensor(p + c + r, dtype=torch.long)
-            allowed[row, :n, :n] = causal[:n, :n]
-            allowed[row, n_p + n_c : n, n_p : n_p + n_c] = False  # rejected never sees chosen
-            position_ids[row] = _pair_positions(n_p, n_c, len(r), width)
-        windowed = allowed
-        if self.window is not None:  # counted in logical positions: allowed keys never lie ahead of their query
-            windowed = allowed & ((position_ids[:, :, None] - position_ids[:, None, :]) < self.window)
-        if self.mask_types is None:
-            mask = _additive(windowed)
-        else:  # one mask per layer type; only the sliding-window layers see the windowed one
-            mask = {t: _additive(windowed if t == "sliding_attention" else allowed) for t in self.mask_types}
+            input_ids[row, : len(p) + len(c) + len(r)] = torch.tensor(p + c + r, dtype=torch.long)
+            position_ids[row] = _pair_positions(len(p), len(c), len(r), width)
+        lengths = torch.tensor([(len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)],
+                               dtype=torch.long)
+        mask = SharedMask(lengths, width, self.window, self.mask_types)
         start = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         return self._shared_batch(input_ids, mask, position_ids, torch.arange(rows), start, chosen, rejected, row_ids)
 
@@ -168,12 +160,6 @@ class PairCollator:
             first_pred=torch.cat([start - 1, start - 1]),
             position_ids=position_ids,
         )
-
-
-def _additive(allowed: torch.Tensor) -> torch.Tensor:
-    """(rows, W, W) boolean -> (rows, 1, W, W) additive float mask."""
-    return torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=torch.float32).masked_fill(
-        ~allowed[:, None], torch.finfo(torch.float32).min)
 
 
 def _pair_positions(n_p: int, n_c: int, n_r: int, width: int) -> torch.Tensor:

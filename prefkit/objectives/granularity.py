@@ -55,7 +55,8 @@ def assign_units(
         ur = ((cols + 1) * mu[:, None] - 1) // tl.clamp(min=1)[:, None]
     else:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
-    u = int(mu.max().item()) if b else 1
+    # the response's one unit is known without asking the device for mu's largest value (a host sync on a GPU)
+    u = 1 if granularity == "response" or not b else int(mu.max().item())
     spill = torch.full_like(cols, u)
     uc = torch.where(chosen_mask, uc, spill)
     ur = torch.where(rejected_mask, ur, spill)

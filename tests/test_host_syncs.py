@@ -1,0 +1,123 @@
+"""Host syncs in a training step (issue 31 item 2), counted on the CPU with a dispatch mode.
+
+On a GPU every op that needs a device value on the host (``.item()``, ``bool(t)``, ``int(t)``: the op
+``aten._local_scalar_dense``; ``aten.nonzero``; indexing with a boolean mask, whose output size is the mask's count)
+waits for the device to finish all queued work. On the CPU these ops are still dispatched, so a
+:class:`TorchDispatchMode` around ``training_step`` (forward, loss, backward and the NaN policy of one micro-step)
+counts them. A boolean-mask index's own ``nonzero`` runs inside the CPU kernel, below the mode, so ``index`` with
+a boolean index is counted as a sync itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from prefkit import PrefConfig, PrefTrainer, accel
+from prefkit.errors import TrainingFault
+
+SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+           torch.ops.aten.masked_select.default}
+INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+ROWS = [{"prompt": "the cat sat", "chosen": " on the mat", "rejected": " under the big red log"},
+        {"prompt": "a dog", "chosen": " ran home", "rejected": " sat"}] * 6
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts syncing ops, each with the prefkit / transformers line that asked for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func in INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1])
+        if func in SYNCING or bool_index:
+            frames = [f for f in traceback.extract_stack() if "/prefkit/" in f.filename or "transformers" in f.filename]
+            last = frames[-1] if frames else None
+            self.where["/".join(last.filename.rsplit("/", 2)[-2:]) + f":{last.lineno}" if last else "?"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> list[collections.Counter]:
+    """Syncs per training step of a short run (every step a non-logging one: logging_steps is past the end)."""
+    opts = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=steps,
+                logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, beta=0.1,
+                overwrite_output_dir=True, overlap_reference=False, **options)
+    # overlap_reference false: the reference forward would otherwise run on a worker thread, which a dispatch
+    # mode (thread-local) does not see
+    args = PrefConfig(**{**opts, **accel.host_defaults(opts)})
+    trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(ROWS),
+                          processing_class=tiny_tokenizer, run_forwards=accel.install(args).run_forwards)
+    counts, real = [], trainer.training_step
+
+    def counted(*a, **kw):
+        mode = CountSyncs()
+        with mode:
+            out = real(*a, **kw)
+        counts.append(mode)
+        return out
+
+    trainer.training_step = counted
+    trainer.train()
+    return [m.where for m in counts]
+
+
+# The syncs left, per micro-step (each named by the line that asks for it):
+# - every run: the NaN policy's one check (prefkit/trainer.py _non_finite: bool of the loss-and-gradient flag;
+#   --nan_policy stop must know before the optimizer step, or the "last good state" it saves is gone). Under
+#   --nan_policy skip the loss is checked on its own too, before backward, to train on a zero instead (2).
+# - --share_prompt false: transformers builds the 2D padding mask into a 4D one and asks twice per forward whether
+#   it can be skipped (masking_utils, policy and reference forward: 4).
+# - static / adaptive granularity: the number of units (granularity.py, mu.max()) and a boolean-mask gather of
+#   the pairs' units (objective.py) (2).
+# - RC: its incentive statistics and score-norm EMAs are read on the host (dynamics/calibration.py,
+#   grad_norms.py), and the loss check does not wait for the gradient's (the stop checkpoint saves RC's EMAs,
+#   which a non-finite step would already have changed): 7 on the first step, 9 after it.
+# HF Trainer's own loop adds 2 more per micro-step outside training_step (logging_nan_inf_filter's isnan/isinf
+# on the returned loss), which --logging_nan_inf_filter false removes; prefkit's NaN policy already stops or
+# zeroes a non-finite loss, so the filter never has anything to filter.
+@pytest.mark.parametrize(("options", "want"), [
+    ({}, [1, 1, 1]),  # the default layout on a Llama: packed pairs
+    ({"pack_pairs": False}, [1, 1, 1]),  # the shared prompt, its mask built in the forward from lengths
+    ({"share_prompt": False}, [5, 5, 5]),
+    ({"nan_policy": "skip"}, [2, 2, 2]),
+    ({"poet": True}, [1, 1, 1]),
+    ({"granularity": "adaptive", "num_segments": 4}, [3, 3, 3]),
+    ({"reward_calibration": True}, [7, 9, 9]),
+], ids=["packed", "shared", "two-rows", "skip", "poet", "adpo", "rc"])
+def test_host_syncs_per_training_step(tiny_llama, tiny_tokenizer, tmp_path, options, want):
+    where = _train(tiny_llama, tiny_tokenizer, tmp_path, **options)
+    assert [sum(w.values()) for w in where] == want, where
+
+
+def _poison_gradient(model):
+    """A NaN in one weight's gradient, the loss left finite."""
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    weight.register_hook(lambda g: g * torch.tensor(float("nan")))
+
+
+def test_the_stop_policys_one_check_still_names_what_was_not_finite(tiny_llama, tiny_tokenizer, tmp_path,
+                                                                      monkeypatch):
+    """The loss check waits for the gradient's (one sync), yet a NaN gradient under a finite loss is reported as
+    the gradient, and a NaN loss as the loss."""
+    _poison_gradient(tiny_llama)
+    with pytest.raises(TrainingFault, match="non-finite gradient at step 0"):
+        _train(tiny_llama, tiny_tokenizer, tmp_path / "grad", steps=1)
+    from prefkit.objectives.objective import Objective
+
+    real = Objective.__call__
+
+    def poisoned(self, logps):
+        out = real(self, logps)
+        out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    with pytest.raises(TrainingFault, match="non-finite loss at step 0"):
+        _train(tiny_llama, tiny_tokenizer, tmp_path / "loss", steps=1)
