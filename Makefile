@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prefkit-installed
 
-.PHONY: demo test test-fast throughput overhead bench mutmut clean
+.PHONY: demo test test-fast test-long throughput overhead bench mutmut clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,13 +22,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not long"
 
 # the development tier: everything but the tests marked slow (real training runs, multi-process launches)
 test-fast: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not long"
+
+# the cases make test leaves out because another test there covers them (a second kill -9 recovery, ZeRO-3 with
+# LoRA, plain DPO under two processes, the Python example on the real embedded model)
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -m long
 
 throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -70,9 +70,11 @@ def _single(args: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", [[], ["--granularity", "adaptive", "--num_segments", "3", "--poet", "true"],
-                                       ["--reward_calibration", "true"], ["--precompute_ref_log_probs", "true"]],
-                         ids=["dpo", "adpo+poet", "dpo+rc", "dpo+precomputed-ref"])
+@pytest.mark.parametrize("objective", [  # plain DPO's path is inside each of the others: make test-long runs it
+    pytest.param([], marks=pytest.mark.long, id="dpo"),
+    pytest.param(["--granularity", "adaptive", "--num_segments", "3", "--poet", "true"], id="adpo+poet"),
+    pytest.param(["--reward_calibration", "true"], id="dpo+rc"),
+    pytest.param(["--precompute_ref_log_probs", "true"], id="dpo+precomputed-ref")])
 def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, objective):
     if "--precompute_ref_log_probs" in objective:  # separate caches: each run computes its own
         objective = [*objective, "--ref_cache_dir", str(tmp_path / "cache")]
@@ -103,8 +105,9 @@ def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, extra", [("2", []), ("3", []), ("3", ["--use_peft", "true", "--lora_dropout", "0"])],
-                         ids=["zero2-full", "zero3-full", "zero3-lora"])
+@pytest.mark.parametrize("stage, extra", [  # LoRA under ZeRO-3: make test-long (zero3-full covers the partitioning)
+    pytest.param("2", [], id="zero2-full"), pytest.param("3", [], id="zero3-full"),
+    pytest.param("3", ["--use_peft", "true", "--lora_dropout", "0"], marks=pytest.mark.long, id="zero3-lora")])
 def test_deepspeed_two_processes_match_one(tmp_path, model_dir, stage, extra):
     """DeepSpeed ZeRO-2 and ZeRO-3 (parameters partitioned; the full fine-tuning reference sharded the same way)
     on 2 CPU processes give the loss curve and RC alpha of one process with twice the accumulation; checkpoints

@@ -36,6 +36,7 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+@pytest.mark.long  # the kill -9 loop below covers recovery in make test
 def test_kill_9_then_resume_latest_reproduces_the_run(tmp_path, model_dir):
     data = write_pairs(tmp_path / "p.jsonl", 60)
     ref = tmp_path / "uninterrupted"

@@ -562,6 +562,7 @@ def test_python_api_example_runs_to_the_end(model_id, tmp_path, monkeypatch, cap
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the example on a tiny model runs in make test
 def test_python_api_example_on_the_embedded_model(tmp_path):
     import subprocess
     import sys
