@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/prefkit train
 
+# two workers (pytest-xdist) on CI's two cores; each multi-process test picks its own free port
 test: $(STAMP)
 	$(BIN)/ruff check prefkit tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not long"
+	$(BIN)/python -m pytest -m "not long" -n 2
 
 # the development tier: everything but the tests marked slow (real training runs, multi-process launches)
 test-fast: $(STAMP)

@@ -7,13 +7,16 @@ response, as in DPO and TRL.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from prefkit.data import PairCollator
+from prefkit.data.types import PairBatch
 from prefkit.logprobs import compute_pair_logps, eval_mode
 
 
@@ -50,26 +53,30 @@ class EvalResult:
         return asdict(self)
 
 
+def batches_of(dataset, collator: PairCollator, batch_size: int) -> DataLoader:
+    """A prepared dataset (columns prompt_ids, chosen_ids, rejected_ids) in order, as batches of pairs."""
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+
+
 @torch.no_grad()
 def pair_logp_sums(
-    model: nn.Module, dataset, collator: PairCollator, *, batch_size: int = 8, desc: str = "scoring",
-    autocast: torch.dtype | None = None,
+    model: nn.Module, batches: Iterable[PairBatch], *, desc: str = "scoring", autocast: torch.dtype | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> PairLogpSums:
-    """One no-grad forward per batch over a prepared dataset (columns prompt_ids, chosen_ids, rejected_ids),
-    under ``autocast`` when given (the dtype a run's --bf16 / --fp16 autocasts to, as its training steps do)."""
+    """Held-out scoring, the one path `prefkit eval` and the trainer's before/after metrics share: one no-grad
+    forward per batch, under ``autocast`` when given (the dtype a run's --bf16 / --fp16 autocasts to, as its
+    training steps do). ``gather`` (accelerate's ``gather_for_metrics``) joins the shards that the processes of
+    a multi-process run score, in dataset order."""
     device = next(model.parameters()).device
-    parts: dict[str, list[Tensor]] = {"cs": [], "rs": [], "cl": [], "rl": []}
+    parts: list[Tensor] = []
     with eval_mode(model), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collator(rows).to(device)
-            lp = compute_pair_logps(model, batch)
-            parts["cs"].append(lp.chosen.sum(1).cpu())
-            parts["rs"].append(lp.rejected.sum(1).cpu())
-            parts["cl"].append(lp.chosen_mask.sum(1).cpu())
-            parts["rl"].append(lp.rejected_mask.sum(1).cpu())
-    cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
-    return PairLogpSums(cat["cs"].double(), cat["rs"].double(), cat["cl"], cat["rl"])
+        for batch in tqdm(batches, desc=desc, leave=False):
+            lp = compute_pair_logps(model, batch.to(device))
+            part = torch.stack([lp.chosen.sum(1).float(), lp.rejected.sum(1).float(),
+                                lp.chosen_mask.sum(1).float(), lp.rejected_mask.sum(1).float()], dim=1)
+            parts.append((part if gather is None else gather(part)).cpu())
+    cat = torch.cat(parts).double() if parts else torch.zeros(0, 4, dtype=torch.float64)
+    return PairLogpSums(cat[:, 0], cat[:, 1], cat[:, 2].long(), cat[:, 3].long())
 
 
 def summarize(policy: PairLogpSums, reference: PairLogpSums | None, beta: float) -> EvalResult:

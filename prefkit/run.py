@@ -26,7 +26,7 @@ from prefkit.data import (
 from prefkit.data.load import has_split
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError, ModelError, one_line
-from prefkit.evaluate import EvalResult, PairLogpSums, pair_logp_sums, summarize
+from prefkit.evaluate import EvalResult, PairLogpSums, batches_of, pair_logp_sums, summarize
 from prefkit.files import atomic_write_text, check_writable_dir, output_dir_lock
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.models import is_peft_model, load_causal_lm, load_tokenizer, resolve_model_path
@@ -155,18 +155,18 @@ def train_main(cfg: PrefConfig) -> dict:
             return {"train": {}, "before": None, "after": None, "nothing_to_do": True}
         t0 = time.time()
         job = prepare_job(cfg, spec.data)
-        held_out = score_before(job)
         trainer = build_trainer(job, spec)
+        held_out = score_before(job, trainer)
         record_run(job, trainer, checkpoint)
         metrics = fit(job, trainer, checkpoint, t0)
-        after = score_after(job, held_out)
+        after = score_after(job, trainer, held_out)
         report(job, trainer, metrics, held_out.before, after)
         return {"train": metrics, "before": held_out.before, "after": after}
 
 
 @dataclass
 class Job:
-    """What a training job has loaded: its options, models, data, layout and held-out collator."""
+    """What a training job has loaded: its options, models, data and layout."""
 
     cfg: PrefConfig
     run_forwards: Callable | None
@@ -176,7 +176,6 @@ class Job:
     data: LoadedData
     ref_model: torch.nn.Module | None
     layout: Layout
-    collator: PairCollator  # held-out scoring: the layout of training, no EOS padding
 
 
 @dataclass
@@ -207,26 +206,22 @@ def prepare_job(cfg: PrefConfig, data_spec: DataSpec) -> Job:
         logger.info("%s data: %s", name, rep.summary())
     ref_model = load_reference_model(cfg)
     layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model, ref_model)
-    collator = PairCollator.for_spec(data_spec, tokenizer, layout, training=False)
     if not getattr(model, "is_quantized", False):  # bitsandbytes placed it at load and refuses .to
         model.to(torch.device(cfg.device))
-    return Job(cfg, host.run_forwards, model_path, model, tokenizer, data, ref_model, layout, collator)
+    return Job(cfg, host.run_forwards, model_path, model, tokenizer, data, ref_model, layout)
 
 
 def _has_held_out(job: Job) -> bool:
     return job.data.eval is not None and len(job.data.eval) > 0
 
 
-def score_before(job: Job) -> HeldOut:
+def score_before(job: Job, trainer: PrefTrainer) -> HeldOut:
+    """The held-out metrics of the starting policy, scored by the trainer as it scores after training."""
     if not _has_held_out(job):
         return HeldOut()
-    bs = job.cfg.per_device_eval_batch_size
-    autocast = job.cfg.autocast_dtype  # scored as the run's training steps compute
-    start = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=bs, desc="held-out, before",
-                           autocast=autocast)
-    ref_scores = start if job.ref_model is None else pair_logp_sums(
-        job.ref_model.to(job.cfg.device), job.data.eval, job.collator, batch_size=bs, desc="reference",
-        autocast=autocast)
+    start = trainer.held_out_logp_sums(job.data.eval, job.model, desc="held-out, before")
+    ref_scores = start if job.ref_model is None else trainer.held_out_logp_sums(
+        job.data.eval, job.ref_model.to(job.cfg.device), desc="reference")
     held_out = HeldOut(summarize(start, None, job.cfg.beta), ref_scores)
     print("\n" + report_table(held_out.before, None) + "\n", flush=True)
     return held_out
@@ -271,11 +266,10 @@ def fit(job: Job, trainer: PrefTrainer, checkpoint: str | None, t0: float) -> di
     return metrics
 
 
-def score_after(job: Job, held_out: HeldOut) -> EvalResult | None:
+def score_after(job: Job, trainer: PrefTrainer, held_out: HeldOut) -> EvalResult | None:
     if not _has_held_out(job):
         return None
-    end = pair_logp_sums(job.model, job.data.eval, job.collator, batch_size=job.cfg.per_device_eval_batch_size,
-                         desc="held-out, after", autocast=job.cfg.autocast_dtype)
+    end = trainer.held_out_logp_sums(job.data.eval, job.model, desc="held-out, after")
     after = summarize(end, held_out.ref_scores, job.cfg.beta)
     (Path(job.cfg.output_dir) / "eval_results.json").write_text(json.dumps(
         {"before": held_out.before.to_dict() if held_out.before else None, "after": after.to_dict()}, indent=2))
@@ -320,15 +314,18 @@ def eval_main(cfg: PrefConfig, output_file: str | None = None, *, given: set[str
     layout = resolve_layout(cfg.share_prompt, cfg.pack_pairs, model,
                             reference if isinstance(reference, torch.nn.Module) else None)
     collator = PairCollator.for_spec(spec.data, tokenizer, layout, training=False)
-    bs = cfg.per_device_eval_batch_size
-    autocast = cfg.autocast_dtype
-    policy = pair_logp_sums(model, ds, collator, batch_size=bs, desc="policy", autocast=autocast)
+
+    def scores(scorer: torch.nn.Module, desc: str) -> PairLogpSums:
+        batches = batches_of(ds, collator, cfg.per_device_eval_batch_size)
+        return pair_logp_sums(scorer, batches, desc=desc, autocast=cfg.autocast_dtype)
+
+    policy = scores(model, "policy")
     ref_scores: PairLogpSums | None = None
     if reference == "adapter":
         with model.disable_adapter():
-            ref_scores = pair_logp_sums(model, ds, collator, batch_size=bs, desc="reference", autocast=autocast)
+            ref_scores = scores(model, "reference")
     elif reference is not None:
-        ref_scores = pair_logp_sums(reference, ds, collator, batch_size=bs, desc="reference", autocast=autocast)
+        ref_scores = scores(reference, "reference")
     result = summarize(policy, ref_scores, cfg.beta).to_dict()
     result["skipped"] = dict(report.skipped)
     if out is not None:

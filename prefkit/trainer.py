@@ -9,6 +9,7 @@ It changes no process-wide state; the host layer (:mod:`prefkit.accel`) comes in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from prefkit.data import PairCollator, prepare_if_raw
 from prefkit.data.types import PairBatch, SkipReport
 from prefkit.dynamics import DynamicsMonitor
 from prefkit.errors import ConfigError, TrainingFault
+from prefkit.evaluate import PairLogpSums, batches_of, pair_logp_sums
 from prefkit.files import atomic_write_text, read_jsonl_tolerant
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.logprobs import compute_pair_logps
@@ -247,6 +249,16 @@ class PrefTrainer(Trainer):
         with torch.no_grad(), self._reference(model) as ref:
             out = compute_pair_logps(ref, batch)
         return out.chosen, out.rejected
+
+    def held_out_logp_sums(self, dataset, model: nn.Module | None = None, desc: str = "held-out") -> PairLogpSums:
+        """The summed response log-probs of a prepared held-out dataset (before/after metrics), by ``model``
+        (default: the policy) through :func:`prefkit.evaluate.pair_logp_sums`: in the run's layout and autocast,
+        without the training-only EOS padding, each process scoring its shard of the pairs."""
+        collator = dataclasses.replace(self.data_collator, static_eos_padding=False)
+        loader = self.accelerator.prepare_data_loader(
+            batches_of(dataset, collator, self.args.per_device_eval_batch_size))
+        return pair_logp_sums(self.model if model is None else model, loader, desc=desc,
+                              autocast=self.args.autocast_dtype, gather=self.accelerator.gather_for_metrics)
 
     def pair_logps(self, model: nn.Module, batch: PairBatch) -> PairLogps:
         """Policy log-probs with graph plus reference log-probs when the objective needs them."""

@@ -92,13 +92,22 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, o
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
     """FSDP v2 (parameters, gradients and optimizer states sharded over 2 CPU processes) gives the same loss
-    curve as one unsharded process with twice the accumulation, and saves a full model."""
-    data = write_pairs(tmp_path / "p.jsonl", 24)
+    curve as one unsharded process with twice the accumulation, and saves a full model. Held-out pairs are
+    scored before and after training by each process on its shard (7 pairs in batches of 2: the last batch is
+    padded across processes and the padding dropped), with the single process's metrics."""
+    data = write_pairs(tmp_path / "p.jsonl", 28)
     two, one = tmp_path / "fsdp", tmp_path / "one"
-    rc = ["--reward_calibration", "true"]
-    _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *rc), CONFIG.parent / "fsdp2_cpu_gloo.yaml")
-    _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", *rc))
+    extra = ["--reward_calibration", "true", "--eval_split_size", "0.25", "--per_device_eval_batch_size", "2"]
+    _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *extra),
+            CONFIG.parent / "fsdp2_cpu_gloo.yaml")
+    _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                  *extra))
     _assert_same_curve(two, one, alphas=True)
+    held_out = [json.loads((run / "eval_results.json").read_text()) for run in (two, one)]
+    assert held_out[1]["after"]["num_pairs"] == 7
+    for when in ("before", "after"):
+        for key, value in held_out[1][when].items():  # before training there are no implicit rewards (None)
+            assert held_out[0][when][key] == (value if value is None else pytest.approx(value, rel=1e-4, abs=1e-5))
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(two)  # the sharded run's output is a loadable full model

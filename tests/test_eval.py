@@ -116,7 +116,7 @@ def test_pair_logp_sums_runs_under_the_given_autocast(tiny_llama, tiny_tokenizer
     from datasets import Dataset
 
     from prefkit.data import PairCollator
-    from prefkit.evaluate import pair_logp_sums
+    from prefkit.evaluate import batches_of, pair_logp_sums
 
     ds = Dataset.from_list([{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2], "row_id": 0}] * 3)
     collator = PairCollator(pad_token_id=0)
@@ -124,7 +124,7 @@ def test_pair_logp_sums_runs_under_the_given_autocast(tiny_llama, tiny_tokenizer
         seen: list = []
         handle = _first_linear_dtypes(tiny_llama, seen)
         try:
-            scores = pair_logp_sums(tiny_llama, ds, collator, batch_size=2, autocast=autocast)
+            scores = pair_logp_sums(tiny_llama, batches_of(ds, collator, 2), autocast=autocast)
         finally:
             handle.remove()
         assert seen and set(seen) == {want} and scores.chosen_sum.shape == (3,)
@@ -146,3 +146,30 @@ def test_eval_scores_under_the_runs_autocast(tmp_path, saved_run, capsys, monkey
     monkeypatch.setattr(prefkit.run, "pair_logp_sums", spying)
     _eval(run, data, capsys, "--bf16", "true", "--use_cpu", "true", "--ref_model_name_or_path", str(ref))
     assert len(seen) >= 2 and set(seen) == {torch.bfloat16}
+
+
+def test_the_trainer_scores_held_out_pairs_as_prefkit_eval_does_without_training_only_eos_padding(
+        tiny_llama, tiny_tokenizer, tmp_path):
+    """Before/after metrics come from the trainer through the one scoring function `prefkit eval` uses: the same
+    sums as a plain pass, in the run's layout, and with --static_padding eos the shorter response is not extended
+    with the EOS tokens the training batches score (each response counts its own tokens)."""
+    from datasets import Dataset
+
+    from prefkit.config import PrefConfig
+    from prefkit.data import PairCollator
+    from prefkit.evaluate import batches_of, pair_logp_sums
+    from prefkit.trainer import PrefTrainer
+
+    rows = [{"prompt": "a b", "chosen": " c d e f", "rejected": " g"}, {"prompt": "c", "chosen": " a", "rejected": " b c"}]
+    args = PrefConfig(output_dir=str(tmp_path), per_device_eval_batch_size=1, use_cpu=True, report_to="none",
+                      granularity="static", window_size=2, static_padding="eos")
+    trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tiny_tokenizer)
+    assert trainer.data_collator.static_eos_padding  # training batches are padded with EOS
+    ds = trainer.train_dataset
+    got = trainer.held_out_logp_sums(ds)
+    lengths = [(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in ds]
+    assert got.chosen_len.tolist() == [c for c, _ in lengths] and got.rejected_len.tolist() == [r for _, r in lengths]
+    plain = pair_logp_sums(tiny_llama, batches_of(ds, PairCollator(pad_token_id=tiny_tokenizer.pad_token_id), 2))
+    torch.testing.assert_close(got.chosen_sum, plain.chosen_sum, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.rejected_sum, plain.rejected_sum, rtol=1e-6, atol=1e-6)
