@@ -452,6 +452,12 @@ def test_loss_weights_message_is_the_command_lines(model_id, training_args, tmp_
     assert str(python.value) == "--loss_weights: 1 weights for 2 loss types"
 
 
+def test_loss_weights_of_the_wrong_length_refused_where_the_config_is_built():
+    with pytest.raises(ValueError, match=r"^--loss_weights: 1 weights for 2 loss types$"):
+        DPOConfig(output_dir="unused", loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    assert DPOConfig(output_dir="unused", loss_type="sigmoid,sft", loss_weights=[1.0, 0.5]).loss_weights == [1.0, 0.5]
+
+
 @pytest.mark.parametrize("argument, kwargs, match", [
     ("data_collator", {"data_collator": lambda rows: rows}, "data_collator: a function"),
     ("peft_config", {"peft_config": {"r": 4}}, "peft_config: must be a peft config"),
