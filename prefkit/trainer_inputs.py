@@ -73,14 +73,17 @@ def check_reference_columns(dataset, objective, name: str) -> None:
         raise ConfigError(f"{name} dataset: column {present[0]!r} without {other!r}; give both precomputed "
                           "reference columns or drop them")
     per_response = isinstance(dataset.features[REF_COLUMNS[0]], Value)
-    if per_response and objective.needs_token_reference:
+    # the collator weights the tokens of a dataset with weight columns whatever the options say
+    weighted = "rejected_token_weights" in dataset.column_names
+    if per_response and (objective.needs_token_reference or (weighted and objective.needs_reference)):
         s = objective.spec
         why = ", ".join(w for w, on in ((f"--granularity {s.granularity}", s.granularity != "response"),
                                         ("--poet", s.poet), ("--use_token_weights", s.use_token_weights),
-                                        ("--ld_alpha", s.ld_alpha is not None)) if on)
+                                        ("--ld_alpha", s.ld_alpha is not None),
+                                        ("its token weight columns", weighted)) if on)
         raise ConfigError(f"{name} dataset: columns {REF_COLUMNS[0]!r}/{REF_COLUMNS[1]!r} hold one reference "
-                          f"log-prob per response (TRL's format), but {why} needs them per token; drop the columns "
-                          "so that prefkit computes them (precompute_ref_log_probs=True computes and caches them)")
+                          f"log-prob per response (TRL's format), but the reference is needed per token here ({why}); drop "
+                          "the columns so that prefkit computes them (precompute_ref_log_probs=True computes and caches them)")
 
 
 def check_collator(data_collator) -> None:

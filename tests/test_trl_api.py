@@ -586,12 +586,17 @@ def test_trl_per_response_reference_columns_give_the_loss_of_the_reference_itsel
 def test_trl_per_response_reference_columns_refused_where_tokens_are_needed(model_id, training_args, option):
     raw = dataset(n=2).add_column("ref_chosen_logps", [-1.0, -2.0]).add_column("ref_rejected_logps", [-1.0, -2.0])
     with pytest.raises(ValueError, match=r"train dataset: columns 'ref_chosen_logps'/'ref_rejected_logps' hold one "
-                                         r"reference log-prob per response .* needs them per token; drop the columns"):
+                                         r"reference log-prob per response .* needed per token here \(--.*\); drop the columns"):
         DPOTrainer(model=model_id, args=training_args(**option), train_dataset=raw)
     # a prepared dataset with them is refused the same way
     prepared = DPOTrainer(model=model_id, args=training_args(), train_dataset=raw).train_dataset
-    with pytest.raises(ValueError, match="needs them per token"):
+    with pytest.raises(ValueError, match="needed per token here"):
         DPOTrainer(model=model_id, args=training_args(**option), train_dataset=prepared)
+    weights = [[1.0] * len(ids) for ids in prepared["rejected_ids"]]
+    with pytest.raises(ValueError, match=r"needed per token here \(its token weight columns\)"):
+        DPOTrainer(model=model_id, args=training_args(), train_dataset=prepared.add_column(
+            "chosen_token_weights", [[1.0] * len(ids) for ids in prepared["chosen_ids"]]).add_column(
+            "rejected_token_weights", weights))
 
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "python_api.py"
