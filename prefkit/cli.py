@@ -119,7 +119,23 @@ def _version() -> str:
         return "(not installed)"
 
 
+# what a shell reports for a process that SIGPIPE ended (128 + 13)
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader left (`prefkit train --help | head`): the recipe of Python's signal docs, so that the
+        # interpreter's own flush at exit writes nowhere instead of printing a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or "--debug_traceback" in argv or os.environ.get("PREFKIT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prefkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # not an error of the run: main() ends quietly
+        raise
     except Exception as e:  # the one boundary: a library's exception must not reach the user as a traceback
         if debug:
             raise

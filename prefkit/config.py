@@ -204,6 +204,9 @@ class PrefConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
             self.loss_type = [s.strip() for s in self.loss_type.split(",") if s.strip()]
+        # checked here, as DPOConfig checks it, so that a script fails where it builds the config
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(f"--loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [s.strip() for s in self.lora_target_modules.split(",") if s.strip()]
         if self.output_dir is None:

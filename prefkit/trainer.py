@@ -43,6 +43,7 @@ from prefkit.trainer_inputs import (
     check_dataset,
     check_datasets,
     check_reference,
+    check_reference_columns,
     peft_model,
     policy_model,
     tokenizer_for,
@@ -219,6 +220,7 @@ class PrefTrainer(Trainer):
 
     def _prepared(self, dataset, tokenizer, name: str):
         dataset, report = prepare_if_raw(dataset, tokenizer, self.spec.data, name)
+        check_reference_columns(dataset, self.objective, name)
         if report is not None:
             self.skip_reports[name] = report
             (logger.warning if report.skipped else logger.info)("%s dataset: %s", name, report.summary())

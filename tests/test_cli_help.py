@@ -92,6 +92,20 @@ def test_help_wins_over_other_options_and_a_bad_config(capsys, tmp_path):
     assert out.startswith("usage: prefkit train")
 
 
+@pytest.mark.parametrize("argv", [["train", "--help"], ["--help"], ["--version"]])
+def test_output_into_a_closed_pipe_ends_quietly(argv):
+    """`prefkit train --help | head`: the reader is gone before prefkit writes, as when head has read its lines."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "prefkit", *argv], stdout=write, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.stderr.decode() == ""
+    assert proc.returncode == 141
+
+
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 
 

@@ -10,6 +10,7 @@ message naming the argument. prefkit's own additions come after the ported tests
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -316,7 +317,6 @@ def test_train_padding_free(model_id, training_args, monkeypatch):
     train_and_check(trainer)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 30's data items: a chat_template_kwargs column is not honoured yet")
 def test_train_with_chat_template_kwargs(model_id, training_args):
     tok = make_tokenizer()
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {% if loud %}yes {% endif %}{{ m['content'] }} "
@@ -452,6 +452,12 @@ def test_loss_weights_message_is_the_command_lines(model_id, training_args, tmp_
     assert str(python.value) == "--loss_weights: 1 weights for 2 loss types"
 
 
+def test_loss_weights_of_the_wrong_length_refused_where_the_config_is_built():
+    with pytest.raises(ValueError, match=r"^--loss_weights: 1 weights for 2 loss types$"):
+        DPOConfig(output_dir="unused", loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    assert DPOConfig(output_dir="unused", loss_type="sigmoid,sft", loss_weights=[1.0, 0.5]).loss_weights == [1.0, 0.5]
+
+
 @pytest.mark.parametrize("argument, kwargs, match", [
     ("data_collator", {"data_collator": lambda rows: rows}, "data_collator: a function"),
     ("peft_config", {"peft_config": {"r": 4}}, "peft_config: must be a peft config"),
@@ -544,6 +550,53 @@ def test_precompute_ref_log_probs_builds_no_reference_and_matches_the_cli(model_
     py_losses = [r["loss"] for r in py if "loss" in r]
     assert len(py_losses) == 3
     assert py_losses == pytest.approx(cli_losses, rel=1e-5)
+
+
+def test_trl_per_response_reference_columns_give_the_loss_of_the_reference_itself(model_id, training_args):
+    """TRL's precomputed columns (one log-prob per response) equal to a reference model's sums: the loss is the
+    one of a trainer that runs that reference, and no reference module is built."""
+    from prefkit.logprobs import compute_pair_logps
+
+    torch.manual_seed(1)
+    ref = LlamaForCausalLM(LlamaConfig(**_small(len(make_tokenizer())))).eval()
+    with_ref = DPOTrainer(model=model_id, args=training_args(), train_dataset=dataset(), ref_model=ref)
+    pairs = [with_ref.train_dataset[i] for i in range(len(with_ref.train_dataset))]
+    batch = with_ref.data_collator(pairs)
+    with torch.no_grad():
+        out = compute_pair_logps(ref, batch)
+    sums = {"ref_chosen_logps": (out.chosen * out.chosen_mask).sum(1).tolist(),
+            "ref_rejected_logps": (out.rejected * out.rejected_mask).sum(1).tolist()}
+    raw = dataset()
+    assert len(raw) == len(pairs)
+    for name, values in sums.items():
+        raw = raw.add_column(name, values)
+    columns = DPOTrainer(model=model_id, args=training_args(), train_dataset=raw)
+    assert columns.ref_model is None
+    assert columns.train_dataset["ref_chosen_logps"] == pytest.approx(sums["ref_chosen_logps"])
+    with torch.no_grad():
+        want = with_ref.compute_loss(with_ref.model, batch)
+        got = columns.compute_loss(columns.model, columns.data_collator(
+            [columns.train_dataset[i] for i in range(len(pairs))]))
+    assert abs(want.item() - math.log(2)) > 1e-3  # the policy is not the reference: the sums matter
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    train_and_check(columns)
+
+
+@pytest.mark.parametrize("option", [dict(granularity="adaptive"), dict(poet=True), dict(ld_alpha=0.5)])
+def test_trl_per_response_reference_columns_refused_where_tokens_are_needed(model_id, training_args, option):
+    raw = dataset(n=2).add_column("ref_chosen_logps", [-1.0, -2.0]).add_column("ref_rejected_logps", [-1.0, -2.0])
+    with pytest.raises(ValueError, match=r"train dataset: columns 'ref_chosen_logps'/'ref_rejected_logps' hold one "
+                                         r"reference log-prob per response .* needed per token here \(--.*\); drop the columns"):
+        DPOTrainer(model=model_id, args=training_args(**option), train_dataset=raw)
+    # a prepared dataset with them is refused the same way
+    prepared = DPOTrainer(model=model_id, args=training_args(), train_dataset=raw).train_dataset
+    with pytest.raises(ValueError, match="needed per token here"):
+        DPOTrainer(model=model_id, args=training_args(**option), train_dataset=prepared)
+    weights = [[1.0] * len(ids) for ids in prepared["rejected_ids"]]
+    with pytest.raises(ValueError, match=r"needed per token here \(its token weight columns\)"):
+        DPOTrainer(model=model_id, args=training_args(), train_dataset=prepared.add_column(
+            "chosen_token_weights", [[1.0] * len(ids) for ids in prepared["chosen_ids"]]).add_column(
+            "rejected_token_weights", weights))
 
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "python_api.py"

@@ -23,6 +23,14 @@ def _response_matrix(values: list[list[float]], width: int, fill: float) -> torc
     return out
 
 
+def _per_token(ref: list[float] | float) -> list[float]:
+    """Reference log-probs per response token: prefkit's cache holds them so; TRL's column holds one per response,
+    which lies on the first token (zeros after it), so that every sum over the whole response is exact. Only
+    objectives that sum over the whole response may read it (``Objective.needs_token_reference`` is False; the
+    trainer refuses the others)."""
+    return [ref] if isinstance(ref, (int, float)) else ref
+
+
 @dataclass
 class PairCollator:
     """Builds the one-forward layout for B pairs (rows 0..B-1 prompt+chosen, B..2B-1 prompt+rejected).
@@ -96,8 +104,8 @@ class PairCollator:
             batch.chosen_weights = _response_matrix([f["chosen_token_weights"] for f in features], t, 1.0)
             batch.rejected_weights = _response_matrix([f["rejected_token_weights"] for f in features], t, 1.0)
         if "ref_chosen_logps" in features[0]:
-            batch.ref_chosen = _response_matrix([f["ref_chosen_logps"] for f in features], t, 0.0)
-            batch.ref_rejected = _response_matrix([f["ref_rejected_logps"] for f in features], t, 0.0)
+            batch.ref_chosen = _response_matrix([_per_token(f["ref_chosen_logps"]) for f in features], t, 0.0)
+            batch.ref_rejected = _response_matrix([_per_token(f["ref_rejected_logps"]) for f in features], t, 0.0)
         return batch
 
     def _width(self, n: int) -> int:

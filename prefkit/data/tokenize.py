@@ -5,7 +5,7 @@ Rules (docs/data.md):
 - the tokenizer's BOS is put in front of the prompt iff the tokenizer adds one by itself and the prompt does
   not already start with it (never doubled);
 - every response ends with EOS (a response that already contains EOS, as chat templates render it, is cut
-  right after it);
+  right after its last one);
 - with ``max_prompt_length`` the prompt is truncated first (``keep_end`` keeps its end, and its BOS when the
   tokenizer adds one, ``keep_start`` its start); then responses are cut to ``max_length − len(prompt)`` keeping their start (they lose their EOS);
   without it, a prompt that alone fills ``max_length`` is skipped.
@@ -15,6 +15,7 @@ Content problems skip the row and are counted by reason; schema problems raise `
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from datasets import Dataset
@@ -25,7 +26,10 @@ from prefkit.data.spec import DataSpec
 from prefkit.data.types import SkipReport
 from prefkit.errors import ConfigError, DataError
 
+logger = logging.getLogger("prefkit")
 WEIGHT_FIELDS = ("chosen_token_weights", "rejected_token_weights")
+# TRL's precomputed reference: one log-prob per response, carried to the prepared pairs as given
+REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 # texts per tokenizer call: one call over a whole column builds every row's encoding (tokens, offsets, masks) at
 # once; freed, that memory stays in the heap between the id lists that are kept (docs/performance.md, job (a)'s
 # peak memory)
@@ -43,8 +47,8 @@ def _adds_bos(tokenizer) -> bool:
 def _end_with_eos(ids: list[int], eos: int | None) -> list[int]:
     if eos is None:
         return ids
-    if eos in ids:
-        return ids[: ids.index(eos) + 1]
+    if eos in ids:  # the last one: a response of several turns (a tool call, its result, the answer) has one each
+        return ids[: len(ids) - ids[::-1].index(eos)]
     return ids + [eos]
 
 
@@ -68,6 +72,7 @@ def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], cfg: Da
 def _format(rows, tokenizer, source: str, report: SkipReport, implicit: bool) -> list[tuple[int, PairText, dict]]:
     out = []
     first_kind: tuple[str, bool, int] | None = None
+    dropped: list[tuple[int, str]] = []
     for row in rows:
         row_no = row.get(ROW, -1)
         kind = row_kind(row)
@@ -81,6 +86,8 @@ def _format(rows, tokenizer, source: str, report: SkipReport, implicit: bool) ->
             )
         if kind == "conversational":
             pair = conversational_pair(row, tokenizer, source, row_no, implicit)
+            if pair.dropped:
+                dropped.append((row_no, pair.dropped))
         else:
             pair = text_pair(row, source, row_no, implicit)
         where = f"row {row_no}"
@@ -94,6 +101,12 @@ def _format(rows, tokenizer, source: str, report: SkipReport, implicit: bool) ->
             report.add("chosen identical to rejected", where)
         else:
             out.append((row_no, pair, row))
+    if dropped:
+        logger.warning(
+            "%s: in %d row(s) (e.g. row %d) the chat template's generation prompt ends with %r, which the "
+            "conversation does not render: the prompt is cut where the two part, as TRL cuts it, so the model "
+            "trains without that text in front of the response (a template that renders the prompt the same "
+            "way in both avoids it)", source, len(dropped), dropped[0][0], dropped[0][1])
     return out
 
 
@@ -102,7 +115,8 @@ def _name(kind: str, implicit: bool) -> str:
 
 
 def prepare_dataset(rows, tokenizer, cfg: DataSpec, *, source: str, max_samples: int | None = None) -> tuple[Dataset, SkipReport]:
-    """Tokenized pairs (columns prompt_ids, chosen_ids, rejected_ids, row_id, length[, token weights]) + skip report."""
+    """Tokenized pairs (columns prompt_ids, chosen_ids, rejected_ids, row_id, length[, token weights][, TRL's
+    per-response reference log-probs]) + skip report."""
     columns = list(getattr(rows, "column_names", []))
     check_columns(columns, source)
     if len(rows) == 0:
@@ -128,6 +142,13 @@ def prepare_dataset(rows, tokenizer, cfg: DataSpec, *, source: str, max_samples:
     result: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row_id": [], "length": []}
     if cfg.use_token_weights:
         result.update({f: [] for f in WEIGHT_FIELDS})
+    ref_fields = [f for f in REF_FIELDS if f in columns]
+    if ref_fields:
+        if len(ref_fields) == 1:
+            other = next(f for f in REF_FIELDS if f not in columns)
+            raise DataError(f"{ref_fields[0]!r} without {other!r}: give both reference columns or neither",
+                            source=source, field=other)
+        result.update({f: [] for f in REF_FIELDS})
     for (row_no, _, row), p, c, r in zip(formatted, prompts, chosens, rejecteds):
         if add_bos and (not p or p[0] != bos):
             p = [bos, *p]
@@ -143,6 +164,8 @@ def prepare_dataset(rows, tokenizer, cfg: DataSpec, *, source: str, max_samples:
         result["rejected_ids"].append(r)
         result["row_id"].append(row_no)
         result["length"].append(len(p) + len(c) + len(r))
+        for field in ref_fields:
+            result[field].append(_sequence_logp(row.get(field), source, row_no, field))
         if cfg.use_token_weights:
             for field, ids, full in zip(WEIGHT_FIELDS, (c, r), full_lengths):
                 w = row.get(field)
@@ -160,6 +183,19 @@ def prepare_dataset(rows, tokenizer, cfg: DataSpec, *, source: str, max_samples:
     if not result["row_id"]:
         raise DataError(f"every pair was skipped: {report.summary()}", source=source)
     return Dataset.from_dict(result), report
+
+
+def _sequence_logp(value: object, source: str, row_no: int, field: str) -> float:
+    """One reference log-prob of a whole response (TRL's precomputed column): a finite number ≤ 0."""
+    if isinstance(value, list):
+        raise DataError("per-token reference log-probs in raw rows cannot be matched to prefkit's tokenization; "
+                        "give one log-prob per response (TRL's format), or drop the reference columns and let "
+                        "prefkit compute them (--precompute_ref_log_probs caches them)", source=source, row=row_no,
+                        field=field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 0:
+        raise DataError(f"expected the reference's log-probability of the response (a finite number <= 0), got "
+                        f"{json.dumps(value, default=str)[:40]}", source=source, row=row_no, field=field)
+    return float(value)
 
 
 def _weights(values: list, source: str, row_no: int, field: str) -> list[float]:

@@ -30,6 +30,10 @@ class Objective:
             self.weights = (*self.weights, spec.rpo_alpha)
         self.needs_reference = any(s.needs_reference for s in self.link_specs)
         self.score_reduction = "mean" if any(s.length_normalized for s in self.link_specs) else "sum"
+        # what reads the reference token by token rather than summed over the whole response: finer units,
+        # POET's cut, per-token weights (cADPO, LD-DPO)
+        self.needs_token_reference = self.needs_reference and (
+            spec.granularity != "response" or spec.poet or spec.use_token_weights or spec.ld_alpha is not None)
 
     def kept_masks(self, logps: PairLogps) -> tuple[Tensor, Tensor]:
         """Token masks after POET: the tokens the loss sees."""
