@@ -254,8 +254,10 @@ def _rounds_done(cfg: PrefConfig, online: OnlineSpec) -> int:
 def prepare_rounds(cfg: PrefConfig, spec: RunSpec, online: OnlineSpec, done: int) -> Rounds:
     """Load the scorer, prompts, policy and reference (as round ``done`` left them), decide the layout, and write
     the run's options and log."""
+    # a reward model scores on this rank's device under the run's autocast, as its training steps compute
     scorer = build_scorer(online.online_scorer, reference_field=online.online_reference_field,
-                          allow_pickle=cfg.allow_pickle)
+                          allow_pickle=cfg.allow_pickle, device=torch.device(cfg.device),
+                          autocast_dtype=cfg.autocast_dtype)
     rows = [dict(r) for r in load_rows(online.online_prompts, trust_remote_code=cfg.trust_remote_code)]
     if not rows:
         raise ConfigError(f"--online_prompts: {online.online_prompts} holds no prompts")

@@ -123,6 +123,49 @@ def test_reward_model_scorer_is_the_first_logit_batched(tmp_path, tiny_tokenizer
         build_scorer(f"reward_model:{tmp_path / 'missing'}")
 
 
+def _saved_reward_model(path, tokenizer) -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    rm = LlamaForSequenceClassification(cfg).eval()
+    rm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return rm
+
+
+def test_reward_model_scorer_runs_on_the_device_it_is_given(tmp_path, tiny_tokenizer, monkeypatch):
+    import prefkit.accel.precision as precision
+
+    rm = _saved_reward_model(tmp_path / "rm", tiny_tokenizer)
+    items = [Item("q ?", "q ? ", c, {}, i) for i, c in enumerate(["the cat sat", "a dog ran on the mat", "yes"])]
+    scorer = build_scorer(f"reward_model:{tmp_path / 'rm'}", batch_size=2, device=torch.device("cpu"))
+    assert {p.device for p in scorer.model.parameters()} == {torch.device("cpu")}
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.float32}
+    # the path before the scorer took a device: fp32 on the CPU, the same padded batches of 2
+    want = []
+    for start in (0, 2):
+        enc = tiny_tokenizer([it.prompt_text + it.completion for it in items[start : start + 2]],
+                             return_tensors="pt", padding=True)
+        with torch.no_grad():
+            want += rm(**enc).logits[:, 0].tolist()
+    assert scorer.score(items) == pytest.approx(want, abs=1e-6)
+    assert scorer.score([]) == []
+    # bf16 weights only where the run computes in bf16 and the device has native bf16
+    emulated = build_scorer(f"reward_model:{tmp_path / 'rm'}", device="cpu", autocast_dtype=torch.bfloat16)
+    assert {p.dtype for p in emulated.model.parameters()} == {torch.float32}
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device_type: device_type == "cpu")
+    native = build_scorer(f"reward_model:{tmp_path / 'rm'}", device="cpu", autocast_dtype=torch.bfloat16)
+    assert {p.dtype for p in native.model.parameters()} == {torch.bfloat16}
+    assert native.score(items) == pytest.approx(want, abs=0.05)  # bf16 rounding of a tiny model's score
+
+
+def test_reward_model_scorer_refuses_cuda_without_a_gpu(tmp_path, tiny_tokenizer, monkeypatch):
+    _saved_reward_model(tmp_path / "rm", tiny_tokenizer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"--scorer reward_model:.*cuda.* torch sees no CUDA GPU"):
+        build_scorer(f"reward_model:{tmp_path / 'rm'}", device="cuda")
+
+
 def test_pairing_rules_on_hand_scores():
     texts = ["a", "b", "c", "d", "b"]
     scores = [0.5, 1.0, 0.0, 1.0, 1.0]  # "b" twice: counted once; b and d tie

@@ -69,21 +69,23 @@ def check_args(a: argparse.Namespace) -> None:
 def pairs_main(argv: list[str]) -> int:
     import torch
 
-    from prefkit.accel.precision import choose_dtype
+    from prefkit.accel.precision import bf16_is_fast, choose_dtype
     from prefkit.data import load_rows
     from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     a = build_parser().parse_args(argv)
     check_args(a)
     check_writable_dir(Path(a.output).parent, "--output", create=True)  # before the sampling, not after it
-    scorer = build_scorer(a.scorer, reference_field=a.reference_field, allow_pickle=a.allow_pickle)  # a bad spec fails before any loading
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.use_cpu else "cpu")
+    # a bad spec fails before any loading; a reward model scores on the policy's device, in bf16 where native
+    scorer = build_scorer(a.scorer, reference_field=a.reference_field, allow_pickle=a.allow_pickle, device=device,
+                          autocast_dtype=torch.bfloat16 if bf16_is_fast(device.type) else None)
     rows = load_rows(a.prompts, a.prompts_split, trust_remote_code=a.trust_remote_code)
     rows = [dict(r) for r in rows][: a.max_prompts]  # a file mixing text and messages prompts is a plain list
     path = resolve_model_path(a.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=a.trust_remote_code)
     model = None
     if a.backend == "hf":
-        device = torch.device("cuda" if torch.cuda.is_available() and not a.use_cpu else "cpu")
         model = load_causal_lm(path, dtype=choose_dtype(a.model_dtype, device),
                                trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle).to(device)
     sopts = SampleOptions(num_samples=a.num_samples, temperature=a.temperature, top_p=a.top_p,
