@@ -157,6 +157,12 @@ class PrefConfig(TrainingArguments):
     online_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for --rounds."})
     online_reference_field: str = field(default="answer", metadata={"help": "Reference field for math/regex."})
     online_prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (text or messages)."})
+    online_backend: str = field(default="hf", metadata={"help": "Sampler for --rounds: hf (the policy's generate) | "
+                                                                "vllm (the round's policy saved and loaded by vLLM)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Share of the GPU's memory vLLM may take (--online_backend vllm; TRL's name "
+                                       "and default)."}
+    )
 
     # ---- layouts and performance ------------------------------------------------------------------
     share_prompt: bool | None = field(

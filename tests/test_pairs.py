@@ -259,3 +259,64 @@ def test_summary_share_correct_follows_the_counts():
     assert s.share_correct == 0.25  # 2 of the 8 scored samples
     s.correct = 6
     assert s.to_dict()["share_correct"] == 0.75 and Summary().share_correct == 0.0
+
+
+def test_prompt_token_ids_never_double_bos_and_are_what_generate_gets(tiny_tokenizer):
+    from prefkit.pairs.sample import encode_left, prompt_token_ids
+
+    bos = tiny_tokenizer.bos_token_id
+    texts = ["what is the cat ?", "<s> <|user|> hello <|end|> <|assistant|>", "yes"]
+    ids = prompt_token_ids(tiny_tokenizer, texts)
+    assert [x[:2].count(bos) for x in ids] == [1, 1, 1]  # added to plain text, not again to a rendered prompt
+    assert ids[1] == tiny_tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+    enc = encode_left(tiny_tokenizer, texts, "cpu")
+    for row, mask, want in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist(), ids):
+        assert [t for t, m in zip(row, mask) if m] == want and mask == sorted(mask)  # left padding
+
+
+def test_vllm_gets_the_memory_share_the_converted_model_and_prefkit_prompt_ids(
+        model_dir, tmp_jsonl, tmp_path, scorer_module, monkeypatch, capsys, tiny_tokenizer):
+    import prefkit.models
+    import prefkit.pairs.sample as sample
+    from prefkit.pairs.pipeline import render_prompts
+    from tests import fake_vllm
+
+    fake, record = fake_vllm.make()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(sample, "cuda_visible", lambda: True)
+    converted = []
+    monkeypatch.setattr(prefkit.models, "convert_gguf", lambda p: converted.append(p) or str(model_dir))
+    gguf = tmp_path / "policy.Q4_1.gguf"
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    args = ["pairs", "--model_name_or_path", str(gguf), "--prompts", str(prompts), "--num_samples", "3",
+            "--scorer", f"python:{scorer_module}:length", "--output", str(out), "--max_new_tokens", "8", "--seed", "1",
+            "--backend", "vllm", "--pairing", "all"]
+    assert main([*args, "--vllm_gpu_memory_utilization", "0.5"]) == 0
+    assert converted and all(p == str(gguf) for p in converted)  # the engine loads the converted directory
+    (kwargs,) = record.llm_kwargs
+    assert kwargs == {"model": str(model_dir), "seed": 1, "gpu_memory_utilization": 0.5, "dtype": "auto"}
+    assert record.params[0].kwargs == {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "seed": 1}
+    _, texts = render_prompts(PROMPTS, tiny_tokenizer, prompt_field="prompt", chat="auto", source="")
+    assert record.inputs[0] == [{"prompt_token_ids": ids} for ids in sample.prompt_token_ids(tiny_tokenizer, texts)]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 * 3 and json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())["backend"] == "vllm"
+    assert main(args) == 0
+    assert record.llm_kwargs[-1]["gpu_memory_utilization"] == 0.3  # TRL's default
+    capsys.readouterr()
+    for bad, msg in ((["--vllm_gpu_memory_utilization", "1.5"], "must be in (0, 1], got 1.5"),
+                     (["--backend", "hf", "--vllm_gpu_memory_utilization", "0.5"], "only used with --backend vllm")):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert f"prefkit: error: --vllm_gpu_memory_utilization: {msg}" in err and "Traceback" not in err
+
+
+def test_vllm_default_memory_share_is_trls():
+    from trl import GRPOConfig
+
+    from prefkit.config import PrefConfig
+    from prefkit.pairs.sample import VLLM_GPU_MEMORY_UTILIZATION
+
+    field = GRPOConfig.__dataclass_fields__["vllm_gpu_memory_utilization"]
+    assert VLLM_GPU_MEMORY_UTILIZATION == field.default == PrefConfig.__dataclass_fields__[
+        "vllm_gpu_memory_utilization"].default == 0.3
