@@ -34,7 +34,7 @@ from prefkit.models import disable_dropout, is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
 from prefkit.refcache import attach_reference_logps
-from prefkit.reference import mix_into_reference, reference_copy, zero3_reference
+from prefkit.reference import fsdp2_reference, is_fsdp2, mix_into_reference, reference_copy, zero3_reference
 from prefkit.spec import RunSpec, resolve_run
 from prefkit.trainer_inputs import (
     check_collator,
@@ -173,6 +173,8 @@ class PrefTrainer(Trainer):
         )
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
             self.ref_model = zero3_reference(self.ref_model, self.accelerator)
+        elif self.ref_model is not None and is_fsdp2(self.accelerator):
+            self.ref_model = fsdp2_reference(self.ref_model, self.accelerator)
         elif self.ref_model is not None:
             self.ref_model.to(self.args.device)
         self.monitor = self._dynamics_monitor(train_dataset, collator)
@@ -269,9 +271,11 @@ class PrefTrainer(Trainer):
         return logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 
     def _reference_alongside(self, batch: PairBatch) -> bool:
-        """``run_forwards`` applies: a separate reference model (not a ZeRO-3 engine) and no precomputed log-probs."""
+        """``run_forwards`` applies: a separate reference model that is not sharded (a ZeRO-3 engine or FSDP2
+        units gather parameters with collectives, which two threads would issue in different orders on different
+        ranks) and no precomputed log-probs."""
         return (self.run_forwards is not None and self.ref_model is not None and batch.ref_chosen is None
-                and not is_deepspeed_zero3_enabled())
+                and not is_deepspeed_zero3_enabled() and not is_fsdp2(self.accelerator))
 
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
