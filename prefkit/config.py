@@ -205,6 +205,11 @@ class PrefConfig(TrainingArguments):
     # ---- TrainingArguments defaults that differ for preference training -----------------------------
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate (DPOConfig default)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "transformers' own check of every micro-step's loss, 2 host syncs each; "
+                                         "--nan_policy already keeps a non-finite loss out of the logged mean "
+                                         "(stop: raises; skip: logs the mean so far, as this filter does)."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
     def __post_init__(self) -> None:

@@ -100,6 +100,7 @@ class PrefTrainer(Trainer):
     """
 
     _loss_finite: torch.Tensor | None = None  # this micro-step's loss check, waiting for its gradient check
+    _loss_skipped = False  # --nan_policy skip trained this micro-step on a zero for a non-finite loss
 
     def __init__(
         self,
@@ -287,6 +288,7 @@ class PrefTrainer(Trainer):
             # --nan_policy skip, agreed by every process: a zero that keeps the graph, so backward still reaches
             # every parameter (DDP, FSDP and DeepSpeed wait for all of them) and adds nothing; and no statistics
             out.loss = sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in (logps.chosen, logps.rejected)) * 0.0
+            self._loss_skipped = model.training
             return (out.loss, out) if return_outputs else out.loss
         mode = "train" if model.training else "eval"
         self.metrics.add(mode, out.stats.metric_tensors())
@@ -309,6 +311,11 @@ class PrefTrainer(Trainer):
             what = failed
         if self._non_finite(finite, inputs, what):  # FSDP shards gradients: each process sees only its part
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
+        skipped, self._loss_skipped = self._loss_skipped, False
+        if skipped and hasattr(self, "_tr_loss"):
+            # what transformers' logging_nan_inf_filter adds for a non-finite loss (the mean of the losses since the
+            # last log), decided on the host without its 2 syncs per micro-step: the logged mean is the same
+            return self._tr_loss.detach() / (1 + self.state.global_step - self._globalstep_last_logged)
         return loss
 
     def _loss_check_rides_on_gradient(self) -> bool:
