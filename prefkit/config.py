@@ -157,6 +157,12 @@ class PrefConfig(TrainingArguments):
     online_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for --rounds."})
     online_reference_field: str = field(default="answer", metadata={"help": "Reference field for math/regex."})
     online_prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (text or messages)."})
+    online_backend: str = field(default="hf", metadata={"help": "Sampler for --rounds: hf (the policy's generate) | "
+                                                                "vllm (the round's policy saved and loaded by vLLM)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Share of the GPU's memory vLLM may take (--online_backend vllm; TRL's name "
+                                       "and default)."}
+    )
 
     # ---- layouts and performance ------------------------------------------------------------------
     share_prompt: bool | None = field(
@@ -199,6 +205,11 @@ class PrefConfig(TrainingArguments):
     # ---- TrainingArguments defaults that differ for preference training -----------------------------
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate (DPOConfig default)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "transformers' own check of every micro-step's loss, 2 host syncs each; "
+                                         "--nan_policy already keeps a non-finite loss out of the logged mean "
+                                         "(stop: raises; skip: logs the mean so far, as this filter does)."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from prefkit.layouts import Layout, resolve_layout
 from prefkit.models import is_peft_model
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, Summary, make_pairs, write_outputs
+from prefkit.pairs.sample import VLLM_GPU_MEMORY_UTILIZATION, check_backend
 from prefkit.pairs.scorers import build_scorer
 from prefkit.reference import mix_into_reference, reference_copy
 from prefkit.runsetup import (
@@ -66,6 +68,7 @@ ROUND_MARKER = "ROUND_COMPLETE"
 TRAINABLE_FILE = "policy_trainable.safetensors"
 REFERENCE_FILE = "reference.safetensors"  # --sync_ref_model: the reference the next round scores against
 ROUNDS_LOG = "rounds.jsonl"
+VLLM_POLICY_DIR = "vllm-policy"  # --online_backend vllm: the round's starting policy, removed once sampled
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class OnlineSpec:
     online_temperature: float
     online_reference_field: str
     online_prompt_field: str
+    online_backend: str
+    vllm_gpu_memory_utilization: float
 
 
 _ONLINE_OPTIONS = [f.name for f in dataclasses.fields(OnlineSpec)]
@@ -125,6 +130,14 @@ def resolve_online(cfg: PrefConfig) -> OnlineSpec:
         bad("dataset_name", "--rounds trains on pairs it samples itself; drop --dataset_name")
     if cfg.precompute_ref_log_probs:
         bad("precompute_ref_log_probs", "not supported with --rounds (the pairs change every round)")
+    check_backend(cfg.online_backend, option="--online_backend")
+    if cfg.vllm_gpu_memory_utilization != VLLM_GPU_MEMORY_UTILIZATION and cfg.online_backend != "vllm":
+        bad("vllm_gpu_memory_utilization", "only used with --online_backend vllm; drop it or add --online_backend vllm")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    if cfg.online_backend == "vllm" and (cfg.load_in_4bit or cfg.load_in_8bit):
+        bad("online_backend", "vllm loads the round's policy from a saved full model, which a quantized policy "
+            "cannot give; use --online_backend hf")
     return OnlineSpec(**{name: getattr(cfg, name) for name in _ONLINE_OPTIONS})
 
 
@@ -254,8 +267,13 @@ def _rounds_done(cfg: PrefConfig, online: OnlineSpec) -> int:
 def prepare_rounds(cfg: PrefConfig, spec: RunSpec, online: OnlineSpec, done: int) -> Rounds:
     """Load the scorer, prompts, policy and reference (as round ``done`` left them), decide the layout, and write
     the run's options and log."""
+    if online.online_backend == "vllm" and PartialState().num_processes > 1:
+        raise ConfigError("--online_backend vllm: runs in one process (each rank would start its own engine on a "
+                          "GPU it trains on); launch without accelerate's processes, or use --online_backend hf")
+    # a reward model scores on this rank's device under the run's autocast, as its training steps compute
     scorer = build_scorer(online.online_scorer, reference_field=online.online_reference_field,
-                          allow_pickle=cfg.allow_pickle)
+                          allow_pickle=cfg.allow_pickle, device=torch.device(cfg.device),
+                          autocast_dtype=cfg.autocast_dtype)
     rows = [dict(r) for r in load_rows(online.online_prompts, trust_remote_code=cfg.trust_remote_code)]
     if not rows:
         raise ConfigError(f"--online_prompts: {online.online_prompts} holds no prompts")
@@ -290,17 +308,26 @@ def sample_round(run: Rounds, r: int) -> tuple[list[dict], Summary]:
     cfg, online, state = run.cfg, run.online, run.state
     todo = round_prompts(run.rows, r, online.samples_per_round)[state.process_index :: state.num_processes]
     seed = cfg.seed + 1000 * r + state.process_index
+    autocast = cfg.autocast_dtype
     sopts = SampleOptions(num_samples=online.online_num_samples, temperature=online.online_temperature,
                           max_new_tokens=online.online_max_new_tokens, seed=seed,
-                          batch_size=cfg.per_device_eval_batch_size)
+                          batch_size=cfg.per_device_eval_batch_size, backend=online.online_backend,
+                          vllm_gpu_memory_utilization=online.vllm_gpu_memory_utilization,
+                          vllm_dtype=str(autocast or torch.float32).removeprefix("torch."))
     popts = PairOptions(pairing=online.online_pairing, reference_fallback=online.online_reference_fallback)
     device = torch.device(cfg.device)
-    # sampled under the run's autocast, as its training steps run
-    with torch.autocast(device.type, dtype=cfg.autocast_dtype, enabled=cfg.autocast_dtype is not None):
-        pairs, summary = make_pairs(run.model, run.tokenizer, todo, run.scorer, sopts, popts,
-                                    prompt_field=online.online_prompt_field, source=online.online_prompts,
-                                    model_name=f"{cfg.model_name_or_path or run.model_path}@round-{r - 1}",
-                                    rng=random.Random(seed))
+    vllm_dir = save_policy_for_vllm(run, r) if online.online_backend == "vllm" else None
+    try:
+        # sampled under the run's autocast, as its training steps run (vLLM: in that dtype)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            pairs, summary = make_pairs(run.model, run.tokenizer, todo, run.scorer, sopts, popts,
+                                        prompt_field=online.online_prompt_field, source=online.online_prompts,
+                                        model_name=f"{cfg.model_name_or_path or run.model_path}@round-{r - 1}",
+                                        rng=random.Random(seed),
+                                        model_path=str(vllm_dir) if vllm_dir else None)
+    finally:
+        if vllm_dir is not None:
+            shutil.rmtree(vllm_dir, ignore_errors=True)
     pairs = gather_object(pairs) if state.num_processes > 1 else pairs
     parts = gather_object([summary.to_dict()]) if state.num_processes > 1 else [summary.to_dict()]
     summary = merge_summaries(parts)
@@ -310,6 +337,17 @@ def sample_round(run: Rounds, r: int) -> tuple[list[dict], Summary]:
     logger.info("round %d/%d: %d prompts, %.1f%% correct, %d pairs, %.1f tokens/s", r, online.rounds,
                 summary.prompts, 100 * summary.share_correct, summary.pairs, summary.tokens_per_second)
     return pairs, summary
+
+
+def save_policy_for_vllm(run: Rounds, r: int) -> Path:
+    """The policy as round r starts, saved as a full HF model (LoRA adapters merged into a copy) with its
+    tokenizer, for vLLM's engine to load: vLLM takes a directory, not a torch module, so every round writes and
+    reads the whole model once."""
+    path = run.out / f"round-{r}" / VLLM_POLICY_DIR
+    model = copy.deepcopy(run.model).merge_and_unload() if is_peft_model(run.model) else run.model
+    model.save_pretrained(str(path))
+    run.tokenizer.save_pretrained(str(path))
+    return path
 
 
 def train_round(run: Rounds, r: int) -> dict:

@@ -56,6 +56,22 @@ def zero3_reference(ref: nn.Module, accelerator) -> nn.Module:
     return engine
 
 
+def is_fsdp2(accelerator) -> bool:
+    """Whether accelerate shards the policy with FSDP v2 (``fully_shard``)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+
+
+def fsdp2_reference(ref: nn.Module, accelerator) -> nn.Module:
+    """The reference sharded as accelerate shards the policy under FSDP2 (``fsdp2_prepare_model``: the same wrap
+    policy, so one unit per decoder layer, the same mixed precision, reshard-after-forward and mesh): each rank
+    holds 1/world of its parameters (DTensors), and its forward gathers one unit at a time. Its parameters take
+    no gradient, so nothing is upcast or reduced."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(accelerator, ref).eval()
+
+
 @torch.no_grad()
 def mix_into_reference(policy: nn.Module, ref: nn.Module, alpha: float) -> None:
     """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656, eq. 3, soft update): ref ← α·policy + (1 − α)·ref,

@@ -36,7 +36,7 @@ from prefkit.models import disable_dropout, is_peft_model
 from prefkit.objectives import build_objective
 from prefkit.objectives.types import PairLogps
 from prefkit.refcache import attach_reference_logps
-from prefkit.reference import mix_into_reference, reference_copy, zero3_reference
+from prefkit.reference import fsdp2_reference, is_fsdp2, mix_into_reference, reference_copy, zero3_reference
 from prefkit.spec import RunSpec, resolve_run
 from prefkit.trainer_inputs import (
     check_collator,
@@ -103,6 +103,7 @@ class PrefTrainer(Trainer):
     """
 
     _loss_finite: torch.Tensor | None = None  # this micro-step's loss check, waiting for its gradient check
+    _loss_skipped = False  # --nan_policy skip trained this micro-step on a zero for a non-finite loss
 
     def __init__(
         self,
@@ -176,6 +177,8 @@ class PrefTrainer(Trainer):
         )
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
             self.ref_model = zero3_reference(self.ref_model, self.accelerator)
+        elif self.ref_model is not None and is_fsdp2(self.accelerator):
+            self.ref_model = fsdp2_reference(self.ref_model, self.accelerator)
         elif self.ref_model is not None:
             self.ref_model.to(self.args.device)
         self.monitor = self._dynamics_monitor(train_dataset, collator)
@@ -283,9 +286,11 @@ class PrefTrainer(Trainer):
         return logps.replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 
     def _reference_alongside(self, batch: PairBatch) -> bool:
-        """``run_forwards`` applies: a separate reference model (not a ZeRO-3 engine) and no precomputed log-probs."""
+        """``run_forwards`` applies: a separate reference model that is not sharded (a ZeRO-3 engine or FSDP2
+        units gather parameters with collectives, which two threads would issue in different orders on different
+        ranks) and no precomputed log-probs."""
         return (self.run_forwards is not None and self.ref_model is not None and batch.ref_chosen is None
-                and not is_deepspeed_zero3_enabled())
+                and not is_deepspeed_zero3_enabled() and not is_fsdp2(self.accelerator))
 
     def compute_loss(self, model, inputs: PairBatch, return_outputs=False, num_items_in_batch=None):
         logps = self.pair_logps(model, inputs)
@@ -297,6 +302,7 @@ class PrefTrainer(Trainer):
             # --nan_policy skip, agreed by every process: a zero that keeps the graph, so backward still reaches
             # every parameter (DDP, FSDP and DeepSpeed wait for all of them) and adds nothing; and no statistics
             out.loss = sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in (logps.chosen, logps.rejected)) * 0.0
+            self._loss_skipped = model.training
             return (out.loss, out) if return_outputs else out.loss
         mode = "train" if model.training else "eval"
         self.metrics.add(mode, out.stats.metric_tensors())
@@ -319,6 +325,11 @@ class PrefTrainer(Trainer):
             what = failed
         if self._non_finite(finite, inputs, what):  # FSDP shards gradients: each process sees only its part
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
+        skipped, self._loss_skipped = self._loss_skipped, False
+        if skipped and hasattr(self, "_tr_loss"):
+            # what transformers' logging_nan_inf_filter adds for a non-finite loss (the mean of the losses since the
+            # last log), decided on the host without its 2 syncs per micro-step: the logged mean is the same
+            return self._tr_loss.detach() / (1 + self.state.global_step - self._globalstep_last_logged)
         return loss
 
     def _loss_check_rides_on_gradient(self) -> bool:

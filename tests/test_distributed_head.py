@@ -141,3 +141,58 @@ def test_patched_head_is_restored_when_the_forward_fails():
         head(torch.zeros(1, 1, 4))
         raise RuntimeError("the model's forward failed")
     assert "forward" not in head.__dict__ and head.forward == own
+
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_reference_like_the_policy(head_model_dir, tmp_path):
+    """FSDP2 on 2 gloo processes (tests/fsdp_reference_worker.py): the frozen reference is sharded with accelerate's
+    FSDP2 preparation (one unit per decoder layer, as the policy), its parameters are DTensors and each rank holds
+    half of them; each rank's reference log-probs, in every layout, equal one process's unsharded reference."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "tests.fsdp_reference_worker", str(head_model_dir), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    register_segment_attention()
+    one = LlamaForCausalLM.from_pretrained(head_model_dir, attn_implementation="sdpa").eval()
+    total = sum(p.numel() for p in one.parameters())
+    for got in ranks:
+        assert got["dtensor"] and got["total"] == total and got["local"] == total // 2
+        assert got["units"] == one.config.num_hidden_layers + 4  # the layers, embedding, norm, head, root
+    for rank, got in enumerate(ranks):
+        for layout in LAYOUTS:
+            with torch.no_grad():
+                want = compute_pair_logps(one, rank_batch(layout, rank))
+            for side in ("chosen", "rejected"):
+                assert torch.allclose(got[layout][side], getattr(want, side), atol=1e-5, rtol=0), (rank, layout, side)
+
+
+def test_trainer_shards_its_reference_under_fsdp2_and_runs_it_on_the_main_thread(monkeypatch, tiny_llama,
+                                                                                  tiny_tokenizer, tmp_path):
+    """accelerate enables FSDP only on GPUs, so on the CPU the trainer's side is checked with the FSDP2 test
+    above's sharding replaced: under FSDP2 PrefTrainer hands its reference copy to fsdp2_reference, keeps what
+    that returns, and never runs it on the overlap thread (its collectives must run in one order on every rank)."""
+    from datasets import Dataset
+
+    import prefkit.trainer
+    from prefkit import PrefConfig, PrefTrainer, accel
+
+    sharded = []
+    monkeypatch.setattr(prefkit.trainer, "is_fsdp2", lambda accelerator: True)
+    monkeypatch.setattr(prefkit.trainer, "fsdp2_reference", lambda ref, accelerator: sharded.append(ref) or ref)
+    opts = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                use_cpu=True, save_strategy="no")
+    args = PrefConfig(**{**opts, **accel.host_defaults(opts)})
+    rows = [{"prompt": "the cat", "chosen": " sat", "rejected": " ran home"}] * 2
+    trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tiny_tokenizer, run_forwards=accel.install(args).run_forwards)
+    assert sharded == [trainer.ref_model] and trainer.ref_model is not tiny_llama
+    assert trainer.run_forwards is not None
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert not trainer._reference_alongside(batch)
+    monkeypatch.setattr(prefkit.trainer, "is_fsdp2", lambda accelerator: False)
+    assert trainer._reference_alongside(batch)

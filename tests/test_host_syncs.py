@@ -46,9 +46,9 @@ class CountSyncs(TorchDispatchMode):
 
 def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> list[collections.Counter]:
     """Syncs per training step of a short run (every step a non-logging one: logging_steps is past the end)."""
-    opts = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=steps,
-                logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, beta=0.1,
-                overwrite_output_dir=True, overlap_reference=False, **options)
+    opts = {**dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=steps,
+                   logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, beta=0.1,
+                   overwrite_output_dir=True, overlap_reference=False), **options}
     # overlap_reference false: the reference forward would otherwise run on a worker thread, which a dispatch
     # mode (thread-local) does not see
     args = PrefConfig(**{**opts, **accel.host_defaults(opts)})
@@ -79,9 +79,9 @@ def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> l
 # - RC: its incentive statistics and score-norm EMAs are read on the host (dynamics/calibration.py,
 #   grad_norms.py), and the loss check does not wait for the gradient's (the stop checkpoint saves RC's EMAs,
 #   which a non-finite step would already have changed): 7 on the first step, 9 after it.
-# HF Trainer's own loop adds 2 more per micro-step outside training_step (logging_nan_inf_filter's isnan/isinf
-# on the returned loss), which --logging_nan_inf_filter false removes; prefkit's NaN policy already stops or
-# zeroes a non-finite loss, so the filter never has anything to filter.
+# HF Trainer's own loop adds none per micro-step: its logging_nan_inf_filter (2 syncs: isnan/isinf of the returned
+# loss) is off by default in PrefConfig, since --nan_policy already keeps a non-finite loss out of the logged mean
+# (test_the_training_loop_adds_no_sync_per_step and test_a_skipped_loss_is_logged_as_transformers_filter_logs_it).
 @pytest.mark.parametrize(("options", "want"), [
     ({}, [1, 1, 1]),  # the default layout on a Llama: packed pairs
     ({"pack_pairs": False}, [1, 1, 1]),  # the shared prompt, its mask built in the forward from lengths
@@ -121,3 +121,61 @@ def test_the_stop_policys_one_check_still_names_what_was_not_finite(tiny_llama, 
     monkeypatch.setattr(Objective, "__call__", poisoned)
     with pytest.raises(TrainingFault, match="non-finite loss at step 0"):
         _train(tiny_llama, tiny_tokenizer, tmp_path / "loss", steps=1)
+
+
+def _loop_syncs(tiny_tokenizer, tmp_path, steps: int, **options) -> int:
+    """Syncs that transformers' training loop asks for itself (outside prefkit's training_step) in a whole run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _small
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_small(len(tiny_tokenizer))))
+    opts = dict(output_dir=str(tmp_path / f"loop{steps}"), per_device_train_batch_size=2, max_steps=steps,
+                logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, overwrite_output_dir=True,
+                overlap_reference=False, **options)
+    args = PrefConfig(**{**opts, **accel.host_defaults(opts)})
+    trainer = PrefTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS),
+                          processing_class=tiny_tokenizer)
+    with CountSyncs() as mode:
+        trainer.train()
+    return sum(n for where, n in mode.where.items() if where.startswith("transformers/trainer.py"))
+
+
+def test_the_training_loop_adds_no_sync_per_step(tiny_tokenizer, tmp_path):
+    """By default the loop's syncs are a fixed few per run (the final loss), none per micro-step; with
+    --logging_nan_inf_filter true, transformers' check adds its 2 per micro-step."""
+    base = _loop_syncs(tiny_tokenizer, tmp_path, 2)
+    assert _loop_syncs(tiny_tokenizer, tmp_path, 4) == base
+    assert _loop_syncs(tiny_tokenizer, tmp_path, 2, logging_nan_inf_filter=True) == base + 2 * 2
+
+
+def test_a_skipped_loss_is_logged_as_transformers_filter_logs_it(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    """--nan_policy skip, a NaN loss at step 2 of 3, one log at step 3: the logged loss is (l1 + l1 / 2 + l3) / 3,
+    the step's loss replaced by the mean since the last log, as transformers' logging_nan_inf_filter replaces it
+    (l1, l3: the same run logged every step; logging changes no weight)."""
+    import copy
+    import json
+
+    from prefkit.objectives.objective import Objective
+
+    real, calls = Objective.__call__, []
+
+    def poisoned(self, logps):
+        out = real(self, logps)
+        calls.append(1)
+        if len(calls) == 2:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    start = copy.deepcopy(tiny_llama)
+    logged = {}
+    for every in (1, 3):
+        calls.clear()
+        _train(copy.deepcopy(start), tiny_tokenizer, tmp_path / f"log{every}", nan_policy="skip", logging_steps=every)
+        recs = [json.loads(ln) for ln in (tmp_path / f"log{every}" / "out" / "metrics.jsonl").read_text().splitlines()]
+        logged[every] = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    l1, l3 = logged[1][1], logged[1][3]
+    assert logged[1][2] == 0.0  # the mean since the last log: nothing since step 1's log
+    assert logged[3] == {3: pytest.approx((l1 + l1 / 2 + l3) / 3, rel=1e-5)}

@@ -221,3 +221,51 @@ def test_rounds_sample_under_the_runs_autocast(model_dir, tmp_jsonl, tmp_path, l
     prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
     assert main(_args(model_dir, prompts, tmp_path / "run", length_scorer, 1, "--bf16", "true")) == 0
     assert seen and set(seen) == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_rounds_sample_with_vllm_from_each_rounds_policy(model_dir, tmp_jsonl, tmp_path, length_scorer, monkeypatch,
+                                                        capsys):
+    """`--rounds 2 --online_backend vllm` (a stand-in vLLM): every round builds an engine from the policy as the
+    round starts, saved with its tokenizer, with the memory share asked for and the run's dtype; the prompts go in
+    as prefkit's ids; the saved policy is removed once sampled; round 2's weights are round 1's trained ones."""
+    from safetensors.torch import load_file
+
+    import prefkit.pairs.sample as sample
+    from prefkit.pairs.pipeline import render_prompts
+    from tests import fake_vllm
+
+    fake, record = fake_vllm.make()
+    weights = []
+    record.on_build.append(lambda d: weights.append(load_file(str(d / "model.safetensors"))))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(sample, "cuda_visible", lambda: True)
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    out = tmp_path / "run"
+    assert main(_args(model_dir, prompts, out, length_scorer, 2, "--online_backend", "vllm",
+                      "--vllm_gpu_memory_utilization", "0.4")) == 0
+    assert [k["model"] for k in record.llm_kwargs] == [str(out / f"round-{r}" / "vllm-policy") for r in (1, 2)]
+    assert all(k["gpu_memory_utilization"] == 0.4 and k["dtype"] == "float32" for k in record.llm_kwargs)
+    assert all({"config.json", "model.safetensors", "tokenizer.json"} <= set(f) for f in record.model_files)
+    assert not any((out / f"round-{r}" / "vllm-policy").exists() for r in (1, 2))
+    start = load_file(str(model_dir / "model.safetensors"))
+    trained = load_file(str(out / "round-1" / TRAINABLE_FILE))
+    assert all(torch.equal(weights[0][k], start[k]) for k in start)
+    assert all(torch.equal(weights[1][k], trained[k]) for k in trained) and any(
+        not torch.equal(start[k], trained[k]) for k in trained)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for r, inputs in zip((1, 2), record.inputs):
+        _, texts = render_prompts(round_prompts(PROMPTS, r, 3), tok, prompt_field="prompt", chat="auto", source="")
+        assert inputs == [{"prompt_token_ids": ids} for ids in sample.prompt_token_ids(tok, texts)]
+    records = [json.loads(ln) for ln in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in records] == [3 * 6, 3 * 6]  # 4 samples of 1-4 words: all 6 pairs of each prompt
+    capsys.readouterr()
+    # the vLLM options are refused where they would change nothing
+    assert main(_args(model_dir, prompts, tmp_path / "x", length_scorer, 1, "--vllm_gpu_memory_utilization", "0.4")) == 2
+    monkeypatch.setattr(sample, "cuda_visible", lambda: False)
+    assert main(_args(model_dir, prompts, tmp_path / "y", length_scorer, 1, "--online_backend", "vllm")) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("prefkit: error:")]
+    assert "--vllm_gpu_memory_utilization: only used with --online_backend vllm" in err[0]
+    assert "--online_backend vllm: needs a CUDA GPU" in err[1]

@@ -123,6 +123,49 @@ def test_reward_model_scorer_is_the_first_logit_batched(tmp_path, tiny_tokenizer
         build_scorer(f"reward_model:{tmp_path / 'missing'}")
 
 
+def _saved_reward_model(path, tokenizer) -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    rm = LlamaForSequenceClassification(cfg).eval()
+    rm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return rm
+
+
+def test_reward_model_scorer_runs_on_the_device_it_is_given(tmp_path, tiny_tokenizer, monkeypatch):
+    import prefkit.accel.precision as precision
+
+    rm = _saved_reward_model(tmp_path / "rm", tiny_tokenizer)
+    items = [Item("q ?", "q ? ", c, {}, i) for i, c in enumerate(["the cat sat", "a dog ran on the mat", "yes"])]
+    scorer = build_scorer(f"reward_model:{tmp_path / 'rm'}", batch_size=2, device=torch.device("cpu"))
+    assert {p.device for p in scorer.model.parameters()} == {torch.device("cpu")}
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.float32}
+    # the path before the scorer took a device: fp32 on the CPU, the same padded batches of 2
+    want = []
+    for start in (0, 2):
+        enc = tiny_tokenizer([it.prompt_text + it.completion for it in items[start : start + 2]],
+                             return_tensors="pt", padding=True)
+        with torch.no_grad():
+            want += rm(**enc).logits[:, 0].tolist()
+    assert scorer.score(items) == pytest.approx(want, abs=1e-6)
+    assert scorer.score([]) == []
+    # bf16 weights only where the run computes in bf16 and the device has native bf16
+    emulated = build_scorer(f"reward_model:{tmp_path / 'rm'}", device="cpu", autocast_dtype=torch.bfloat16)
+    assert {p.dtype for p in emulated.model.parameters()} == {torch.float32}
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device_type: device_type == "cpu")
+    native = build_scorer(f"reward_model:{tmp_path / 'rm'}", device="cpu", autocast_dtype=torch.bfloat16)
+    assert {p.dtype for p in native.model.parameters()} == {torch.bfloat16}
+    assert native.score(items) == pytest.approx(want, abs=0.05)  # bf16 rounding of a tiny model's score
+
+
+def test_reward_model_scorer_refuses_cuda_without_a_gpu(tmp_path, tiny_tokenizer, monkeypatch):
+    _saved_reward_model(tmp_path / "rm", tiny_tokenizer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"--scorer reward_model:.*cuda.* torch sees no CUDA GPU"):
+        build_scorer(f"reward_model:{tmp_path / 'rm'}", device="cuda")
+
+
 def test_pairing_rules_on_hand_scores():
     texts = ["a", "b", "c", "d", "b"]
     scores = [0.5, 1.0, 0.0, 1.0, 1.0]  # "b" twice: counted once; b and d tie
@@ -216,3 +259,64 @@ def test_summary_share_correct_follows_the_counts():
     assert s.share_correct == 0.25  # 2 of the 8 scored samples
     s.correct = 6
     assert s.to_dict()["share_correct"] == 0.75 and Summary().share_correct == 0.0
+
+
+def test_prompt_token_ids_never_double_bos_and_are_what_generate_gets(tiny_tokenizer):
+    from prefkit.pairs.sample import encode_left, prompt_token_ids
+
+    bos = tiny_tokenizer.bos_token_id
+    texts = ["what is the cat ?", "<s> <|user|> hello <|end|> <|assistant|>", "yes"]
+    ids = prompt_token_ids(tiny_tokenizer, texts)
+    assert [x[:2].count(bos) for x in ids] == [1, 1, 1]  # added to plain text, not again to a rendered prompt
+    assert ids[1] == tiny_tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+    enc = encode_left(tiny_tokenizer, texts, "cpu")
+    for row, mask, want in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist(), ids):
+        assert [t for t, m in zip(row, mask) if m] == want and mask == sorted(mask)  # left padding
+
+
+def test_vllm_gets_the_memory_share_the_converted_model_and_prefkit_prompt_ids(
+        model_dir, tmp_jsonl, tmp_path, scorer_module, monkeypatch, capsys, tiny_tokenizer):
+    import prefkit.models
+    import prefkit.pairs.sample as sample
+    from prefkit.pairs.pipeline import render_prompts
+    from tests import fake_vllm
+
+    fake, record = fake_vllm.make()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(sample, "cuda_visible", lambda: True)
+    converted = []
+    monkeypatch.setattr(prefkit.models, "convert_gguf", lambda p: converted.append(p) or str(model_dir))
+    gguf = tmp_path / "policy.Q4_1.gguf"
+    prompts = tmp_jsonl(PROMPTS, "prompts.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    args = ["pairs", "--model_name_or_path", str(gguf), "--prompts", str(prompts), "--num_samples", "3",
+            "--scorer", f"python:{scorer_module}:length", "--output", str(out), "--max_new_tokens", "8", "--seed", "1",
+            "--backend", "vllm", "--pairing", "all"]
+    assert main([*args, "--vllm_gpu_memory_utilization", "0.5"]) == 0
+    assert converted and all(p == str(gguf) for p in converted)  # the engine loads the converted directory
+    (kwargs,) = record.llm_kwargs
+    assert kwargs == {"model": str(model_dir), "seed": 1, "gpu_memory_utilization": 0.5, "dtype": "auto"}
+    assert record.params[0].kwargs == {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "seed": 1}
+    _, texts = render_prompts(PROMPTS, tiny_tokenizer, prompt_field="prompt", chat="auto", source="")
+    assert record.inputs[0] == [{"prompt_token_ids": ids} for ids in sample.prompt_token_ids(tiny_tokenizer, texts)]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 * 3 and json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())["backend"] == "vllm"
+    assert main(args) == 0
+    assert record.llm_kwargs[-1]["gpu_memory_utilization"] == 0.3  # TRL's default
+    capsys.readouterr()
+    for bad, msg in ((["--vllm_gpu_memory_utilization", "1.5"], "must be in (0, 1], got 1.5"),
+                     (["--backend", "hf", "--vllm_gpu_memory_utilization", "0.5"], "only used with --backend vllm")):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert f"prefkit: error: --vllm_gpu_memory_utilization: {msg}" in err and "Traceback" not in err
+
+
+def test_vllm_default_memory_share_is_trls():
+    from trl import GRPOConfig
+
+    from prefkit.config import PrefConfig
+    from prefkit.pairs.sample import VLLM_GPU_MEMORY_UTILIZATION
+
+    field = GRPOConfig.__dataclass_fields__["vllm_gpu_memory_utilization"]
+    assert VLLM_GPU_MEMORY_UTILIZATION == field.default == PrefConfig.__dataclass_fields__[
+        "vllm_gpu_memory_utilization"].default == 0.3

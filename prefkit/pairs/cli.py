@@ -10,7 +10,7 @@ from prefkit.errors import ConfigError
 from prefkit.files import check_writable_dir
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, make_pairs, write_outputs
-from prefkit.pairs.sample import BACKENDS, check_backend
+from prefkit.pairs.sample import BACKENDS, VLLM_GPU_MEMORY_UTILIZATION, check_backend
 from prefkit.pairs.scorers import SPECS, build_scorer
 
 logger = logging.getLogger("prefkit")
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--backend", default="hf", choices=BACKENDS)
+    p.add_argument("--vllm_gpu_memory_utilization", type=float, default=None,
+                   help=f"share of the GPU's memory vLLM may take (--backend vllm; default {VLLM_GPU_MEMORY_UTILIZATION}, "
+                        "as in TRL)")
     p.add_argument("--apply_chat_template", default="auto", choices=("auto", "true", "false"))
     p.add_argument("--model_dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--use_cpu", action="store_true", help="generate on the CPU even when a GPU is present")
@@ -64,36 +67,52 @@ def check_args(a: argparse.Namespace) -> None:
     if a.max_pairs_per_prompt is not None and a.max_pairs_per_prompt < 1:
         raise ConfigError(f"--max_pairs_per_prompt: must be at least 1, got {a.max_pairs_per_prompt}")
     check_backend(a.backend)
+    check_vllm_memory(a.vllm_gpu_memory_utilization, a.backend, "--backend")
+
+
+def check_vllm_memory(share: float | None, backend: str, backend_option: str) -> None:
+    """``--vllm_gpu_memory_utilization`` in (0, 1], and only where vLLM samples (else it would change nothing)."""
+    if share is None:
+        return
+    if backend != "vllm":
+        raise ConfigError(f"--vllm_gpu_memory_utilization: only used with {backend_option} vllm; drop it or add "
+                          f"{backend_option} vllm")
+    if not 0 < share <= 1:
+        raise ConfigError(f"--vllm_gpu_memory_utilization: must be in (0, 1], got {share}")
 
 
 def pairs_main(argv: list[str]) -> int:
     import torch
 
-    from prefkit.accel.precision import choose_dtype
+    from prefkit.accel.precision import bf16_is_fast, choose_dtype
     from prefkit.data import load_rows
     from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     a = build_parser().parse_args(argv)
     check_args(a)
     check_writable_dir(Path(a.output).parent, "--output", create=True)  # before the sampling, not after it
-    scorer = build_scorer(a.scorer, reference_field=a.reference_field, allow_pickle=a.allow_pickle)  # a bad spec fails before any loading
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.use_cpu else "cpu")
+    # a bad spec fails before any loading; a reward model scores on the policy's device, in bf16 where native
+    scorer = build_scorer(a.scorer, reference_field=a.reference_field, allow_pickle=a.allow_pickle, device=device,
+                          autocast_dtype=torch.bfloat16 if bf16_is_fast(device.type) else None)
     rows = load_rows(a.prompts, a.prompts_split, trust_remote_code=a.trust_remote_code)
     rows = [dict(r) for r in rows][: a.max_prompts]  # a file mixing text and messages prompts is a plain list
     path = resolve_model_path(a.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=a.trust_remote_code)
     model = None
     if a.backend == "hf":
-        device = torch.device("cuda" if torch.cuda.is_available() and not a.use_cpu else "cpu")
         model = load_causal_lm(path, dtype=choose_dtype(a.model_dtype, device),
                                trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle).to(device)
     sopts = SampleOptions(num_samples=a.num_samples, temperature=a.temperature, top_p=a.top_p,
                           max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size, backend=a.backend,
-                          apply_chat_template=a.apply_chat_template)
+                          apply_chat_template=a.apply_chat_template,
+                          vllm_gpu_memory_utilization=a.vllm_gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION,
+                          vllm_dtype=a.model_dtype)
     popts = PairOptions(pairing=a.pairing, max_pairs_per_prompt=a.max_pairs_per_prompt,
                         correct_threshold=a.correct_threshold, reference_fallback=a.reference_fallback)
     logger.info("sampling %d x %d completions from %s", len(rows), a.num_samples, a.model_name_or_path or path)
     pairs, summary = make_pairs(model, tokenizer, rows, scorer, sopts, popts, source=a.prompts,
-                                model_name=a.model_name_or_path or path)
+                                model_name=a.model_name_or_path or path, model_path=path)
     summary_path = write_outputs(pairs, summary, a.output)
     print(summary.text())
     print(f"pairs:   {a.output}\nsummary: {summary_path}")

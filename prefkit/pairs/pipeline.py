@@ -13,7 +13,7 @@ from pathlib import Path
 from prefkit.data.load import ROW
 from prefkit.errors import DataError
 from prefkit.pairs.pairing import FALLBACK, PAIRINGS, pair_samples
-from prefkit.pairs.sample import Generations, generate, generate_vllm
+from prefkit.pairs.sample import VLLM_GPU_MEMORY_UTILIZATION, Generations, generate, generate_vllm
 from prefkit.pairs.scorers import Item, Scorer
 
 
@@ -27,6 +27,8 @@ class SampleOptions:
     batch_size: int = 16  # prompts per generate call (each expands to num_samples rows)
     backend: str = "hf"
     apply_chat_template: str = "auto"  # auto: when the tokenizer has one | true | false
+    vllm_gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION
+    vllm_dtype: str = "auto"  # vLLM's dtype: auto (the checkpoint's) | bfloat16 | float16 | float32
 
 
 @dataclass
@@ -135,14 +137,16 @@ def render_prompts(rows: list[dict], tokenizer, *, prompt_field: str, chat: str,
 
 
 def sample(model, tokenizer, texts: list[str], opts: SampleOptions, model_path: str | None = None) -> Generations:
-    """``num_samples`` completions per prompt text, prompt-major. Seeds torch's RNG with ``opts.seed``."""
+    """``num_samples`` completions per prompt text, prompt-major. Seeds torch's RNG with ``opts.seed``. vLLM
+    loads the model from ``model_path`` (the model's own path when None)."""
     from transformers import set_seed
 
     set_seed(opts.seed)
     if opts.backend == "vllm":
-        return generate_vllm(model_path or model.name_or_path, texts, max_new_tokens=opts.max_new_tokens,
-                             temperature=opts.temperature, top_p=opts.top_p,
-                             num_return_sequences=opts.num_samples, seed=opts.seed)
+        return generate_vllm(model_path or model.name_or_path, tokenizer, texts, max_new_tokens=opts.max_new_tokens,
+                             temperature=opts.temperature, top_p=opts.top_p, num_return_sequences=opts.num_samples,
+                             seed=opts.seed, gpu_memory_utilization=opts.vllm_gpu_memory_utilization,
+                             dtype=opts.vllm_dtype)
     return generate(model, tokenizer, texts, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
                     do_sample=opts.temperature > 0, temperature=opts.temperature or 1.0, top_p=opts.top_p,
                     num_return_sequences=opts.num_samples)
@@ -206,17 +210,18 @@ def write_outputs(pairs: list[dict], summary: Summary, output: str) -> Path:
 def make_pairs(
     model, tokenizer, rows: list[dict], scorer: Scorer, sopts: SampleOptions, popts: PairOptions, *,
     prompt_field: str = "prompt", source: str = "", model_name: str | None = None,
-    rng: random.Random | None = None,
+    rng: random.Random | None = None, model_path: str | None = None,
 ) -> tuple[list[dict], Summary]:
-    """Render the prompts, sample ``num_samples`` completions each, score, pair; pairs carry provenance. Empty
-    prompts are skipped and counted (a model continuing nothing makes no preference data)."""
+    """Render the prompts, sample ``num_samples`` completions each, score, pair; pairs carry provenance
+    (``model_name``). vLLM loads the weights from ``model_path`` (else ``model_name``). Empty prompts are skipped
+    and counted (a model continuing nothing makes no preference data)."""
     kept = [r for r in rows if not _empty_prompt(r.get(prompt_field))]
     if rows and not kept:
         raise DataError(f"every prompt is empty ({len(rows)} rows)", source=source or None, field=prompt_field)
     empty, rows = len(rows) - len(kept), kept
     shown, texts = render_prompts(rows, tokenizer, prompt_field=prompt_field, chat=sopts.apply_chat_template,
                                   source=source)
-    gens = sample(model, tokenizer, texts, sopts, model_path=model_name)
+    gens = sample(model, tokenizer, texts, sopts, model_path=model_path or model_name)
     provenance = {"model": model_name, "seed": sopts.seed, "scorer": scorer.spec}
     pairs, summary = score_and_pair(rows, shown, texts, gens.texts, scorer, sopts.num_samples, popts,
                                     rng=rng if rng is not None else random.Random(sopts.seed), source=source,

@@ -17,6 +17,8 @@ from prefkit.errors import ConfigError
 from prefkit.logprobs import eval_mode
 
 BACKENDS = ("hf", "vllm")
+# TRL's GRPOConfig / RLOOConfig default for the colocated engine: the share of the GPU's memory vLLM may take
+VLLM_GPU_MEMORY_UTILIZATION = 0.3
 
 
 @dataclass
@@ -30,18 +32,21 @@ class Generations:
         return sum(self.num_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-def encode_left(tokenizer, prompts: list[str], device) -> dict:
-    """Left-padded batch. A prompt rendered by a chat template may already start with BOS: then the tokenizer
-    does not add another."""
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's ids: the tokenizer's special tokens added, except to a prompt that already starts with BOS
+    (rendered by a chat template), so BOS is never doubled. Both backends generate from these ids."""
     bos = tokenizer.bos_token
-    add_special = not (bos and all(p.startswith(bos) for p in prompts))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-    finally:
-        tokenizer.padding_side = side
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    return [tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts]
+
+
+def encode_left(tokenizer, prompts: list[str], device) -> dict:
+    """:func:`prompt_token_ids`, left-padded into a batch."""
+    ids = prompt_token_ids(tokenizer, prompts)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def gen_lengths(gen: torch.Tensor, eos: int) -> torch.Tensor:
@@ -77,30 +82,48 @@ def generate(
     return Generations(texts, lengths, time.perf_counter() - t0)
 
 
-def check_backend(backend: str) -> None:
-    """Refuse a backend that cannot run here, before any model is loaded."""
+def cuda_visible() -> bool:
+    """Whether torch sees a CUDA GPU (vLLM needs one; tests with a stand-in vLLM replace this)."""
+    return torch.cuda.is_available()
+
+
+def check_backend(backend: str, option: str = "--backend") -> None:
+    """Refuse a backend that cannot run here, before any model is loaded; ``option`` names it in the message."""
     if backend not in BACKENDS:
-        raise ConfigError(f"--backend: must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"{option}: must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("--backend vllm: vLLM is not installed (pip install vllm), use --backend hf")
-        if not torch.cuda.is_available():
-            raise ConfigError("--backend vllm: needs a CUDA GPU and none is visible; use --backend hf")
+            raise ConfigError(f"{option} vllm: vLLM is not installed (pip install vllm), use {option} hf")
+        if not cuda_visible():
+            raise ConfigError(f"{option} vllm: needs a CUDA GPU and none is visible; use {option} hf")
 
 
 def generate_vllm(
-    model_path: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-    num_return_sequences: int, seed: int,
-) -> Generations:  # pragma: no cover - needs vLLM and a GPU
-    """The same samples' shape through vLLM's engine: prompt-major texts and token counts."""
+    model_path: str, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+    num_return_sequences: int, seed: int, gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION,
+    dtype: str = "auto",
+) -> Generations:
+    """The same samples' shape through vLLM's engine: prompt-major texts and token counts. ``model_path`` is a
+    HF model directory (a ``.gguf`` file is converted first, as for the hf backend); the prompts go in as
+    prefkit's token ids (:func:`prompt_token_ids`). The engine is built for this call and released after it."""
+    import gc
+
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, seed=seed)
+    from prefkit.models import resolve_model_path
+
+    llm = LLM(model=resolve_model_path(model_path), seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+              dtype=dtype)
     params = SamplingParams(n=num_return_sequences, temperature=temperature, top_p=top_p,
                             max_tokens=max_new_tokens, seed=seed)
+    inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids(tokenizer, prompts)]  # vLLM's TokensPrompt
     t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(inputs, params)
     seconds = time.perf_counter() - t0
     texts = [c.text for o in outputs for c in o.outputs]
     lengths = [len(c.token_ids) for o in outputs for c in o.outputs]
+    del llm  # its share of the GPU's memory goes back before the run trains or scores on it
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return Generations(texts, lengths, seconds)

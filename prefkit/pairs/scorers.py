@@ -20,8 +20,12 @@ import sys
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefkit.errors import ConfigError, DataError, PrefkitError
+
+if TYPE_CHECKING:
+    import torch
 
 SPECS = "math | regex:PATTERN | python:module:function | reward_model:PATH"
 
@@ -221,20 +225,44 @@ def _as_float(value: object, spec: str, row_no: int) -> float:
                           "float (NaN to drop the sample)") from e
 
 
+def scorer_device(spec: str, device: torch.device | str | None) -> torch.device:
+    """The device a reward model runs on: the one given (the run's), the CPU when none is. A CUDA device on a host
+    where torch sees no GPU is refused: a scorer silently moved to the CPU would make the run far slower."""
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--scorer {spec}: asked to run on {device} but torch sees no CUDA GPU here; run on a "
+                          "machine with one, or on the CPU (--use_cpu)")
+    return device
+
+
 class RewardModelScorer(Scorer):
-    def __init__(self, spec: str, path: str, batch_size: int = 16, max_length: int = 1024, allow_pickle: bool = False):
+    """``AutoModelForSequenceClassification`` scores on ``device``. With ``autocast_dtype`` (the run's mixed
+    precision) it runs under that autocast, and its weights are stored in bf16 where that is the dtype and the
+    device has native bf16 (:func:`prefkit.accel.precision.bf16_is_fast`); fp32 otherwise."""
+
+    def __init__(self, spec: str, path: str, batch_size: int = 16, max_length: int = 1024, allow_pickle: bool = False,
+                 device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None):
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from prefkit.accel.precision import bf16_is_fast
         from prefkit.models import check_weights
 
+        self.device = scorer_device(spec, device)
+        self.autocast_dtype = autocast_dtype
+        native_bf16 = autocast_dtype == torch.bfloat16 and bf16_is_fast(self.device.type)
         check_weights(path, allow_pickle)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, use_safetensors=None if allow_pickle else True).eval()
+                path, use_safetensors=None if allow_pickle else True,
+                dtype=torch.bfloat16 if native_bf16 else torch.float32).eval()
         except Exception as e:
             raise ConfigError(f"--scorer {spec}: cannot load a sequence-classification model from {path} "
                               f"({type(e).__name__}: {e})") from e
+        self.model.to(self.device)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -250,22 +278,26 @@ class RewardModelScorer(Scorer):
     def score(self, items: list[Item]) -> list[float]:
         import torch
 
-        out: list[float] = []
-        device = next(self.model.parameters()).device
+        if not items:
+            return []
+        scores = []
+        autocast = self.autocast_dtype
         for start in range(0, len(items), self.batch_size):
             batch = [self._text(it) for it in items[start : start + self.batch_size]]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length).to(device)
-            with torch.no_grad():
-                logits = self.model(**enc).logits
-            out += logits[:, 0].float().tolist()
-        return out
+                                 max_length=self.max_length)
+            enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                scores.append(self.model(**enc).logits[:, 0].float())
+        return torch.cat(scores).tolist()  # one host sync for all the batches
 
 
 def build_scorer(spec: str, *, reference_field: str = "answer", batch_size: int = 16,
-                 allow_pickle: bool = False) -> Scorer:
+                 allow_pickle: bool = False, device: torch.device | str | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> Scorer:
     """A scorer from its spec; ConfigError for a bad spec, a bad pattern or an unimportable module. A reward
-    model loads from safetensors only unless ``allow_pickle``."""
+    model loads from safetensors only unless ``allow_pickle``, and runs on ``device`` (the CPU when None) under
+    ``autocast_dtype`` (:class:`RewardModelScorer`)."""
     kind, _, arg = spec.partition(":")
     if kind == "math" and not arg:
         return MathScorer(spec, reference_field)
@@ -274,5 +306,6 @@ def build_scorer(spec: str, *, reference_field: str = "answer", batch_size: int 
     if kind == "python" and arg:
         return PythonScorer(spec, arg)
     if kind == "reward_model" and arg:
-        return RewardModelScorer(spec, arg, batch_size=batch_size, allow_pickle=allow_pickle)
+        return RewardModelScorer(spec, arg, batch_size=batch_size, allow_pickle=allow_pickle, device=device,
+                                 autocast_dtype=autocast_dtype)
     raise ConfigError(f"--scorer: unknown spec {spec!r}; expected {SPECS}")
