@@ -175,6 +175,11 @@ class PrefTrainer(Trainer):
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            # accelerate enables FSDP only on GPUs and other accelerators, and says nothing on a CPU
+            logger.warning("the accelerate config asks for FSDP, which accelerate enables only on GPUs: this %s "
+                           "launch runs as plain data parallel, every process holding the whole model",
+                           self.accelerator.device.type)
         if self.ref_model is not None and is_deepspeed_zero3_enabled():
             self.ref_model = zero3_reference(self.ref_model, self.accelerator)
         elif self.ref_model is not None and is_fsdp2(self.accelerator):

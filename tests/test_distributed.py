@@ -90,16 +90,19 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, o
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_one(tmp_path, model_dir):
-    """FSDP v2 (parameters, gradients and optimizer states sharded over 2 CPU processes) gives the same loss
-    curve as one unsharded process with twice the accumulation, and saves a full model. Held-out pairs are
-    scored before and after training by each process on its shard (7 pairs in batches of 2: the last batch is
-    padded across processes and the padding dropped), with the single process's metrics."""
+def test_an_fsdp2_config_on_cpu_runs_data_parallel_says_so_and_matches_one(tmp_path, model_dir):
+    """accelerate enables FSDP only on GPUs: launched on 2 CPU processes, an FSDP2 config runs as plain data
+    parallel, which prefkit says in one line (real FSDP2 sharding on CPU: tests/test_distributed_head.py's
+    torchrun worker). The loss curve equals one process with twice the accumulation, and the output is a full
+    model. Held-out pairs are scored before and after training by each process on its shard (7 pairs in
+    batches of 2: the last batch is padded across processes and the padding dropped), with the single
+    process's metrics."""
     data = write_pairs(tmp_path / "p.jsonl", 28)
     two, one = tmp_path / "fsdp", tmp_path / "one"
     extra = ["--reward_calibration", "true", "--eval_split_size", "0.25", "--per_device_eval_batch_size", "2"]
-    _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *extra),
-            CONFIG.parent / "fsdp2_cpu_gloo.yaml")
+    log = _launch(_args(model_dir, data, two, "--per_device_train_batch_size", "2", *extra),
+                  CONFIG.parent / "fsdp2_cpu_gloo.yaml")
+    assert "accelerate enables only on GPUs: this cpu launch runs as plain data parallel" in log
     _single(_args(model_dir, data, one, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                   *extra))
     _assert_same_curve(two, one, alphas=True)
