@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not long"
 
 # the cases make test leaves out because another test there covers them (a second kill -9 recovery, ZeRO-3 with
-# LoRA, plain DPO under two processes, the Python example on the real embedded model)
+# LoRA, DPO and DPO+RC under two DDP processes, the malloc line end to end, the Python example on the real model)
 test-long: $(STAMP)
 	$(BIN)/python -m pytest -m long
 

@@ -129,6 +129,7 @@ def test_malloc_tuning_is_logged_at_debug_level_and_log_level_debug_shows_it(mon
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the CLI end to end; the test above checks the same logging in-process
 @glibc
 def test_malloc_tuning_line_only_with_debug_logging(tmp_path, model_dir):
     data = write_pairs(tmp_path / "p.jsonl", 4)

@@ -73,7 +73,8 @@ def _single(args: list[str]) -> None:
 @pytest.mark.parametrize("objective", [  # plain DPO's path is inside each of the others: make test-long runs it
     pytest.param([], marks=pytest.mark.long, id="dpo"),
     pytest.param(["--granularity", "adaptive", "--num_segments", "3", "--poet", "true"], id="adpo+poet"),
-    pytest.param(["--reward_calibration", "true"], id="dpo+rc"),
+    # DPO+RC on DDP is also the FSDP2 config's run on a CPU (accelerate runs it as DDP): make test-long runs it here
+    pytest.param(["--reward_calibration", "true"], marks=pytest.mark.long, id="dpo+rc"),
     pytest.param(["--precompute_ref_log_probs", "true"], id="dpo+precomputed-ref")])
 def test_two_processes_match_one_with_double_accumulation(tmp_path, model_dir, objective):
     if "--precompute_ref_log_probs" in objective:  # separate caches: each run computes its own

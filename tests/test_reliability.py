@@ -175,6 +175,10 @@ def test_kill_9_loop_resumes_to_the_uninterrupted_run(tmp_path, model_dir, monke
         else:  # wait for this run's log of step last + 1: the save of its checkpoint follows at once
             while time.time() < deadline and proc.is_alive() and not _new_step_logged(out, before, last):
                 time.sleep(0.002)
+            # the first run is killed only once its checkpoint is complete: under load (a second test worker on
+            # the same cores) its write can take longer than the random delay
+            while i == 0 and time.time() < deadline and proc.is_alive() and not _complete(out):
+                time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.12))
         assert proc.is_alive(), f"run {i} ended before its kill: " + (logs / f"run-{i}.log").read_text()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
