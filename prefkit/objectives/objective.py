@@ -123,9 +123,12 @@ class Objective:
         h = margin(u, self.spec)
         out = {"adpo/response_weight": torch.sigmoid(-beta * (h * valid).sum(1)).detach()}
         if self.spec.granularity != "response":
-            w = torch.sigmoid(-beta * h.detach())[valid]
-            out["adpo/unit_weight_mean"] = w.mean()
-            out["adpo/unit_weight_std"] = w.std(correction=0)
+            # masked sums, not a boolean gather: its output size would be read on the host (a sync per step)
+            w, m = torch.sigmoid(-beta * h.detach()), valid.to(h.dtype)
+            n = m.sum().clamp(min=1)
+            mean = (w * m).sum() / n
+            out["adpo/unit_weight_mean"] = mean
+            out["adpo/unit_weight_std"] = (((w - mean) ** 2 * m).sum() / n).sqrt()
         return out
 
 
