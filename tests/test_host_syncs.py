@@ -74,8 +74,6 @@ def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> l
 #   --nan_policy skip the loss is checked on its own too, before backward, to train on a zero instead (2).
 # - --share_prompt false: transformers builds the 2D padding mask into a 4D one and asks twice per forward whether
 #   it can be skipped (masking_utils, policy and reference forward: 4).
-# - static / adaptive granularity: the number of units (granularity.py, mu.max(): the width of every unit tensor)
-#   (1).
 # - RC: its incentive statistics and score-norm EMAs are read on the host (dynamics/calibration.py,
 #   grad_norms.py), and the loss check does not wait for the gradient's (the stop checkpoint saves RC's EMAs,
 #   which a non-finite step would already have changed): 7 on the first step, 9 after it.
@@ -88,7 +86,7 @@ def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> l
     ({"share_prompt": False}, [5, 5, 5]),
     ({"nan_policy": "skip"}, [2, 2, 2]),
     ({"poet": True}, [1, 1, 1]),
-    ({"granularity": "adaptive", "num_segments": 4}, [2, 2, 2]),
+    ({"granularity": "adaptive", "num_segments": 4}, [1, 1, 1]),  # the unit tensors' width comes from shapes
     ({"reward_calibration": True}, [7, 9, 9]),
 ], ids=["packed", "shared", "two-rows", "skip", "poet", "adpo", "rc"])
 def test_host_syncs_per_training_step(tiny_llama, tiny_tokenizer, tmp_path, options, want):

@@ -24,7 +24,9 @@ GRANULARITIES = ("response", "static", "adaptive", "token")
 
 @dataclass(frozen=True)
 class Units:
-    """Unit index per token for chosen and rejected ((B, T) long; masked tokens map to a spill column U)."""
+    """Unit index per token for chosen and rejected ((B, T) long; masked tokens map to a spill column U).
+    ``num_units`` U is the width of the unit tensors, a bound from the batch's shape; ``valid`` and ``mu_prime``
+    say which units each pair has."""
 
     chosen: Tensor
     rejected: Tensor
@@ -55,8 +57,15 @@ def assign_units(
         ur = ((cols + 1) * mu[:, None] - 1) // tl.clamp(min=1)[:, None]
     else:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
-    # the response's one unit is known without asking the device for mu's largest value (a host sync on a GPU)
-    u = 1 if granularity == "response" or not b else int(mu.max().item())
+    # the width of the unit tensors: the most units a response as wide as the batch can have, known from shapes
+    # (mu's largest value would be a host sync per step on a GPU); units past a pair's mu are invalid, so the
+    # spare columns hold zeros that every link masks and every sum ignores
+    if granularity == "response":
+        u = 1
+    elif granularity == "adaptive":
+        u = max(1, min(num_segments, t))
+    else:
+        u = max(1, -(-t // k))
     spill = torch.full_like(cols, u)
     uc = torch.where(chosen_mask, uc, spill)
     ur = torch.where(rejected_mask, ur, spill)
