@@ -48,7 +48,7 @@ from prefkit.layouts import Layout, resolve_layout
 from prefkit.models import is_peft_model
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, Summary, make_pairs, write_outputs
-from prefkit.pairs.sample import VLLM_GPU_MEMORY_UTILIZATION, check_backend
+from prefkit.pairs.sample import VLLM_GPU_MEMORY_UTILIZATION, check_backend, check_vllm_memory
 from prefkit.pairs.scorers import build_scorer
 from prefkit.reference import mix_into_reference, reference_copy
 from prefkit.runsetup import (
@@ -131,10 +131,8 @@ def resolve_online(cfg: PrefConfig) -> OnlineSpec:
     if cfg.precompute_ref_log_probs:
         bad("precompute_ref_log_probs", "not supported with --rounds (the pairs change every round)")
     check_backend(cfg.online_backend, option="--online_backend")
-    if cfg.vllm_gpu_memory_utilization != VLLM_GPU_MEMORY_UTILIZATION and cfg.online_backend != "vllm":
-        bad("vllm_gpu_memory_utilization", "only used with --online_backend vllm; drop it or add --online_backend vllm")
-    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
-        bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    share = cfg.vllm_gpu_memory_utilization  # the default counts as not given: it is in range
+    check_vllm_memory(None if share == VLLM_GPU_MEMORY_UTILIZATION else share, cfg.online_backend, "--online_backend")
     if cfg.online_backend == "vllm" and (cfg.load_in_4bit or cfg.load_in_8bit):
         bad("online_backend", "vllm loads the round's policy from a saved full model, which a quantized policy "
             "cannot give; use --online_backend hf")

@@ -34,13 +34,12 @@ from transformers import PreTrainedTokenizerBase
 
 from prefkit.config import PrefConfig
 from prefkit.data import DataSpec, PairCollator
+from prefkit.data.tokenize import REF_FIELDS as COLUMNS
 from prefkit.layouts import Layout, resolve_layout
 from prefkit.logprobs import compute_pair_logps, eval_mode
 from prefkit.models import cache_root, is_peft_model
 
 logger = logging.getLogger(__name__)
-
-COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def _weights_digest(model: nn.Module) -> str:

@@ -221,7 +221,7 @@ def score_before(job: Job, trainer: PrefTrainer) -> HeldOut:
         return HeldOut()
     start = trainer.held_out_logp_sums(job.data.eval, job.model, desc="held-out, before")
     ref_scores = start if job.ref_model is None else trainer.held_out_logp_sums(
-        job.data.eval, job.ref_model.to(job.cfg.device), desc="reference")
+        job.data.eval, trainer.ref_model, desc="reference")
     held_out = HeldOut(summarize(start, None, job.cfg.beta), ref_scores)
     print("\n" + report_table(held_out.before, None) + "\n", flush=True)
     return held_out

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from prefkit.data import PairCollator
+from prefkit.data.tokenize import REF_FIELDS
 from prefkit.errors import ConfigError, ModelError
 from prefkit.models import (
     is_peft_model,
@@ -57,22 +58,19 @@ def check_datasets(train_dataset, eval_dataset) -> None:
         check_dataset(ds, "eval_dataset" if not isinstance(eval_dataset, dict) else f"eval_dataset[{name!r}]")
 
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
 def check_reference_columns(dataset, objective, name: str) -> None:
     """Precomputed reference columns that the objective can use: both or neither, and TRL's one log-prob per
     response only where the objective sums the reference over the whole response."""
     from datasets import Value
 
-    present = [c for c in REF_COLUMNS if dataset is not None and c in dataset.column_names]
+    present = [c for c in REF_FIELDS if dataset is not None and c in dataset.column_names]
     if not present:
         return
     if len(present) == 1:
-        other = next(c for c in REF_COLUMNS if c not in present)
+        other = next(c for c in REF_FIELDS if c not in present)
         raise ConfigError(f"{name} dataset: column {present[0]!r} without {other!r}; give both precomputed "
                           "reference columns or drop them")
-    per_response = isinstance(dataset.features[REF_COLUMNS[0]], Value)
+    per_response = isinstance(dataset.features[REF_FIELDS[0]], Value)
     # the collator weights the tokens of a dataset with weight columns whatever the options say
     weighted = "rejected_token_weights" in dataset.column_names
     if per_response and (objective.needs_token_reference or (weighted and objective.needs_reference)):
@@ -81,7 +79,7 @@ def check_reference_columns(dataset, objective, name: str) -> None:
                                         ("--poet", s.poet), ("--use_token_weights", s.use_token_weights),
                                         ("--ld_alpha", s.ld_alpha is not None),
                                         ("its token weight columns", weighted)) if on)
-        raise ConfigError(f"{name} dataset: columns {REF_COLUMNS[0]!r}/{REF_COLUMNS[1]!r} hold one reference "
+        raise ConfigError(f"{name} dataset: columns {REF_FIELDS[0]!r}/{REF_FIELDS[1]!r} hold one reference "
                           f"log-prob per response (TRL's format), but the reference is needed per token here ({why}); drop "
                           "the columns so that prefkit computes them (precompute_ref_log_probs=True computes and caches them)")
 

@@ -28,7 +28,8 @@ from prefkit.errors import ConfigError, DataError
 
 logger = logging.getLogger("prefkit")
 WEIGHT_FIELDS = ("chosen_token_weights", "rejected_token_weights")
-# TRL's precomputed reference: one log-prob per response, carried to the prepared pairs as given
+# precomputed reference columns: TRL's (one log-prob per response, carried from raw rows as given) and prefkit's
+# cache's (one per response token, prefkit.refcache)
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 # texts per tokenizer call: one call over a whole column builds every row's encoding (tokens, offsets, masks) at
 # once; freed, that memory stays in the heap between the id lists that are kept (docs/performance.md, job (a)'s

@@ -10,7 +10,7 @@ from prefkit.errors import ConfigError
 from prefkit.files import check_writable_dir
 from prefkit.pairs.pairing import PAIRINGS
 from prefkit.pairs.pipeline import PairOptions, SampleOptions, make_pairs, write_outputs
-from prefkit.pairs.sample import BACKENDS, VLLM_GPU_MEMORY_UTILIZATION, check_backend
+from prefkit.pairs.sample import BACKENDS, VLLM_GPU_MEMORY_UTILIZATION, check_backend, check_vllm_memory
 from prefkit.pairs.scorers import SPECS, build_scorer
 
 logger = logging.getLogger("prefkit")
@@ -68,17 +68,6 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError(f"--max_pairs_per_prompt: must be at least 1, got {a.max_pairs_per_prompt}")
     check_backend(a.backend)
     check_vllm_memory(a.vllm_gpu_memory_utilization, a.backend, "--backend")
-
-
-def check_vllm_memory(share: float | None, backend: str, backend_option: str) -> None:
-    """``--vllm_gpu_memory_utilization`` in (0, 1], and only where vLLM samples (else it would change nothing)."""
-    if share is None:
-        return
-    if backend != "vllm":
-        raise ConfigError(f"--vllm_gpu_memory_utilization: only used with {backend_option} vllm; drop it or add "
-                          f"{backend_option} vllm")
-    if not 0 < share <= 1:
-        raise ConfigError(f"--vllm_gpu_memory_utilization: must be in (0, 1], got {share}")
 
 
 def pairs_main(argv: list[str]) -> int:

@@ -98,6 +98,18 @@ def check_backend(backend: str, option: str = "--backend") -> None:
             raise ConfigError(f"{option} vllm: needs a CUDA GPU and none is visible; use {option} hf")
 
 
+def check_vllm_memory(share: float | None, backend: str, backend_option: str) -> None:
+    """``--vllm_gpu_memory_utilization`` (None: not given) in (0, 1], and only where vLLM samples (else it would
+    change nothing); ``backend_option`` names the option that chooses the backend."""
+    if share is None:
+        return
+    if backend != "vllm":
+        raise ConfigError(f"--vllm_gpu_memory_utilization: only used with {backend_option} vllm; drop it or add "
+                          f"{backend_option} vllm")
+    if not 0 < share <= 1:
+        raise ConfigError(f"--vllm_gpu_memory_utilization: must be in (0, 1], got {share}")
+
+
 def generate_vllm(
     model_path: str, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
     num_return_sequences: int, seed: int, gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION,
