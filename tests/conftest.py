@@ -86,3 +86,21 @@ def model_dir(tmp_path: Path, tiny_tokenizer) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def poison_loss(monkeypatch: pytest.MonkeyPatch, on_call: int | None = None) -> list[int]:
+    """Make the objective's loss NaN, at every call or only at its ``on_call``-th (1-based); returns the list that
+    counts the calls (clear it to count again)."""
+    from prefkit.objectives.objective import Objective
+
+    real, calls = Objective.__call__, []
+
+    def poisoned(self, logps):
+        out = real(self, logps)
+        calls.append(1)
+        if on_call is None or len(calls) == on_call:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    return calls

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prefkit.cli import main, parse_config
+from tests.conftest import poison_loss
 from tests.test_train_e2e import _losses, _train_args, write_pairs
 
 
@@ -105,18 +106,7 @@ def test_cached_reference_under_bf16_autocast_equals_on_the_fly_reference(tmp_pa
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_checkpoint_or_skips(tmp_path, model_dir, capsys, monkeypatch):
-    import torch
-
-    from prefkit.objectives.objective import Objective
-
-    real = Objective.__call__
-
-    def poisoned(self, logps):
-        out = real(self, logps)
-        out.loss = out.loss * torch.tensor(float("nan"))
-        return out
-
-    monkeypatch.setattr(Objective, "__call__", poisoned)
+    poison_loss(monkeypatch)
     data = write_pairs(tmp_path / "p.jsonl", 12)
     out = tmp_path / "nan"
     assert main(_train_args(model_dir, data, out, "--eval_split_size", "0")) == 3

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefkit import PrefConfig, PrefTrainer, accel
 from prefkit.errors import TrainingFault
+from tests.conftest import poison_loss
 
 SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
            torch.ops.aten.masked_select.default}
@@ -107,16 +108,7 @@ def test_the_stop_policys_one_check_still_names_what_was_not_finite(tiny_llama, 
     _poison_gradient(tiny_llama)
     with pytest.raises(TrainingFault, match="non-finite gradient at step 0"):
         _train(tiny_llama, tiny_tokenizer, tmp_path / "grad", steps=1)
-    from prefkit.objectives.objective import Objective
-
-    real = Objective.__call__
-
-    def poisoned(self, logps):
-        out = real(self, logps)
-        out.loss = out.loss * torch.tensor(float("nan"))
-        return out
-
-    monkeypatch.setattr(Objective, "__call__", poisoned)
+    poison_loss(monkeypatch)
     with pytest.raises(TrainingFault, match="non-finite loss at step 0"):
         _train(tiny_llama, tiny_tokenizer, tmp_path / "loss", steps=1)
 
@@ -155,18 +147,7 @@ def test_a_skipped_loss_is_logged_as_transformers_filter_logs_it(tiny_llama, tin
     import copy
     import json
 
-    from prefkit.objectives.objective import Objective
-
-    real, calls = Objective.__call__, []
-
-    def poisoned(self, logps):
-        out = real(self, logps)
-        calls.append(1)
-        if len(calls) == 2:
-            out.loss = out.loss * torch.tensor(float("nan"))
-        return out
-
-    monkeypatch.setattr(Objective, "__call__", poisoned)
+    calls = poison_loss(monkeypatch, on_call=2)
     start = copy.deepcopy(tiny_llama)
     logged = {}
     for every in (1, 3):
