@@ -221,7 +221,7 @@ class PrefTrainer(Trainer):
         return DynamicsMonitor(
             dyn, self.objective, self.model, probe, self._probe_logps,
             # RC statistics are batch means: reduced over processes so that every rank uses the same α
-            reduce_mean=(lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu())
+            reduce_mean=(lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean"))
             if multi else None,
             unwrap=self.accelerator.unwrap_model if multi else None,
         )
@@ -328,6 +328,7 @@ class PrefTrainer(Trainer):
                 return "gradient" if bool(loss_finite) else "loss"
 
             what = failed
+        self.monitor.settle(finite)  # RC counts this micro-step's statistics only if it was finite here
         if self._non_finite(finite, inputs, what):  # FSDP shards gradients: each process sees only its part
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
         skipped, self._loss_skipped = self._loss_skipped, False
@@ -339,10 +340,11 @@ class PrefTrainer(Trainer):
 
     def _loss_check_rides_on_gradient(self) -> bool:
         """Whether a training step's loss check can wait for its gradient check (one host sync, not two):
-        under --nan_policy stop, where nothing is skipped, and with no dynamics monitor state (RC's EMAs, the
-        diagnostics' probe) that the stop checkpoint saves and a non-finite step would already have changed.
-        Under skip the loss must be known before backward, to train on a zero instead."""
-        return self.args.nan_policy == "stop" and self.monitor.rc is None and not self.monitor.every
+        under --nan_policy stop, where nothing is skipped, and without the diagnostics' probe, host state that the
+        stop checkpoint saves and a non-finite step would already have changed (RC's statistics wait for the
+        check: :meth:`DynamicsMonitor.settle`). Under skip the loss must be known before backward, to train on a
+        zero instead."""
+        return self.args.nan_policy == "stop" and not self.monitor.every
 
     def _non_finite(self, finite: torch.Tensor, batch: PairBatch, what: str | Callable[[], str]) -> bool:
         """The NaN policy, in one place: whether ``what`` is non-finite on any process (one tiny all-gather under

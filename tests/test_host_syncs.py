@@ -75,9 +75,8 @@ def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> l
 #   --nan_policy skip the loss is checked on its own too, before backward, to train on a zero instead (2).
 # - --share_prompt false: transformers builds the 2D padding mask into a 4D one and asks twice per forward whether
 #   it can be skipped (masking_utils, policy and reference forward: 4).
-# - RC: its incentive statistics and score-norm EMAs are read on the host (dynamics/calibration.py,
-#   grad_norms.py), and the loss check does not wait for the gradient's (the stop checkpoint saves RC's EMAs,
-#   which a non-finite step would already have changed): 7 on the first step, 9 after it.
+# RC adds none: its statistics, EMAs and α stay tensors on the device, and a micro-step's statistics are recorded
+# after the NaN policy's check has been computed (as a tensor), so the loss check still waits for the gradient's.
 # HF Trainer's own loop adds none per micro-step: its logging_nan_inf_filter (2 syncs: isnan/isinf of the returned
 # loss) is off by default in PrefConfig, since --nan_policy already keeps a non-finite loss out of the logged mean
 # (test_the_training_loop_adds_no_sync_per_step and test_a_skipped_loss_is_logged_as_transformers_filter_logs_it).
@@ -88,8 +87,10 @@ def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> l
     ({"nan_policy": "skip"}, [2, 2, 2]),
     ({"poet": True}, [1, 1, 1]),
     ({"granularity": "adaptive", "num_segments": 4}, [1, 1, 1]),  # the unit tensors' width comes from shapes
-    ({"reward_calibration": True}, [7, 9, 9]),
-], ids=["packed", "shared", "two-rows", "skip", "poet", "adpo", "rc"])
+    ({"reward_calibration": True}, [1, 1, 1]),
+    ({"reward_calibration": True, "rc_target": "band", "gradient_accumulation_steps": 2}, [1] * 6),
+    ({"reward_calibration": True, "nan_policy": "skip"}, [2, 2, 2]),
+], ids=["packed", "shared", "two-rows", "skip", "poet", "adpo", "rc", "rc-band-accumulated", "rc-skip"])
 def test_host_syncs_per_training_step(tiny_llama, tiny_tokenizer, tmp_path, options, want):
     where = _train(tiny_llama, tiny_tokenizer, tmp_path, **options)
     assert [sum(w.values()) for w in where] == want, where
@@ -101,16 +102,31 @@ def _poison_gradient(model):
     weight.register_hook(lambda g: g * torch.tensor(float("nan")))
 
 
+@pytest.mark.parametrize("options", [{}, {"reward_calibration": True}], ids=["plain", "rc"])
 def test_the_stop_policys_one_check_still_names_what_was_not_finite(tiny_llama, tiny_tokenizer, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, options):
     """The loss check waits for the gradient's (one sync), yet a NaN gradient under a finite loss is reported as
     the gradient, and a NaN loss as the loss."""
     _poison_gradient(tiny_llama)
     with pytest.raises(TrainingFault, match="non-finite gradient at step 0"):
-        _train(tiny_llama, tiny_tokenizer, tmp_path / "grad", steps=1)
+        _train(tiny_llama, tiny_tokenizer, tmp_path / "grad", steps=1, **options)
     poison_loss(monkeypatch)
     with pytest.raises(TrainingFault, match="non-finite loss at step 0"):
-        _train(tiny_llama, tiny_tokenizer, tmp_path / "loss", steps=1)
+        _train(tiny_llama, tiny_tokenizer, tmp_path / "loss", steps=1, **options)
+
+
+def test_rc_keeps_the_stopped_steps_statistics_out_of_the_last_good_state(tiny_llama, tiny_tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """A NaN loss at step 1 (its incentives, computed apart, are finite): the stop checkpoint's RC state holds step
+    0's committed EMAs and nothing of step 1, though RC measured step 1 before the check was read."""
+    from prefkit.trainer import STATE_FILE
+
+    poison_loss(monkeypatch, on_call=3)  # RC calls the objective twice a step: the loss, then its incentives
+    with pytest.raises(TrainingFault, match="non-finite loss at step 1"):
+        _train(tiny_llama, tiny_tokenizer, tmp_path, steps=3, reward_calibration=True)
+    rc = torch.load(tmp_path / "out" / "checkpoint-1" / STATE_FILE, weights_only=True)["rc"]
+    assert rc["pending"] == {"incentives": [], "scores": []}
+    assert all(rc[k] is not None for k in ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos"))
 
 
 def _loop_syncs(tiny_tokenizer, tmp_path, steps: int, **options) -> int:

@@ -17,10 +17,18 @@ from prefkit.dynamics.grad_norms import ScoreGradNorms
 from prefkit.dynamics.incentives import Incentives
 from prefkit.errors import ConfigError
 from prefkit.logprobs import compute_pair_logps
+from prefkit.metrics import MetricMeans, Weighted
 from prefkit.spec import resolve_run
 from tests.test_dynamics import BETA, _tiny_batch, objective, sig
 from tests.test_objectives import LRL, LRW, PL, PW, make_logps
 from tests.test_train_e2e import write_pairs
+
+
+def _logged(rc: RewardCalibrator) -> dict[str, float]:
+    """RC's metrics of one micro-step as the trainer logs them (through MetricMeans, in float32)."""
+    means = MetricMeans()
+    means.add("train", rc.metrics())
+    return means.pop("train")
 
 
 def _calibrator(target: str, d_w: float, d_l: float, norm_w: float, norm_l: float, cos: float) -> RewardCalibrator:
@@ -45,8 +53,8 @@ def test_alpha_centre_and_band_by_hand(d_w, d_l, centre, band):
     assert b.alpha() == pytest.approx(band, rel=1e-12)
     r = d_w / d_l
     assert b.alpha() ** 2 * r == pytest.approx(min(max(r, 1.0), 4.0))  # calibrated ratio: r clamped to the band
-    m = b.metrics()
-    assert m["rc/alpha"] == b.alpha() and m["rc/ratio"] == pytest.approx(r) and m["rc/target"] == pytest.approx(2.0)
+    m = _logged(b)
+    assert m["rc/alpha"] == pytest.approx(b.alpha(), rel=1e-7) and m["rc/ratio"] == pytest.approx(r) and m["rc/target"] == pytest.approx(2.0)
     assert m["rc/in_band"] == float(1.0 <= r <= 4.0)
 
 
@@ -57,13 +65,15 @@ def test_fixed_alpha_applies_exactly_that_alpha_while_statistics_update():
     rc.update_grad_norms(ScoreGradNorms(1.0, 2.0, 0.5))
     rc.commit()
     assert rc.alpha() == 3.0
-    m = rc.metrics()
+    m = _logged(rc)
     assert m["rc/alpha"] == 3.0 and m["rc/ratio"] == pytest.approx(8.0) and m["rc/target"] == pytest.approx(2.0)
     assert m["rc/in_band"] == 0.0
     rc.update_incentives(Incentives(torch.tensor([0.2], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)))
     rc.commit()
     # log r = 0.9·log 8 + 0.1·log 2: the EMA still moves under a fixed α
-    assert rc.metrics()["rc/ratio"] == pytest.approx(math.exp(0.9 * math.log(8) + 0.1 * math.log(2)), rel=1e-12)
+    ema = 0.9 * math.log(8) + 0.1 * math.log(2)
+    assert rc.state["log_d_w"] - rc.state["log_d_l"] == pytest.approx(ema, rel=1e-12)
+    assert _logged(rc)["rc/ratio"] == pytest.approx(math.exp(ema), rel=1e-7)  # logged in float32
     # applied as RC applies α: forward values unchanged, gradient ×3 on chosen and ×1/3 on rejected
     chosen = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     rejected = torch.tensor([[-0.5, -1.5]], requires_grad=True)
@@ -73,6 +83,41 @@ def test_fixed_alpha_applies_exactly_that_alpha_while_statistics_update():
     (out.chosen.sum() + out.rejected.sum()).backward()
     assert torch.allclose(chosen.grad, torch.full((1, 2), 3.0))
     assert torch.allclose(rejected.grad, torch.full((1, 2), 1 / 3))
+
+
+def test_rc_metrics_are_logged_once_their_statistics_are_known():
+    """Before a commit only rc/alpha is logged; after one whose incentives cannot give a log ratio (d_l = 0), ratio,
+    target and in_band are left out of the log (not logged as 0 or NaN); a valid step brings them."""
+    rc = RewardCalibrator(ema=0.9)
+    assert _logged(rc) == {"rc/alpha": 1.0}
+    rc.update_incentives(Incentives(torch.tensor([0.2]), torch.tensor([0.0])))
+    rc.update_grad_norms(ScoreGradNorms(1.0, 2.0, 0.5))
+    rc.commit()
+    assert _logged(rc) == {"rc/alpha": 1.0}
+    rc.update_incentives(Incentives(torch.tensor([0.2]), torch.tensor([0.1])))
+    rc.commit()
+    assert _logged(rc) == pytest.approx({"rc/alpha": 1.0, "rc/ratio": 2.0, "rc/target": 2.0, "rc/in_band": 1.0})
+
+
+def test_a_weighted_metric_logs_the_mean_of_the_batches_that_know_it():
+    means = MetricMeans()
+    means.add("train", {"m": Weighted(torch.tensor(math.nan), torch.tensor(False)), "n": 1.0})
+    means.add("train", {"m": Weighted(torch.tensor(3.0), torch.tensor(True)), "n": torch.tensor(2.0)})
+    means.add("train", {"m": Weighted(torch.tensor(5.0), torch.tensor(True)), "n": 3.0})
+    assert means.pop("train") == {"m": 4.0, "n": 2.0}
+    assert means.pop("train") == {}
+
+
+def test_a_micro_step_that_was_not_finite_adds_no_rc_statistics():
+    """``ok`` false (the trainer's loss-and-gradient check of that micro-step) leaves its row out, as a non-finite
+    value does; the step's other micro-steps still count."""
+    rc, alone = RewardCalibrator(ema=0.5), RewardCalibrator(ema=0.5)
+    for calibrator, rows in ((rc, [(0.2, True), (0.9, False)]), (alone, [(0.2, True)])):
+        for d_w, ok in rows:
+            calibrator.update_incentives(Incentives(torch.tensor([d_w]), torch.tensor([0.1])), torch.tensor(ok))
+            calibrator.update_grad_norms(ScoreGradNorms(1.0, 4.0, 0.5), torch.tensor(ok))
+        calibrator.commit()
+    assert rc.state == alone.state and rc.state["log_d_w"] == pytest.approx(math.log(0.2))
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
@@ -123,11 +168,11 @@ def test_mean_and_sum_score_norms_by_hand():
             zw, zl = zw / lp.chosen_mask.sum(1), zl / lp.rejected_mask.sum(1)
         gw = torch.cat([g.flatten() for g in torch.autograd.grad(zw.mean(), params, retain_graph=True)])
         gl = torch.cat([g.flatten() for g in torch.autograd.grad(zl.mean(), params, retain_graph=True)])
-        assert st.norm_chosen == pytest.approx(gw.norm().item(), rel=1e-5), reduction
-        assert st.norm_rejected == pytest.approx(gl.norm().item(), rel=1e-5), reduction
+        assert st.norm_chosen.item() == pytest.approx(gw.norm().item(), rel=1e-5), reduction
+        assert st.norm_rejected.item() == pytest.approx(gl.norm().item(), rel=1e-5), reduction
     # the two scores differ here (responses of 3 and 4 tokens), so the test tells them apart
-    assert score_grad_norms(lp, params, masks, "mean").norm_chosen != pytest.approx(
-        score_grad_norms(lp, params, masks, "sum").norm_chosen, rel=1e-2)
+    assert score_grad_norms(lp, params, masks, "mean").norm_chosen.item() != pytest.approx(
+        score_grad_norms(lp, params, masks, "sum").norm_chosen.item(), rel=1e-2)
 
 
 @pytest.mark.parametrize("option, value", [("rc_scores", "median"), ("rc_target", "center"), ("rc_norm_steps", 0)])

@@ -14,6 +14,10 @@ micro-batches and processes), so α is the same on every rank and a run with gra
 multi-process run with the same global batch. Applied per token as x̂ = sg(x) + α·(x − sg(x)): the forward
 value is bit-for-bit x (x − sg(x) is exactly 0), unlike α·x + (1−α)·sg(x), which rounds. The EMAs start from
 the first observed value (no bias correction needed); α = 1 until all statistics the target needs have been seen.
+
+Everything stays on the training device: statistics, EMAs and α are tensors, and which values count (finite,
+positive, seen yet) is decided with ``torch.where``, so a training step asks the host for nothing (a GPU would
+wait for its queue on every ``.item()``). Values reach the host only when they are logged or checkpointed.
 """
 
 from __future__ import annotations
@@ -26,26 +30,32 @@ from torch import Tensor
 
 from prefkit.dynamics.grad_norms import ScoreGradNorms
 from prefkit.dynamics.incentives import Incentives
+from prefkit.metrics import Weighted
 from prefkit.objectives.types import PairLogps
 
 _KEYS = ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos")
+# which EMAs (a slice of _KEYS) each kind of statistic feeds; a row is its values and a count of 1
+_KINDS = {"incentives": slice(0, 2), "scores": slice(2, 5)}
 TARGETS = ("centre", "band")
 
 
-def _scaled(x: Tensor, a: float) -> Tensor:
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _scaled(x: Tensor, a: Tensor | float) -> Tensor:
     sg = x.detach()
     return sg + a * (x - sg)
 
 
-def calibration_log_shift(log_r: float, log_r_star: float, cos: float | None, target: str) -> float:
-    """log(α²): how far RC moves log(d_w/d_l). ``cos`` is needed only by the ``band`` target."""
+def _log_shift(log_r: Tensor, log_r_star: Tensor, cos: Tensor, cos_seen: Tensor, target: str) -> Tensor:
+    """log(α²): how far RC moves log(d_w/d_l). ``cos`` (with whether it has been seen) matters only to ``band``."""
     if target == "centre":
         return log_r_star - log_r
-    if cos is None or cos <= 0:
-        return 0.0  # no cosine yet, or ρ ≤ 0: the band is (0, ∞)
-    half = -math.log(min(cos, 1.0))
+    half = -torch.log(cos.clamp(max=1.0))
     lower, upper = log_r_star - half, log_r_star + half
-    return min(max(0.0, lower - log_r), upper - log_r)
+    shift = torch.minimum((lower - log_r).clamp(min=0.0), upper - log_r)
+    return torch.where(cos_seen & (cos > 0), shift, 0.0)  # no cosine yet, or ρ ≤ 0: the band is (0, ∞)
 
 
 class RewardCalibrator:
@@ -61,81 +71,125 @@ class RewardCalibrator:
         self.fixed_alpha = fixed_alpha
         # under distributed training every rank must use the same α: batch means are reduced across ranks
         self.reduce_mean = reduce_mean or (lambda t: t)
-        self.state: dict[str, float | None] = dict.fromkeys(_KEYS)
-        self.pending: dict[str, list[list[float]]] = {"incentives": [], "scores": []}
+        self._values: Tensor | None = None  # (5,) the EMAs in _KEYS order; None until the first commit
+        self._seen: Tensor | None = None  # (5,) bool: which EMAs have a first value
+        self._alpha: Tensor | None = None  # α of the committed EMAs
+        self._pending: dict[str, Tensor | None] = dict.fromkeys(_KINDS)  # the step's summed rows, count last
 
-    def _push(self, key: str, value: float) -> None:
-        old = self.state[key]
-        self.state[key] = value if old is None else self.ema * old + (1 - self.ema) * value
+    def _add(self, kind: str, row: Tensor, ok: Tensor | None) -> None:
+        """Add a row (values, then a count); one with any non-finite value (or ``ok`` false) adds zeros, count too."""
+        keep = torch.isfinite(row).all()
+        if ok is not None:
+            keep = keep & ok.to(row.device, non_blocking=True).reshape(())
+        row = torch.where(keep, row, 0.0)
+        old = self._pending[kind]
+        self._pending[kind] = row if old is None else old.to(row.device) + row
 
-    def update_incentives(self, inc: Incentives) -> None:
-        """Record one micro-batch's mean incentives (committed at the end of the optimizer step)."""
-        self.pending["incentives"].append([inc.d_w.double().mean().item(), inc.d_l.double().mean().item(), 1.0])
+    @staticmethod
+    def _row(*values: Tensor | float) -> Tensor:
+        """One micro-batch's row: its values and a count of 1, on the values' device."""
+        device = next((v.device for v in values if isinstance(v, Tensor)), torch.device("cpu"))
+        dtype = _dtype(device)
+        return torch.stack([torch.as_tensor(v, device=device).to(dtype).reshape(()) for v in (*values, 1.0)])
 
-    def update_grad_norms(self, stats: ScoreGradNorms) -> None:
-        self.pending["scores"].append([stats.norm_chosen, stats.norm_rejected, stats.cos, 1.0])
+    def update_incentives(self, inc: Incentives, ok: Tensor | None = None) -> None:
+        """Record one micro-batch's mean incentives (committed at the end of the optimizer step); ``ok`` (a bool
+        tensor) false leaves the micro-batch out, as a non-finite value does."""
+        dtype = _dtype(inc.d_w.device)
+        self._add("incentives", self._row(inc.d_w.to(dtype).mean(), inc.d_l.to(dtype).mean()), ok)
 
-    def commit(self) -> None:
+    def update_grad_norms(self, stats: ScoreGradNorms, ok: Tensor | None = None) -> None:
+        self._add("scores", self._row(stats.norm_chosen, stats.norm_rejected, stats.cos), ok)
+
+    def commit(self, device: torch.device | None = None) -> None:
         """Fold the step's statistics into the EMAs: averaged over micro-batches, then over processes.
 
         Every process calls this at the same step boundaries and reduces both kinds (zeros when it has none),
         so the collectives match even where only some ranks measured. A micro-batch with any non-finite value
-        is left out whole (its count too), before anything is averaged: one NaN or inf must neither reach an EMA
-        nor move one half of a ratio without the other."""
-        for kind, width in (("incentives", 3), ("scores", 4)):
-            rows = [r for r in self.pending[kind] if all(math.isfinite(x) for x in r)]
-            local = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(width, dtype=torch.float64)
-            total = self.reduce_mean(local)
-            if total[-1] <= 0:
-                continue
-            means = (total[:-1] / total[-1]).tolist()
-            a, b = means[:2]
-            if not (a > 0 and b > 0 and all(math.isfinite(m) for m in means)):  # log-domain ratios need both > 0
-                continue
-            if kind == "incentives":
-                self._push("log_d_w", math.log(a))
-                self._push("log_d_l", math.log(b))
-            else:
-                self._push("log_norm_w", math.log(a))
-                self._push("log_norm_l", math.log(b))
-                self._push("cos", means[2])
-        self.pending = {"incentives": [], "scores": []}
+        was left out whole (its count too) when it was added: one NaN or inf must neither reach an EMA nor move
+        one half of a ratio without the other. A kind whose means are not both > 0 (log-domain ratios) moves no
+        EMA this step. ``device``: where the statistics live when this process has none yet (after a resume)."""
+        held = [t for t in (self._values, *self._pending.values()) if t is not None]
+        device = device or (held[0].device if held else torch.device("cpu"))
+        dtype = _dtype(device)
+        if self._values is None:
+            self._values = torch.zeros(len(_KEYS), dtype=dtype, device=device)
+            self._seen = torch.zeros(len(_KEYS), dtype=torch.bool, device=device)
+        # a resumed run's state is loaded on the CPU: moved once, here, to where this run's statistics are
+        self._values, self._seen = self._values.to(device, dtype), self._seen.to(device)
+        self._pending = {k: None if t is None else t.to(device, dtype) for k, t in self._pending.items()}
+        for kind, keys in _KINDS.items():
+            width = keys.stop - keys.start + 1
+            local = self._pending[kind]
+            total = self.reduce_mean(local if local is not None else torch.zeros(width, dtype=dtype, device=device))
+            count = total[-1]
+            means = total[:-1] / torch.where(count > 0, count, 1.0)
+            valid = (count > 0) & (means[0] > 0) & (means[1] > 0) & torch.isfinite(means).all()
+            x = torch.cat([means[:2].log(), means[2:]])  # the cosine stays linear; an invalid log is not used
+            old, seen = self._values[keys], self._seen[keys]
+            new = torch.where(seen, self.ema * old + (1 - self.ema) * x, x)
+            self._values[keys] = torch.where(valid, new, old)
+            self._seen[keys] = seen | valid
+        self._pending = dict.fromkeys(_KINDS)
+        self._alpha = self._own_alpha()
 
-    def _logs(self) -> tuple[float, float] | None:
-        s = self.state
-        if any(s[k] is None for k in _KEYS[:4]):
-            return None
-        return s["log_d_w"] - s["log_d_l"], s["log_norm_l"] - s["log_norm_w"]
+    def _logs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """log r, log r* and whether both are known (all four of their EMAs seen)."""
+        v = self._values
+        return v[0] - v[1], v[3] - v[2], self._seen[:4].all()
 
-    def alpha(self) -> float:
+    def _own_alpha(self) -> Tensor:
+        log_r, log_r_star, known = self._logs()
+        shift = _log_shift(log_r, log_r_star, self._values[4], self._seen[4], self.target)
+        return torch.where(known, torch.exp(0.5 * shift), 1.0)
+
+    def _applied_alpha(self) -> Tensor | float:
         if self.fixed_alpha is not None:
             return self.fixed_alpha
-        logs = self._logs()
-        if logs is None:
-            return 1.0
-        return math.exp(0.5 * calibration_log_shift(*logs, self.state["cos"], self.target))
+        return self._alpha if self._alpha is not None else 1.0
 
-    def metrics(self) -> dict[str, float]:
-        """rc/alpha always; the EMA ratio r, target r* and whether r is inside the band once they are known."""
-        out = {"rc/alpha": self.alpha()}
-        logs = self._logs()
-        if logs is not None:
-            log_r, log_r_star = logs
-            out["rc/ratio"] = math.exp(log_r)
-            out["rc/target"] = math.exp(log_r_star)
-            cos = self.state["cos"]
-            if cos is not None:
-                out["rc/in_band"] = float(calibration_log_shift(log_r, log_r_star, cos, "band") == 0.0)
+    def alpha(self) -> float:
+        """The α applied now, read on the host."""
+        return float(self._applied_alpha())
+
+    def metrics(self) -> dict[str, Tensor | float | Weighted]:
+        """rc/alpha always; once a step has been committed, the EMA ratio r, target r* and whether r is inside the
+        band, each counted in the logged mean only on micro-batches where its statistics are known (``Weighted``)."""
+        out: dict[str, Tensor | float | Weighted] = {"rc/alpha": self._applied_alpha()}
+        if self._values is not None:
+            log_r, log_r_star, known = self._logs()
+            out["rc/ratio"] = Weighted(torch.exp(log_r), known)
+            out["rc/target"] = Weighted(torch.exp(log_r_star), known)
+            inside = _log_shift(log_r, log_r_star, self._values[4], self._seen[4], "band") == 0
+            out["rc/in_band"] = Weighted(inside.to(self._values.dtype), known & self._seen[4])
         return out
 
     def apply(self, logps: PairLogps) -> PairLogps:
-        a = self.alpha()
+        a = self._applied_alpha()
         return logps.replace(chosen=_scaled(logps.chosen, a), rejected=_scaled(logps.rejected, 1.0 / a))
 
+    @property
+    def state(self) -> dict[str, float | None]:
+        """The EMAs on the host, None where not seen yet."""
+        if self._values is None:
+            return dict.fromkeys(_KEYS)
+        values, seen = self._values.tolist(), self._seen.tolist()
+        return {k: v if s else None for k, v, s in zip(_KEYS, values, seen)}
+
     def state_dict(self) -> dict:
-        return {**self.state, "pending": {k: [list(r) for r in v] for k, v in self.pending.items()}}
+        # pending as rows of (values..., count), as when every micro-batch was a row: the saved sum is one row
+        pending = {k: [] if t is None else [t.tolist()] for k, t in self._pending.items()}
+        return {**self.state, "pending": {k: [r for r in rows if r[-1] > 0] for k, rows in pending.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = {k: state.get(k) for k in _KEYS}
-        pending = state.get("pending") or {}
-        self.pending = {"incentives": list(pending.get("incentives", [])), "scores": list(pending.get("scores", []))}
+        values = [state.get(k) for k in _KEYS]
+        if all(v is None for v in values):
+            self._values = self._seen = self._alpha = None
+        else:
+            self._values = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float64)
+            self._seen = torch.tensor([v is not None for v in values])
+            self._alpha = self._own_alpha()
+        self._pending = dict.fromkeys(_KINDS)
+        for kind, rows in (state.get("pending") or {}).items():
+            for row in rows:
+                self._add(kind, torch.tensor(row, dtype=torch.float64), None)

@@ -19,9 +19,11 @@ from prefkit.objectives.types import PairLogps
 
 @dataclass
 class ScoreGradNorms:
-    norm_chosen: float
-    norm_rejected: float
-    cos: float
+    """0-dim tensors on the training device (floats where built by hand): read on the host only when logged."""
+
+    norm_chosen: Tensor | float
+    norm_rejected: Tensor | float
+    cos: Tensor | float
 
 
 def _last_block_prefix(model: nn.Module) -> str | None:
@@ -70,4 +72,4 @@ def score_grad_norms(logps: PairLogps, params: list[nn.Parameter], masks: tuple[
     flat_l = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gl, params)])
     nw, nl = flat_w.norm(), flat_l.norm()
     cos = (flat_w @ flat_l) / (nw * nl).clamp(min=1e-30)
-    return ScoreGradNorms(nw.item(), nl.item(), cos.item())
+    return ScoreGradNorms(nw, nl, cos)

@@ -1,7 +1,8 @@
 """DynamicsMonitor: the trainer's single hook into preference dynamics (arXiv 2604.18239).
 
-Every step, before backward: RC (if on) records this batch's incentives for its EMAs and, every
-``rc_norm_steps`` steps, the score norms (two partial backward passes), both w.r.t. the ``rc_scores`` scores.
+Every step, before backward: RC (if on) measures this batch's incentives for its EMAs and, every
+``rc_norm_steps`` steps, the score norms (two partial backward passes), both w.r.t. the ``rc_scores`` scores;
+after backward, :meth:`DynamicsMonitor.settle` records them where the step's loss and gradient were finite.
 Every ``dynamics_steps`` steps the diagnostics, w.r.t. the objective's own scores, are computed and returned
 as metrics (names below); where both fall on one step with the same scores, the norms are computed once.
 """
@@ -18,10 +19,11 @@ from prefkit.data.types import PairBatch
 from prefkit.dynamics.band import band_edges, fraction_in_band
 from prefkit.dynamics.calibration import RewardCalibrator
 from prefkit.dynamics.grad_norms import ScoreGradNorms, score_grad_norms, select_params
-from prefkit.dynamics.incentives import compute_incentives
+from prefkit.dynamics.incentives import Incentives, compute_incentives
 from prefkit.dynamics.spec import DynamicsSpec
 from prefkit.logprobs import eval_mode
 from prefkit.metric_names import with_deprecated_names
+from prefkit.metrics import Weighted
 from prefkit.objectives.types import LossOutput, PairLogps
 
 logger = logging.getLogger("prefkit")
@@ -54,6 +56,7 @@ class DynamicsMonitor:
         self.warned = False
         self.step: int | None = None
         self.rc_step: int | None = None
+        self._staged: tuple[Incentives, ScoreGradNorms | None] | None = None  # this micro-step's RC statistics
         # Under DDP the score gradients come from a separate forward of the unwrapped module: autograd.grad
         # through DDP's own forward would interfere with its gradient synchronisation.
         self.unwrap = unwrap
@@ -65,13 +68,13 @@ class DynamicsMonitor:
         if self.rc is None:
             return logps
         if self.rc_step is not None and step != self.rc_step:
-            self.rc.commit()
+            self.rc.commit(logps.chosen.device)
         self.rc_step = step
         return self.rc.apply(logps)
 
     def observe(
         self, step: int, model: nn.Module, logps: PairLogps, loss_out: LossOutput, batch: PairBatch | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, Tensor | float | Weighted]:
         new_step = step != self.step
         self.step = step
         log_now = bool(self.every) and step % self.every == 0
@@ -92,23 +95,24 @@ class DynamicsMonitor:
             if rc_norms:
                 rc_stats = stats if stats is not None and own == self.rc_scores else score_grad_norms(
                     source, self.params, masks, self.rc_scores)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor | float | Weighted] = {}
         if self.rc is not None:
-            self.rc.update_incentives(compute_incentives(self.objective, logps, self.rc_scores))
-            if rc_stats is not None:
-                self.rc.update_grad_norms(rc_stats)
+            self._staged = (compute_incentives(self.objective, logps, self.rc_scores), rc_stats)
             metrics.update(self.rc.metrics())
         if log_now and stats is not None:
             inc = compute_incentives(self.objective, logps)
             ratio = inc.ratio()
-            lower, upper = band_edges(stats.norm_chosen, stats.norm_rejected, stats.cos)
+            # a diagnostics step reads its values on the host (--dynamics_steps sets how often): one copy here
+            norm_chosen, norm_rejected, cos = torch.stack(
+                [torch.as_tensor(v) for v in (stats.norm_chosen, stats.norm_rejected, stats.cos)]).tolist()
+            lower, upper = band_edges(norm_chosen, norm_rejected, cos)
             metrics.update({
                 "incentive/d_w": inc.d_w.mean().item(),
                 "incentive/d_l": inc.d_l.mean().item(),
                 "incentive/ratio": (inc.d_w.mean() / inc.d_l.mean().clamp(min=1e-12)).item(),
-                "score_grad/norm_chosen": stats.norm_chosen,
-                "score_grad/norm_rejected": stats.norm_rejected,
-                "score_grad/cos": stats.cos,
+                "score_grad/norm_chosen": norm_chosen,
+                "score_grad/norm_rejected": norm_rejected,
+                "score_grad/cos": cos,
                 "band/lower": lower,
                 "band/upper": upper,
                 "band/in_band": fraction_in_band(ratio, lower, upper),
@@ -117,6 +121,17 @@ class DynamicsMonitor:
             if new_step:  # the probe batch is the same for every micro-batch: once per step
                 metrics.update(self._probe(model, step))
         return metrics
+
+    def settle(self, ok: Tensor) -> None:
+        """Hand RC this micro-step's statistics, counted only where ``ok`` (a bool tensor: the step's loss and
+        gradient were finite) holds. Decided on the device, so the NaN policy's one host read stays the only one;
+        a step that policy skips or stops at leaves RC's statistics as they were."""
+        if self._staged is None:
+            return
+        (inc, stats), self._staged = self._staged, None
+        self.rc.update_incentives(inc, ok)
+        if stats is not None:
+            self.rc.update_grad_norms(stats, ok)
 
     @torch.no_grad()
     def _probe(self, model: nn.Module, step: int) -> dict[str, float]:
