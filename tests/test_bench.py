@@ -433,10 +433,12 @@ def test_flat_rejected_weights_keep_the_mean_and_drop_the_position(tmp_path):
 
 def test_a5_and_control_configs_and_claim_points(tmp_path):
     a5 = load_bench_config("benchmarks/bench_arithmetic_adpo.yaml")
-    lr_beta = sorted({round(p["learning_rate"] * p["beta"], 9) for p in a5.points()})
-    assert lr_beta == [5e-7, 1e-6, 2e-6] and sorted({p["beta"] for p in a5.points()}) == [0.1, 0.3, 1.0]
+    lr_beta = sorted({float(f"{p['learning_rate'] * p['beta']:.2g}") for p in a5.points()})  # lr to 4 digits
+    # the pilot's 3 × 3 grid, then its edges extended (β = 0.1 lower; β = 0.3 and 1.0 higher)
+    assert lr_beta == [2.5e-7, 5e-7, 1e-6, 2e-6, 4e-6, 8e-6] and sorted({p["beta"] for p in a5.points()}) == [0.1, 0.3, 1.0]
     assert a5.train["num_train_epochs"] == 2 and a5.task_options["sft_from"] == "arithmetic"
     assert point_label(a5.claims[2]["point"]) == "beta=1.0, learning_rate=2e-06"
+    assert point_label(a5.claims[4]["point"]) == "beta=1.0, learning_rate=8e-06"
     flat = load_bench_config("benchmarks/bench_arithmetic_cadpo_flat.yaml")
     assert flat.methods["cADPO flat"]["token_weights"] == "flat_rejected"
     # a claim at a fixed point is one comparison in both views
@@ -464,3 +466,26 @@ def test_splits_may_fill_three_quarters_of_the_distinct_problems():
     assert len(make_splits(0, {"a": 100, "b": 21}, 2, 1)["b"]) == 21
     with pytest.raises(ConfigError, match="at most three quarters"):
         make_splits(0, {"a": 100, "b": 22}, 2, 1)
+
+
+def test_provenance_ignores_the_bench_outputs_but_not_code(tmp_path, monkeypatch):
+    import subprocess
+
+    from prefkit.bench.report import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for f in ("README.md", "benchmarks/RESULTS.md", "benchmarks/results/a/runs.jsonl", "prefkit/x.py"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path / "benchmarks")  # a run started from a subfolder sees the same
+    for f in ("README.md", "benchmarks/RESULTS.md", "benchmarks/results/a/runs.jsonl"):
+        (tmp_path / f).write_text("1\n")  # what a resumed grid writes
+    assert "uncommitted" not in _git_commit()
+    (tmp_path / "prefkit/x.py").write_text("1\n")
+    assert _git_commit().endswith(" (with uncommitted changes)")

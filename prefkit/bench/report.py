@@ -282,10 +282,16 @@ def _power_table(results: list[RunResult], claims: list[dict], views: list[dict[
     return lines + [""]
 
 
+_OUTPUTS = ("benchmarks/results", "benchmarks/RESULTS.md", "README.md")
+
+
 def _git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        # the bench's own outputs (results, RESULTS.md, README's generated block) are tracked: a resumed grid has
+        # written them, and they do not change what a run computes
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                *(f":(top,exclude){p}" for p in _OUTPUTS)], capture_output=True, text=True).stdout
         return sha + (" (with uncommitted changes)" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
