@@ -331,6 +331,7 @@ class PrefTrainer(Trainer):
         self.monitor.settle(finite)  # RC counts this micro-step's statistics only if it was finite here
         if self._non_finite(finite, inputs, what):  # FSDP shards gradients: each process sees only its part
             model.zero_grad(set_to_none=True)  # --nan_policy skip: drop this (accumulated) update
+            self.monitor.discard_step()  # and RC's statistics of the micro-steps whose gradients that drops
         skipped, self._loss_skipped = self._loss_skipped, False
         if skipped and hasattr(self, "_tr_loss"):
             # what transformers' logging_nan_inf_filter adds for a non-finite loss (the mean of the losses since the
@@ -364,6 +365,7 @@ class PrefTrainer(Trainer):
         if self.args.nan_policy == "skip":
             logger.warning("non-finite %s at %s; skipping this batch (--nan_policy skip)", what, where)
             return True
+        self.monitor.discard_step()  # the last good state: the step that failed adds nothing, not even in part
         self._save_checkpoint(self.model, trial=None)
         raise TrainingFault(
             f"non-finite {what} at {where}; checkpoint of the last good state saved in {self.args.output_dir}. "

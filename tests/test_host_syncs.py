@@ -45,8 +45,10 @@ class CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> list[collections.Counter]:
-    """Syncs per training step of a short run (every step a non-logging one: logging_steps is past the end)."""
+def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, keep: list | None = None,
+           **options) -> list[collections.Counter]:
+    """Syncs per training step of a short run (every step a non-logging one: logging_steps is past the end);
+    ``keep`` receives the trainer."""
     opts = {**dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=steps,
                    logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, beta=0.1,
                    overwrite_output_dir=True, overlap_reference=False), **options}
@@ -55,6 +57,8 @@ def _train(tiny_llama, tiny_tokenizer, tmp_path, steps: int = 3, **options) -> l
     args = PrefConfig(**{**opts, **accel.host_defaults(opts)})
     trainer = PrefTrainer(model=tiny_llama, args=args, train_dataset=Dataset.from_list(ROWS),
                           processing_class=tiny_tokenizer, run_forwards=accel.install(args).run_forwards)
+    if keep is not None:
+        keep.append(trainer)
     counts, real = [], trainer.training_step
 
     def counted(*a, **kw):
@@ -127,6 +131,38 @@ def test_rc_keeps_the_stopped_steps_statistics_out_of_the_last_good_state(tiny_l
     rc = torch.load(tmp_path / "out" / "checkpoint-1" / STATE_FILE, weights_only=True)["rc"]
     assert rc["pending"] == {"incentives": [], "scores": []}
     assert all(rc[k] is not None for k in ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos"))
+
+
+def test_a_stop_under_accumulation_keeps_the_steps_earlier_micro_steps_out_of_the_checkpoint(
+        tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    """A NaN loss in step 1's second micro-step: its first micro-step was finite and recorded, but the stop
+    checkpoint is the state before step 1, so a resumed run (which redoes step 1 whole) must not find it there."""
+    from prefkit.trainer import STATE_FILE
+
+    poison_loss(monkeypatch, on_call=7)  # 2 objective calls per micro-step: step 0 is calls 1-4, step 1 starts at 5
+    with pytest.raises(TrainingFault, match="non-finite loss at step 1"):
+        _train(tiny_llama, tiny_tokenizer, tmp_path, steps=3, reward_calibration=True, gradient_accumulation_steps=2)
+    rc = torch.load(tmp_path / "out" / "checkpoint-1" / STATE_FILE, weights_only=True)["rc"]
+    assert rc["pending"] == {"incentives": [], "scores": []}
+    assert all(rc[k] is not None for k in ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos"))
+
+
+def test_a_skipped_gradient_under_accumulation_drops_the_steps_rc_statistics_with_it(tiny_llama, tiny_tokenizer,
+                                                                                     tmp_path):
+    """--nan_policy skip drops the whole accumulated gradient when the second micro-step's is NaN: RC's statistics
+    of the first micro-step, whose gradient went with it, go too."""
+    weight, calls = next(p for p in tiny_llama.parameters() if p.requires_grad), []
+
+    def nan_on_second(g):
+        calls.append(1)
+        return g * torch.tensor(float("nan")) if len(calls) == 2 else g
+
+    weight.register_hook(nan_on_second)
+    kept: list = []
+    _train(tiny_llama, tiny_tokenizer, tmp_path, steps=1, keep=kept, reward_calibration=True, nan_policy="skip",
+           gradient_accumulation_steps=2, rc_norm_steps=10**6)  # no score-norm backward: one hook call a micro-step
+    assert len(calls) == 2
+    assert kept[0].monitor.rc.state_dict()["pending"] == {"incentives": [], "scores": []}
 
 
 def _loop_syncs(tiny_tokenizer, tmp_path, steps: int, **options) -> int:

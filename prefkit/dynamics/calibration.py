@@ -133,6 +133,10 @@ class RewardCalibrator:
         self._pending = dict.fromkeys(_KINDS)
         self._alpha = self._own_alpha()
 
+    def discard_pending(self) -> None:
+        """Forget the statistics recorded since the last commit (an optimizer step that will not happen)."""
+        self._pending = dict.fromkeys(_KINDS)
+
     def _logs(self) -> tuple[Tensor, Tensor, Tensor]:
         """log r, log r* and whether both are known (all four of their EMAs seen)."""
         v = self._values

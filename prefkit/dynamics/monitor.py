@@ -133,6 +133,13 @@ class DynamicsMonitor:
         if stats is not None:
             self.rc.update_grad_norms(stats, ok)
 
+    def discard_step(self) -> None:
+        """Drop what RC recorded of the optimizer step under way (its earlier micro-steps, under gradient
+        accumulation): a stop checkpoint saves the state before that step, and a resumed run redoes it whole."""
+        self._staged = None
+        if self.rc is not None:
+            self.rc.discard_pending()
+
     @torch.no_grad()
     def _probe(self, model: nn.Module, step: int) -> dict[str, float]:
         if self.probe is None:
