@@ -119,29 +119,21 @@ def test_the_stop_policys_one_check_still_names_what_was_not_finite(tiny_llama, 
         _train(tiny_llama, tiny_tokenizer, tmp_path / "loss", steps=1, **options)
 
 
+# RC calls the objective twice a micro-step (the loss, then its incentives). Without accumulation, call 3 is step 1's
+# loss; with 2 micro-steps a step, step 0 is calls 1-4 and call 7 is the loss of step 1's second micro-step, whose
+# first was finite and recorded: the stop checkpoint is the state before step 1, and a resumed run redoes step 1
+# whole, so neither the failed micro-step nor an earlier one of its step may be in it.
+@pytest.mark.parametrize(("on_call", "options"), [(3, {}), (7, {"gradient_accumulation_steps": 2})],
+                         ids=["one-micro-step", "accumulated"])
 def test_rc_keeps_the_stopped_steps_statistics_out_of_the_last_good_state(tiny_llama, tiny_tokenizer, tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, on_call, options):
     """A NaN loss at step 1 (its incentives, computed apart, are finite): the stop checkpoint's RC state holds step
     0's committed EMAs and nothing of step 1, though RC measured step 1 before the check was read."""
     from prefkit.trainer import STATE_FILE
 
-    poison_loss(monkeypatch, on_call=3)  # RC calls the objective twice a step: the loss, then its incentives
+    poison_loss(monkeypatch, on_call=on_call)
     with pytest.raises(TrainingFault, match="non-finite loss at step 1"):
-        _train(tiny_llama, tiny_tokenizer, tmp_path, steps=3, reward_calibration=True)
-    rc = torch.load(tmp_path / "out" / "checkpoint-1" / STATE_FILE, weights_only=True)["rc"]
-    assert rc["pending"] == {"incentives": [], "scores": []}
-    assert all(rc[k] is not None for k in ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos"))
-
-
-def test_a_stop_under_accumulation_keeps_the_steps_earlier_micro_steps_out_of_the_checkpoint(
-        tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
-    """A NaN loss in step 1's second micro-step: its first micro-step was finite and recorded, but the stop
-    checkpoint is the state before step 1, so a resumed run (which redoes step 1 whole) must not find it there."""
-    from prefkit.trainer import STATE_FILE
-
-    poison_loss(monkeypatch, on_call=7)  # 2 objective calls per micro-step: step 0 is calls 1-4, step 1 starts at 5
-    with pytest.raises(TrainingFault, match="non-finite loss at step 1"):
-        _train(tiny_llama, tiny_tokenizer, tmp_path, steps=3, reward_calibration=True, gradient_accumulation_steps=2)
+        _train(tiny_llama, tiny_tokenizer, tmp_path, steps=3, reward_calibration=True, **options)
     rc = torch.load(tmp_path / "out" / "checkpoint-1" / STATE_FILE, weights_only=True)["rc"]
     assert rc["pending"] == {"incentives": [], "scores": []}
     assert all(rc[k] is not None for k in ("log_d_w", "log_d_l", "log_norm_w", "log_norm_l", "cos"))

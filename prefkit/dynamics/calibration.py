@@ -130,7 +130,7 @@ class RewardCalibrator:
             new = torch.where(seen, self.ema * old + (1 - self.ema) * x, x)
             self._values[keys] = torch.where(valid, new, old)
             self._seen[keys] = seen | valid
-        self._pending = dict.fromkeys(_KINDS)
+        self.discard_pending()
         self._alpha = self._own_alpha()
 
     def discard_pending(self) -> None:
@@ -193,7 +193,7 @@ class RewardCalibrator:
             self._values = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float64)
             self._seen = torch.tensor([v is not None for v in values])
             self._alpha = self._own_alpha()
-        self._pending = dict.fromkeys(_KINDS)
+        self.discard_pending()
         for kind, rows in (state.get("pending") or {}).items():
             for row in rows:
                 self._add(kind, torch.tensor(row, dtype=torch.float64), None)
