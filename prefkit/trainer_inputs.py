@@ -81,7 +81,7 @@ def check_reference_columns(dataset, objective, name: str) -> None:
                                         ("its token weight columns", weighted)) if on)
         raise ConfigError(f"{name} dataset: columns {REF_FIELDS[0]!r}/{REF_FIELDS[1]!r} hold one reference "
                           f"log-prob per response (TRL's format), but the reference is needed per token here ({why}); drop "
-                          "the columns so that prefkit computes them (precompute_ref_log_probs=True computes and caches them)")
+                          "the columns so that prefkit computes them (--precompute_ref_log_probs computes and caches them)")
 
 
 def check_collator(data_collator) -> None:

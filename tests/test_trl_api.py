@@ -586,7 +586,8 @@ def test_trl_per_response_reference_columns_give_the_loss_of_the_reference_itsel
 def test_trl_per_response_reference_columns_refused_where_tokens_are_needed(model_id, training_args, option):
     raw = dataset(n=2).add_column("ref_chosen_logps", [-1.0, -2.0]).add_column("ref_rejected_logps", [-1.0, -2.0])
     with pytest.raises(ValueError, match=r"train dataset: columns 'ref_chosen_logps'/'ref_rejected_logps' hold one "
-                                         r"reference log-prob per response .* needed per token here \(--.*\); drop the columns"):
+                                         r"reference log-prob per response .* needed per token here \(--.*\); drop the columns "
+                                         r"so that prefkit computes them \(--precompute_ref_log_probs computes"):
         DPOTrainer(model=model_id, args=training_args(**option), train_dataset=raw)
     # a prepared dataset with them is refused the same way
     prepared = DPOTrainer(model=model_id, args=training_args(), train_dataset=raw).train_dataset
