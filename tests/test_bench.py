@@ -3,6 +3,7 @@ end-to-end micro run that writes the report."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -29,7 +30,13 @@ from prefkit.bench.report import (
 )
 from prefkit.bench.runner import RunResult, planned_runs, point_label, report_only
 from prefkit.bench.stats import holm, mde, paired_t_p, seeds_for_power, sign_flip_p, t_cdf, t_quantile
-from prefkit.bench.tasks import _pairs_from_samples, apply_variant, pad_solution, slip_solution
+from prefkit.bench.tasks import (
+    _pairs_from_samples,
+    apply_variant,
+    pad_solution,
+    slip_solution,
+    weights_digest,
+)
 from prefkit.errors import ConfigError
 
 
@@ -490,3 +497,16 @@ def test_provenance_ignores_the_bench_outputs_but_not_code(tmp_path, monkeypatch
     assert "uncommitted" not in _git_commit()
     (tmp_path / "prefkit/x.py").write_text("1\n")
     assert _git_commit().endswith(" (with uncommitted changes)")
+
+
+def test_weights_digest_tells_models_apart():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    b = copy.deepcopy(a)
+    assert weights_digest(a) == weights_digest(b) and len(weights_digest(a)) == 16
+    with torch.no_grad():
+        b[0].weight[0, 0] += 1e-7  # one parameter's last bits
+    assert weights_digest(a) != weights_digest(b)
+    c = copy.deepcopy(a)
+    c[1].running_mean += 1.0  # a buffer counts too
+    assert weights_digest(a) != weights_digest(c)

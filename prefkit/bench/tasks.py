@@ -14,6 +14,7 @@ held-out questions whose answers are checked after training.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import json
 import random
@@ -215,6 +216,18 @@ def _arithmetic_sft(bench: BenchConfig, work: Path, splits: dict, tokenizer, max
     return sft_dir
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """The first 16 hex digits of a sha256 over every parameter and buffer (by name, in name order): which
+    starting model a section's runs used. The model is not committed, and training it again need not give the
+    same one (a rebuild in a fresh checkout did not: docs/bench.md), so the digest tells a rebuilt model from
+    the one the runs saw."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
     from prefkit.bench.arithmetic import extract_answer, make_splits, make_tokenizer
     from prefkit.bench.generate import generate
@@ -242,6 +255,7 @@ def prepare_arithmetic(bench: BenchConfig, work: Path) -> Setup:
     if history:
         notes.append(f"SFT: {history[-1][0]} steps on {sizes['sft']} problems; validation accuracy "
                      f"{100 * history[-1][1]:.1f}%, held-out test accuracy {100 * test_acc:.1f}%")
+    notes.append(f"SFT weights: sha256 {weights_digest(model)} (over parameters and buffers)")
 
     k = int(o.get("samples_per_problem", 8))
     temperature = float(o.get("sample_temperature", 1.0))
