@@ -440,7 +440,7 @@ def test_flat_rejected_weights_keep_the_mean_and_drop_the_position(tmp_path):
 
 def test_a5_and_control_configs_and_claim_points(tmp_path):
     a5 = load_bench_config("benchmarks/bench_arithmetic_adpo.yaml")
-    lr_beta = sorted({float(f"{p['learning_rate'] * p['beta']:.2g}") for p in a5.points()})  # lr to 4 digits
+    lr_beta = sorted({float(f"{p['learning_rate'] * p['beta']:.3g}") for p in a5.points()})  # lr to 4 digits
     # the pilot's 3 × 3 grid, then its edges extended (β = 0.1 lower; β = 0.3 and 1.0 higher)
     assert lr_beta == [2.5e-7, 5e-7, 1e-6, 2e-6, 4e-6, 8e-6, 1.6e-5, 3.2e-5, 6.4e-5, 1.28e-4, 2.56e-4] and sorted({p["beta"] for p in a5.points()}) == [0.1, 0.3, 1.0]
     assert a5.train["num_train_epochs"] == 2 and a5.task_options["sft_from"] == "arithmetic"
