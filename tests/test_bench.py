@@ -510,3 +510,18 @@ def test_weights_digest_tells_models_apart():
     c = copy.deepcopy(a)
     c[1].running_mean += 1.0  # a buffer counts too
     assert weights_digest(a) != weights_digest(c)
+
+
+def test_a_tie_in_validation_accuracy_goes_to_the_earlier_point_in_both_views(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\ntask: arithmetic\nsweep: {learning_rate: [1.0e-5, 3.0e-5]}\nmethods: {A: {}, B: {}}\n"
+                   "select_baseline: A\n")
+    bench = load_bench_config(str(cfg))
+    # the same 816 of 1,500 problems at both points, but the float means differ in the last bit (0.5439…9 vs
+    # 0.544); the later point's runs come first, as they do in a report sorted by point label
+    vals = {"learning_rate=3e-05": [0.466, 0.614, 0.552], "learning_rate=1e-05": [0.438, 0.758, 0.436]}
+    assert sum(vals["learning_rate=3e-05"]) / 3 != sum(vals["learning_rate=1e-05"]) / 3
+    runs = [RunResult(m, s, p, accuracy=0.5, val_accuracy=v[s]) for p, v in vals.items() for m in "AB"
+            for s in range(3)]
+    assert own_best_points(bench, runs) == {"A": "learning_rate=1e-05", "B": "learning_rate=1e-05"}
+    assert shared_points(bench, runs)[1] == "learning_rate=1e-05"

@@ -71,7 +71,9 @@ def per_seed(results: list[RunResult], method: str, point: str, metric: str) -> 
 def _mean_val_accuracy(results: list[RunResult], method: str, point: str) -> float:
     """What selects a sweep point: validation accuracy, mean over seeds (−inf when never measured)."""
     vals = per_seed(results, method, point, "val_accuracy")
-    return sum(vals.values()) / len(vals) if vals else -math.inf
+    # rounded: equal totals can give means that differ in the last bit, and a tie must stay a tie (it
+    # goes to the earlier point in the config, in both views)
+    return round(sum(vals.values()) / len(vals), 12) if vals else -math.inf
 
 
 def summarize(results: list[RunResult], chosen: dict[str, str] | None = None
@@ -219,11 +221,14 @@ def shared_points(bench: BenchConfig, results: list[RunResult]) -> tuple[dict[st
 
 
 def own_best_points(bench: BenchConfig, results: list[RunResult]) -> dict[str, str]:
-    """Every method at its own best validation point (mean over seeds); ties go to the earlier point."""
+    """Every method at its own best validation point (mean over seeds); ties go to the earlier point in the
+    config (points only in the runs, after them)."""
     chosen: dict[str, str] = {}
     for m in dict.fromkeys(r.method for r in results):
         best, best_val = None, -math.inf
-        for point in dict.fromkeys(r.point for r in results if r.method == m):
+        order = {point_label(p): i for i, p in enumerate(bench.method_points(m))} if m in bench.methods else {}
+        ran = dict.fromkeys(r.point for r in results if r.method == m)
+        for point in sorted(ran, key=lambda p: order.get(p, len(order))):
             v = _mean_val_accuracy(results, m, point)
             if best is None or v > best_val:
                 best, best_val = point, v
