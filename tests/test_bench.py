@@ -447,6 +447,10 @@ def test_a5_and_control_configs_and_claim_points(tmp_path):
     assert point_label(a5.claims[2]["point"]) == "beta=1.0, learning_rate=2e-06"
     assert point_label(a5.claims[4]["point"]) == "beta=1.0, learning_rate=8e-06"
     assert point_label(a5.claims[6]["point"]) == "beta=1.0, learning_rate=6.4e-05"
+    power = load_bench_config("benchmarks/bench_arithmetic_adpo_power.yaml")  # A7: A5's claim points, more seeds
+    assert power.task_options == a5.task_options and power.seeds == list(range(18)) and power.reuses == [a5.name]
+    assert {point_label(p) for p in power.points()} == {point_label(c["point"]) for c in power.claims} == {
+        point_label(c["point"]) for c in a5.claims[6:]}  # A5's (b) rows at 6.4e-5 and 2.56e-4
     flat = load_bench_config("benchmarks/bench_arithmetic_cadpo_flat.yaml")
     assert flat.methods["cADPO flat"]["token_weights"] == "flat_rejected"
     # a claim at a fixed point is one comparison in both views
